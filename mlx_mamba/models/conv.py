@@ -22,3 +22,8 @@ def causal_conv1d(x, weight, bias=None, window=None):
     if bias is not None:
         y = y + bias
     return y, padded[:, length:]
+
+
+def apply_mask(x, mask):
+    """x (B, T, C) with the positions where mask (B, T) is 0 set to zero; x itself without a mask."""
+    return x if mask is None else x * mask[..., None].astype(x.dtype)

@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .. import ops
 from ..cache import MambaCache
-from .conv import causal_conv1d
+from .conv import apply_mask, causal_conv1d
 
 
 class Mamba1(nn.Module):
@@ -44,11 +44,13 @@ class Mamba1(nn.Module):
             delta, B, C = (mx.fast.rms_norm(v, None, self.mixer_rms_eps) for v in (delta, B, C))
         return delta @ self.dt_proj.weight.T, B, C
 
-    def __call__(self, x, cache=None):
+    def __call__(self, x, cache=None, mask=None):
+        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
         x, z = mx.split(self.in_proj(x), 2, axis=-1)
+        x = apply_mask(x, mask)
         x, window = causal_conv1d(x, self.conv1d.weight, self.conv1d.get("bias"),
                                   cache.conv if cache else None)
-        x = nn.silu(x)
+        x = apply_mask(nn.silu(x), mask)
         delta, B, C = self._ssm_inputs(x)
         y, state = ops.selective_scan(
             x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,

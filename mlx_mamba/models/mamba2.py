@@ -7,7 +7,7 @@ import mlx.nn as nn
 
 from .. import ops
 from ..cache import MambaCache
-from .conv import causal_conv1d
+from .conv import apply_mask, causal_conv1d
 
 
 def gated_rms_norm(y, z, weight, groups, eps):
@@ -54,12 +54,13 @@ class Mamba2(nn.Module):
                                 (self.n_heads, self.head_dim, self.d_state),
                                 self.in_proj.weight.dtype)
 
-    def _split(self, projected, window):
+    def _split(self, projected, window, mask=None):
         # projected (..., T, F) -> z (..., T, E), x (..., T, H, P), B, C (..., T, G, N), dt (..., T, H)
         bc = self.n_groups * self.d_state
         z, xBC, dt = mx.split(projected, [self.d_inner, 2 * self.d_inner + 2 * bc], axis=-1)
-        xBC, window = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.get("bias"), window)
-        x, B, C = mx.split(nn.silu(xBC), [self.d_inner, self.d_inner + bc], axis=-1)
+        xBC, window = causal_conv1d(apply_mask(xBC, mask), self.conv1d.weight,
+                                    self.conv1d.get("bias"), window)
+        x, B, C = mx.split(apply_mask(nn.silu(xBC), mask), [self.d_inner, self.d_inner + bc], axis=-1)
         lead = x.shape[:-1]
         return (z, x.reshape(*lead, self.n_heads, self.head_dim),
                 B.reshape(*lead, self.n_groups, self.d_state),
@@ -69,8 +70,9 @@ class Mamba2(nn.Module):
         y = y.reshape(*z.shape)
         return self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.n_groups, self.norm_eps))
 
-    def __call__(self, x, cache=None):
-        z, x, B, C, dt, window = self._split(self.in_proj(x), cache.conv if cache else None)
+    def __call__(self, x, cache=None, mask=None):
+        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
+        z, x, B, C, dt, window = self._split(self.in_proj(x), cache.conv if cache else None, mask)
         y, state = ops.ssd(
             x, dt, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.chunk_size, self.D,
             None, self.dt_bias, True, self.dt_limit, cache.ssm if cache else None, True)

@@ -57,10 +57,14 @@ class Model(nn.Module):
             return self.backbone.embeddings.as_linear(hidden)
         return self.lm_head(hidden)
 
-    def __call__(self, input_ids, cache=None):
-        """Parallel over T; with a cache, continues from it and updates it in place."""
-        return self._run(input_ids,
-                         lambda mixer, h, i: mixer(h, cache[i] if cache is not None else None))
+    def __call__(self, input_ids, cache=None, mask=None):
+        """Parallel over T; with a cache, continues from it and updates it in place.
+
+        mask (B, T): 1 for tokens, 0 for left padding; a left-padded row then gives exactly the
+        logits and final state of the unpadded row (padding reaches neither conv nor state).
+        """
+        return self._run(input_ids, lambda mixer, h, i: mixer(
+            h, cache[i] if cache is not None else None, mask))
 
     def step(self, token_ids, cache):
         """token_ids (B,) -> logits (B, V), advancing `cache` by one token."""
