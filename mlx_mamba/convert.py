@@ -75,7 +75,7 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
 
     with _staged(destination) as staging:
         _write_json(staging / "config.json", config)
-        if (source / "generation_config.json").is_file():  # carries the eos ids that generation uses
+        if (source / "generation_config.json").is_file():  # it carries the eos ids of generation
             shutil.copyfile(source / "generation_config.json", staging / "generation_config.json")
         _write_weights(weights, staging, max_shard_bytes)
         _write_tokenizer(tokenizer_dir, staging)

@@ -6,8 +6,8 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import (WEIGHT_PATTERNS, check_weights, keeps_float32, read_weights,
-                         to_model_names)
+from .checkpoint import (WEIGHT_PATTERNS, CheckpointError, check_weights, keeps_float32,
+                         read_weights, to_model_names)
 from .config import load_config
 from .models import Model
 
@@ -88,7 +88,10 @@ def load_weights(path, model):
     """The tensors of checkpoint `path` under `model`'s names, checked against its parameters
     (names and shapes) before anything is done with them. Safetensors stay lazy until used."""
     weights = to_model_names(read_weights(path), model.config)
-    check_weights(weights, {k: v.shape for k, v in tree_flatten(model.parameters())})
+    try:
+        check_weights(weights, {k: v.shape for k, v in tree_flatten(model.parameters())})
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     return weights
 
 
