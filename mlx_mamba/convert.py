@@ -13,6 +13,7 @@ existing directory is never touched.
 
 import argparse
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -123,9 +124,9 @@ def _tokenizer_source(source, override):
         if not _has_tokenizer(directory):
             raise ConvertError(f"{directory}: --tokenizer holds no tokenizer files "
                                f"({', '.join(TOKENIZER_FILES[:2])} or {MISTRAL_TOKENIZER})")
-        return directory
+        return _convertible(directory)
     if _has_tokenizer(source):
-        return source
+        return _convertible(source)
     if config_format(read_config(source)[1]) == "state-spaces":
         print(f"[INFO] No tokenizer in {source}: fetching {STATE_SPACES_TOKENIZER}'s, which every "
               "state-spaces model uses (--tokenizer overrides)")
@@ -138,6 +139,15 @@ def _has_tokenizer(directory):
     return any((directory / name).is_file()
                for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                             MISTRAL_TOKENIZER))
+
+
+def _convertible(directory):
+    # Checked before any work: transformers reads a sentencepiece model through protobuf.
+    if (not (directory / "tokenizer.json").is_file() and (directory / MISTRAL_TOKENIZER).is_file()
+            and importlib.util.find_spec("google.protobuf") is None):
+        raise ConvertError(f"{directory / MISTRAL_TOKENIZER}: converting it needs protobuf "
+                           "(pip install 'mlx-mamba[mistral]'), or pass --tokenizer")
+    return directory
 
 
 def _write_tokenizer(directory, destination):

@@ -488,3 +488,15 @@ def test_cli_error_is_one_line_without_traceback(tmp_path):
     assert result.returncode == 1
     assert result.stderr == f"error: {tmp_path / 'missing'}: no such directory (and not a repo " \
                             "id 'org/name')\n"
+
+
+def test_codestral_tokenizer_without_protobuf_fails_before_any_work(codestral_tokenizer, tmp_path,
+                                                                    capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None
+                        if name == "google.protobuf" else find_spec(name, *a))
+    err = fails_cleanly(["--hf-path", codestral_tokenizer, "--mlx-path", tmp_path / "out"], capsys)
+    assert "tokenizer.model.v3: converting it needs protobuf" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
