@@ -323,17 +323,19 @@ def test_quantized_output(quant_checkpoint, tmp_path, mode, bits, group_size, bo
 
 
 def test_layer_not_fitting_the_group_stays_in_full_precision(checkpoint, tmp_path, capsys):
-    source, reference = checkpoint("mamba1")  # dt_rank 4: dt_proj cannot be grouped by 32
+    source, reference = checkpoint("mamba1_untied")  # dt_rank 4: dt_proj cannot be grouped by 32
     convert(source, tmp_path / "out", quantize=True, q_group_size=32)
     assert "backbone.layers.*.mixer.dt_proj (2 layers) stays in full precision: its input " \
            "size 4 is not a multiple of the group size 32" in capsys.readouterr().out
     stored = mx.load(str(tmp_path / "out" / "model.safetensors"))
     assert "backbone.layers.0.mixer.dt_proj.scales" not in stored
-    assert "backbone.layers.0.mixer.in_proj.scales" in stored
+    assert "backbone.layers.0.mixer.in_proj.scales" in stored and "lm_head.scales" in stored
     assert relative_error(our_logits(tmp_path / "out"), reference_logits(reference)) < 0.2
+    model, _ = mlx_mamba.load(tmp_path / "out")
+    assert model.make_cache()[0].conv.dtype == mx.float32  # the model's dtype, not the packing's
 
 
-@pytest.mark.parametrize("flavour", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("flavour", ["mamba1_untied", "mamba2"])
 def test_mlx_lm_loads_our_output(checkpoint, tmp_path, flavour):
     from mlx_lm.utils import load_model
 

@@ -43,7 +43,7 @@ class Mamba1(nn.Module):
     def make_cache(self, batch_size=1):
         d_inner, width = self.conv1d.weight.shape[:2]
         return MambaCache.zeros(batch_size, width - 1, d_inner, (d_inner, self.d_state),
-                                self.in_proj.weight.dtype)
+                                self.conv1d.weight.dtype)  # never quantized
 
     def _ssm_inputs(self, x):
         # x (..., E) -> delta (..., E) before bias and softplus, B and C (..., N).
