@@ -243,10 +243,12 @@ QUANTIZED = ("in_proj", "x_proj", "dt_proj", "out_proj", "embeddings")
 
 @pytest.fixture(scope="module")
 def quant_checkpoint(tmp_path_factory):
+    """(checkpoint, its float32 conversion, transformers model)."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setitem(FLAVOURS, "mamba1_quant", QUANT_FLAVOUR)
         directory = tmp_path_factory.mktemp("mamba1_quant")
-        return directory, write_checkpoint("mamba1_quant", directory)
+        reference = write_checkpoint("mamba1_quant", directory / "source")
+    return directory / "source", convert(directory / "source", directory / "float"), reference
 
 
 def expected_bytes(float_weights, group_size, bits, scale_bytes, with_biases):
@@ -293,9 +295,8 @@ QUANT_CASES = [("affine", 8, 64, 5e-2), ("affine", 4, 64, 0.5), ("mxfp4", 4, 32,
 
 @pytest.mark.parametrize("mode, bits, group_size, bound", QUANT_CASES)
 def test_quantized_output(quant_checkpoint, tmp_path, mode, bits, group_size, bound):
-    source, reference = quant_checkpoint
-    float_out, out = tmp_path / "float", tmp_path / "quantized"
-    convert(source, float_out)
+    source, float_out, reference = quant_checkpoint
+    out = tmp_path / "quantized"
     convert(source, out, quantize=True, q_bits=bits, q_group_size=group_size, q_mode=mode)
 
     config = json.loads((out / "config.json").read_text())
