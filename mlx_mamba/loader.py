@@ -1,6 +1,5 @@
 """`load`: a model and its tokenizer from a converted, transformers or original directory, or the hub."""
 
-import fnmatch
 from pathlib import Path
 
 import mlx.core as mx
@@ -39,32 +38,27 @@ def resolve(path_or_repo, allow_patterns=None):
 
 
 def download(repo_id, allow_patterns=None):
-    """Fetch `allow_patterns` of a hub repo, with huggingface_hub's progress bars."""
+    """Fetch `allow_patterns` of a hub repo, with huggingface_hub's progress bars; by default the
+    config, the tokenizer and the first weight format that the repo holds, in the order
+    `weight_files` prefers (a repo with both safetensors and .bin gives only the safetensors)."""
+    if allow_patterns is not None:
+        return _snapshot(repo_id, allow_patterns)
+    for pattern in WEIGHT_PATTERNS:  # files already fetched are not fetched again
+        path = _snapshot(repo_id, METADATA_PATTERNS + [pattern])
+        if any(path.glob(pattern)):
+            return path
+    raise DownloadError(f"{repo_id}: the repo holds no weights ({', '.join(WEIGHT_PATTERNS)})")
+
+
+def _snapshot(repo_id, allow_patterns):
     import huggingface_hub
 
     try:
-        if allow_patterns is None:
-            allow_patterns = METADATA_PATTERNS + _weight_patterns(repo_id)
         return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=allow_patterns))
     except OSError as e:  # every huggingface_hub error (offline, not found, gated) is an OSError
         reason = " ".join(str(e).split())
         raise DownloadError(f"{repo_id}: download from the Hugging Face hub failed "
                             f"({type(e).__name__}: {reason})") from None
-
-
-def _weight_patterns(repo_id):
-    # The first weight format that the repo holds, in the order `weight_files` prefers; all of
-    # them when the file list cannot be had (offline mode with a cached snapshot).
-    import huggingface_hub
-
-    try:
-        files = huggingface_hub.list_repo_files(repo_id)
-    except OSError:
-        return list(WEIGHT_PATTERNS)
-    for pattern in WEIGHT_PATTERNS:
-        if any(fnmatch.fnmatch(file, pattern) for file in files):
-            return [pattern]
-    raise DownloadError(f"{repo_id}: the repo holds no weights ({', '.join(WEIGHT_PATTERNS)})")
 
 
 def cast(weights, dtype):

@@ -175,25 +175,32 @@ def test_hub_source_fetches_config_tokenizer_and_one_weight_format(checkpoint, t
     shutil.copytree(source, repo)
     shutil.copyfile(checkpoint("mamba1_original")[0] / "pytorch_model.bin",
                     repo / "pytorch_model.bin")
-    fetched = tmp_path / "fetched"
-    requests = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(repo, tmp_path / "fetched"))
+    convert("someone/mamba-tiny", tmp_path / "out")
+    assert not (tmp_path / "fetched" / "pytorch_model.bin").exists()
+    assert (tmp_path / "fetched" / "model.safetensors").exists()
+    assert relative_error(our_logits(tmp_path / "out"), reference_logits(reference)) < TOLERANCE
 
+
+def test_hub_source_with_only_a_bin(checkpoint, tokenizer_dir, tmp_path, monkeypatch):
+    source, reference = checkpoint("mamba1_original")
+    fetched = tmp_path / "fetched"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_hub(source, fetched))
+    convert("state-spaces/mamba-tiny", tmp_path / "out", tokenizer=tokenizer_dir)
+    assert (fetched / "pytorch_model.bin").exists()
+    assert relative_error(our_logits(tmp_path / "out"), reference_logits(reference)) < TOLERANCE
+
+
+def fake_hub(repo, cache):
+    """snapshot_download serving the files of `repo` that match allow_patterns into `cache`."""
     def snapshot_download(repo_id, allow_patterns=None, **kwargs):
-        requests.append(repo_id)
-        fetched.mkdir()
+        cache.mkdir(exist_ok=True)
         for file in repo.iterdir():
             if any(Path(file.name).match(p) for p in allow_patterns):
-                shutil.copyfile(file, fetched / file.name)
-        return str(fetched)
+                shutil.copyfile(file, cache / file.name)
+        return str(cache)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files",
-                        lambda repo_id, **kw: sorted(p.name for p in repo.iterdir()))
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
-    convert("someone/mamba-tiny", tmp_path / "out")
-    assert requests == ["someone/mamba-tiny"]
-    assert not (fetched / "pytorch_model.bin").exists()
-    assert (fetched / "model.safetensors").exists()
-    assert relative_error(our_logits(tmp_path / "out"), reference_logits(reference)) < TOLERANCE
+    return snapshot_download
 
 
 def test_upload_repo(checkpoint, tmp_path, monkeypatch):
