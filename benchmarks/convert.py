@@ -70,16 +70,33 @@ def timed_run(command):
 
 
 def compare_converters(source, work, flags, rounds):
+    """{converter: (median seconds, peak MiB)}, or {converter: error line} where it fails."""
     results = {name: [] for name in CONVERTERS}
     for _ in range(rounds):
         for name, command in CONVERTERS.items():
+            if isinstance(results[name], str):
+                continue
             out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
-            results[name].append(timed_run([*command, "--hf-path", str(source),
-                                            "--mlx-path", str(out), *flags]))
-            shutil.rmtree(out)
-    return {name: (statistics.median(s for s, _ in runs), max(m for _, m in runs))
+            try:
+                results[name].append(timed_run([*command, "--hf-path", str(source),
+                                                "--mlx-path", str(out), *flags]))
+            except RuntimeError as e:
+                results[name] = str(e).strip().splitlines()[-1]
+            shutil.rmtree(out, ignore_errors=True)
+    return {name: runs if isinstance(runs, str) else
+            (statistics.median(s for s, _ in runs), max(m for _, m in runs))
             for name, runs in results.items()}
+
+
+def describe(result, base):
+    if isinstance(result, str):
+        return f"failed: {result}"
+    seconds, memory = result
+    line = f"{seconds:6.2f} s, peak RSS {memory:5.0f} MiB"
+    if not isinstance(base, str):
+        line += f"  ({seconds / base[0]:.2f}x mlx-lm's time, {memory / base[1]:.2f}x its memory)"
+    return line
 
 
 def quantization_errors(source, work):
@@ -113,7 +130,7 @@ def quantization_errors(source, work):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="0: no timing")
     parser.add_argument("--work", type=Path, default=Path("/tmp/mlx-mamba-convert-bench"))
     parser.add_argument("--errors", action="store_true",
                         help="also measure the logit error of every quantization mode")
@@ -130,13 +147,11 @@ def main():
     sources = {name: write_checkpoint(name, args.work / name) for name in args.shapes}
     for name, source in sources.items():
         size = sum(f.stat().st_size for f in source.glob("*.safetensors")) / 2**20
-        for flags in ([], ["-q"]):
+        for flags in ([], ["-q"]) if args.rounds else ():
             results = compare_converters(source, args.work, flags, args.rounds)
-            base_time, base_memory = results["mlx-lm"]
             print(f"\n{name} ({size:.0f} MiB float32) {'4-bit' if flags else 'float32'}")
-            for converter, (seconds, memory) in results.items():
-                print(f"  {converter:10s} {seconds:6.2f} s ({seconds / base_time:4.2f}x mlx-lm)  "
-                      f"peak RSS {memory:6.0f} MiB ({memory / base_memory:4.2f}x mlx-lm)")
+            for converter, result in results.items():
+                print(f"  {converter:10s} {describe(result, results['mlx-lm'])}")
     for name, source in sources.items() if args.errors else ():  # last: it grows this process
         print(f"\n{name}: relative logit error against the float32 conversion")
         for (mode, bits), (error, nbytes) in quantization_errors(source, args.work).items():
