@@ -318,7 +318,8 @@ def logits(model, seed=0):
     return model(mx.array(np.random.default_rng(seed).integers(0, 100, (2, 21))))
 
 
-@pytest.mark.parametrize("flavour, kind", [("mamba1", "lora"), ("mamba2", "dora")])
+@pytest.mark.parametrize("flavour, kind", [("mamba1", "lora"), ("mamba2", "dora"),
+                                           ("mamba1", "full")])
 def test_cli_trains_saves_resumes_tests_and_fuses(tiny_model, text_data, tmp_path, capsys,
                                                   flavour, kind):
     model_dir, adapters = tiny_model(flavour), tmp_path / "adapters"
@@ -345,7 +346,8 @@ def test_cli_trains_saves_resumes_tests_and_fuses(tiny_model, text_data, tmp_pat
 
     trained = mlx_mamba.load(model_dir)[0]
     load_adapters(trained, adapters)
-    assert trained.backbone.layers[0].mixer.in_proj.lora_a.shape[1] == 4
+    if kind != "full":
+        assert trained.backbone.layers[0].mixer.in_proj.lora_a.shape[1] == 4
 
     # Resuming starts from the saved weights: the first validation repeats the last one.
     code, out, err = run_cli(lora, [*common, "--train", "--iters", 1, "--steps-per-eval", 1,
@@ -399,3 +401,42 @@ def test_qlora_trains_over_quantized_layers_and_fuses(tiny_model, text_data, fla
     fuse.fuse_adapters(model, dequantize=True)
     assert not any(isinstance(m, (LoRALinear, nn.QuantizedLinear)) for _, m in model.named_modules())
     assert relative_error(logits(model), np.array(reference)) < 1e-5
+
+
+def test_qlora_cli_on_a_quantized_model_and_fuse_de_quantize(tiny_model, text_data, tmp_path,
+                                                             capsys):
+    quantize_model = pytest.importorskip("mlx_mamba.quantize").quantize_model
+    source = tiny_model("mamba2")
+    model = mlx_mamba.load(source)[0]
+    model.config.quantization = {"group_size": 32, "bits": 4, "mode": "affine"}
+    quantize_model(model, model.config.quantization)
+    fuse.save_model(model, source, tmp_path / "quantized")
+    code, _, err = run_cli(lora, ["--model", tmp_path / "quantized", "--train", "--data", text_data,
+                                  "--iters", 4, "--learning-rate", 1e-2, "--lora-rank", 4,
+                                  "--adapter-path", tmp_path / "adapters"], capsys)
+    assert code == 0, err
+    adapted = mlx_mamba.load(tmp_path / "quantized")[0]
+    load_adapters(adapted, tmp_path / "adapters")
+    assert isinstance(adapted.backbone.layers[1].mixer.in_proj.linear, nn.QuantizedLinear)
+
+    for flags, name in (([], "kept"), (["--de-quantize"], "float")):
+        code, _, err = run_cli(fuse, ["--model", tmp_path / "quantized", "--adapter-path",
+                                      tmp_path / "adapters", "--save-path", tmp_path / name,
+                                      *flags], capsys)
+        assert code == 0, err
+    assert "quantization" not in config_of(tmp_path / "float")
+    assert "quantization" in config_of(tmp_path / "kept")
+    fused = mlx_mamba.load(tmp_path / "float")[0]
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in fused.named_modules())
+    assert relative_error(logits(fused), np.array(logits(adapted))) < 1e-5
+    # Without --de-quantize the fused projections are quantized again, as the float ones would be.
+    kept = dict(tree_flatten(mlx_mamba.load(tmp_path / "kept")[0].parameters()))
+    quantize_model(fused, config_of(tmp_path / "kept")["quantization"])
+    projections = {k: v for k, v in tree_flatten(fused.parameters()) if "_proj." in k}
+    assert any(k.endswith("scales") for k in projections)
+    for name, value in projections.items():
+        assert np.array_equal(np.array(kept[name]), np.array(value)), name
+
+
+def config_of(directory):
+    return json.loads((directory / "config.json").read_text())
