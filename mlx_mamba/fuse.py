@@ -101,7 +101,7 @@ def main(argv=None):
         if args.de_quantize:
             dequantize_model(model)
         save_model(model, source, args.save_path)
-    except (AdapterError, CheckpointError, ConfigError, FileNotFoundError) as e:
+    except (AdapterError, CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Saved the fused model to {args.save_path}")

@@ -18,7 +18,7 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .config import ConfigError, load_config
 from .loader import load_model, load_tokenizer, resolve
 from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, load_adapter_weights,
                              load_adapters, save_adapters)
@@ -64,7 +64,7 @@ def parse_args(argv=None):
         help="recompute each block in the backward pass: less memory, more time")
     add("--steps-per-report", type=positive, default=10)
     add("--steps-per-eval", type=positive, default=200)
-    add("--val-batches", type=int, default=25, help="validation batches; -1 for all")
+    add("--val-batches", type=int, default=25, help="validation batches; -1 for all, 0 for none")
     add("--test-batches", type=int, default=500, help="test batches; -1 for all")
     add("--save-every", type=int, default=100, help="checkpoint every N steps; 0 only at the end")
     add("--adapter-path", default="adapters", help="where adapters are saved and read")
@@ -77,6 +77,10 @@ def parse_args(argv=None):
         parser.error(f"--lora-dropout {args.lora_dropout}: expected a probability in [0, 1)")
     if args.warmup_steps < 0 or (args.train and args.warmup_steps >= args.iters):
         parser.error(f"--warmup-steps {args.warmup_steps}: expected 0 <= N < --iters ({args.iters})")
+    if args.val_batches < -1:
+        parser.error(f"--val-batches {args.val_batches}: expected N >= 0, or -1 for all")
+    if args.test_batches == 0 or args.test_batches < -1:
+        parser.error(f"--test-batches {args.test_batches}: expected N >= 1, or -1 for all")
     if args.num_layers is not None and args.num_layers != -1 and args.num_layers < 1:
         parser.error(f"--num-layers {args.num_layers}: expected a positive number or -1 for all")
     return parser, args
@@ -89,9 +93,10 @@ def adapter_config(args, n_layers):
         "rank": args.lora_rank, "scale": args.lora_scale, "dropout": args.lora_dropout})
 
 
-def batches(examples, args, limit, loop=False):
+def batches(examples, args, limit=-1, loop=False):
+    """Training batches for ever when `loop`, else a list of the first `limit` (-1: all)."""
     batch_iter = iterate_batches(examples, args.batch_size, args.seed, loop)
-    return batch_iter if loop else list(itertools.islice(batch_iter, limit if limit > 0 else None))
+    return batch_iter if loop else list(itertools.islice(batch_iter, None if limit == -1 else limit))
 
 
 def run(args, world):
@@ -101,14 +106,18 @@ def run(args, world):
     mx.random.seed(args.seed)
     if world.size() > 1:
         log(f"Data-parallel training on {world.size()} processes")
-    log("Loading pretrained model", flush=True)
     path = resolve(args.model)
-    model = load_model(path)
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise DataError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json) to "
                         "tokenize the data with")
-    vocab = model.config.vocab_size
+    log("Loading datasets", flush=True)
+    splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
+    vocab = load_config(path).vocab_size
+    data = {name: load_split(args.data, name, tokenizer, args.max_seq_length, vocab, data_warn)
+            for name in splits}
+    log("Loading pretrained model", flush=True)
+    model = load_model(path)
 
     if args.train:
         config = adapter_config(args, model.config.n_layer)
@@ -120,9 +129,6 @@ def run(args, world):
         total = sum(v.size for _, v in tree_flatten(model.parameters()))
         log(f"Trainable parameters: {100 * trainable / total:.3f}% "
             f"({trainable / 1e6:.3f}M/{total / 1e6:.3f}M)")
-        log("Loading datasets", flush=True)
-        train_set = load_split(args.data, "train", tokenizer, args.max_seq_length, vocab, data_warn)
-        valid_set = load_split(args.data, "valid", tokenizer, args.max_seq_length, vocab, data_warn)
         schedule = make_schedule(args.lr_schedule, args.learning_rate, args.iters,
                                  args.warmup_steps, args.min_learning_rate)
         optimizer = OPTIMIZERS[args.optimizer](learning_rate=schedule)
@@ -133,8 +139,8 @@ def run(args, world):
             log(f"Iter {iteration}: Saved adapter weights to {' and '.join(map(str, files))}.")
 
         log("Training", flush=True)
-        train(model, optimizer, batches(train_set, args, 0, loop=True), iters=args.iters,
-              val_batches=batches(valid_set, args, args.val_batches),
+        train(model, optimizer, batches(data["train"], args, loop=True), iters=args.iters,
+              val_batches=batches(data["valid"], args, args.val_batches),
               steps_per_eval=args.steps_per_eval, steps_per_report=args.steps_per_report,
               grad_accumulation_steps=args.grad_accumulation_steps, save_every=args.save_every,
               save=save, grad_checkpoint=args.grad_checkpoint, world=world, log=log)
@@ -147,8 +153,7 @@ def run(args, world):
 
     if args.test:
         log("Testing", flush=True)
-        test_set = load_split(args.data, "test", tokenizer, args.max_seq_length, vocab, data_warn)
-        loss = evaluate(model, batches(test_set, args, args.test_batches), world)
+        loss = evaluate(model, batches(data["test"], args, args.test_batches), world)
         log(f"Test loss {loss:.3f}, Test ppl {math.exp(loss):.3f}.")
 
 
@@ -160,9 +165,13 @@ def main(argv=None):
                      "processes: use a multiple of the process count")
     try:
         run(args, world)
-    except (AdapterError, CheckpointError, ConfigError, DataError, FileNotFoundError) as e:
+    except (AdapterError, CheckpointError, ConfigError, DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted; the last checkpoint in {args.adapter_path} is intact",
+              file=sys.stderr)
+        return 130
     return 0
 
 

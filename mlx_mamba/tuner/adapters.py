@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from .lora import DoRALinear, LoRALinear
@@ -46,6 +47,9 @@ def apply_adapters(model, config):
     model.freeze()
     layers = adapted_layers(model, config.get("num_layers", 16))
     if kind == "full":
+        if any(isinstance(m, nn.QuantizedLinear) for layer in layers for _, m in layer.named_modules()):
+            raise AdapterError("full fine-tuning needs a float model: this one is quantized (use "
+                               "lora or dora, or fine-tune the unquantized model)")
         for layer in layers:
             layer.unfreeze()
         return model
