@@ -75,6 +75,9 @@ def parse_args(argv=None):
         parser.error("nothing to do: pass --train, --test or both")
     if not 0.0 <= args.lora_dropout < 1.0:
         parser.error(f"--lora-dropout {args.lora_dropout}: expected a probability in [0, 1)")
+    if args.lora_dropout and args.grad_checkpoint:
+        parser.error("--lora-dropout with --grad-checkpoint: the recomputed backward pass would "
+                     "draw other dropout masks than the forward pass; use one of them")
     if args.warmup_steps < 0 or (args.train and args.warmup_steps >= args.iters):
         parser.error(f"--warmup-steps {args.warmup_steps}: expected 0 <= N < --iters ({args.iters})")
     if args.val_batches < -1:

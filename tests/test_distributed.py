@@ -36,8 +36,10 @@ def free_port_pair():
 
 def test_two_processes_equal_one_process_with_the_whole_batch(checkpoint, shared_data,
                                                               tmp_path, capsys):
-    launcher = shutil.which("mlx.launch")
-    assert launcher, "mlx.launch (installed with mlx) is not on PATH"
+    # mlx.launch is installed next to the interpreter that has mlx, which may not be on PATH.
+    beside = Path(sys.executable).parent / "mlx.launch"
+    launcher = str(beside) if beside.is_file() else shutil.which("mlx.launch")
+    assert launcher, "mlx.launch (installed with mlx) not found"
     model = model_with_tokenizer(checkpoint("mamba1")[0], tmp_path / "model", shared_data)
     data = write_data(tmp_path / "data", shared_data, train=16, valid=4, test=4,
                       kind="prompt_completion")

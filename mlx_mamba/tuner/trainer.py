@@ -69,7 +69,10 @@ def _checkpointed(cls):
 
 
 def checkpoint_layers(model):
-    """Gradient checkpointing: recompute each residual block's mixer in the backward pass."""
+    """Gradient checkpointing: recompute each residual block's mixer in the backward pass.
+
+    Not with dropout: the recomputation draws new dropout masks, so the gradients would not be
+    those of the forward pass."""
     for layer in model.backbone.layers:
         layer.mixer.__class__ = _checkpointed(type(layer.mixer))
     return model
