@@ -1,0 +1,72 @@
+"""Mamba1 mixer: selective SSM (Gu & Dao, 2023), with Falcon-Mamba's optional RMSNorm on dt, B, C."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import ops
+from ..cache import MambaCache
+from .conv import apply_mask, causal_conv1d
+
+
+class Mamba1(nn.Module):
+    """x (B, T, d_model) -> (B, T, d_model). Parameter names follow the transformers checkpoints."""
+
+    def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True,
+                 bias=False, mixer_rms_eps=None):
+        super().__init__()
+        d_inner = expand * d_model
+        self.d_state = d_state
+        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+        self.mixer_rms_eps = mixer_rms_eps
+        self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=bias)
+        self.conv1d = nn.Conv1d(d_inner, d_inner, d_conv, groups=d_inner, bias=conv_bias)
+        self.x_proj = nn.Linear(d_inner, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, d_inner, bias=True)
+        # S4D-real initialisation of A and a log-uniform Δ in [1e-3, 1e-1], as in the paper.
+        self.A_log = mx.log(mx.broadcast_to(mx.arange(1, d_state + 1, dtype=mx.float32),
+                                            (d_inner, d_state)))
+        self.D = mx.ones((d_inner,))
+        dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (d_inner,)))
+        self.dt_proj.bias = dt + mx.log(-mx.expm1(-dt))  # softplus⁻¹(dt)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def make_cache(self, batch_size=1):
+        d_inner, width = self.conv1d.weight.shape[:2]
+        return MambaCache.zeros(batch_size, width - 1, d_inner, (d_inner, self.d_state),
+                                self.in_proj.weight.dtype)
+
+    def _ssm_inputs(self, x):
+        # x (..., E) -> delta (..., E) before bias and softplus, B and C (..., N).
+        delta, B, C = mx.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
+        if self.mixer_rms_eps is not None:
+            delta, B, C = (mx.fast.rms_norm(v, None, self.mixer_rms_eps) for v in (delta, B, C))
+        return delta @ self.dt_proj.weight.T, B, C
+
+    def __call__(self, x, cache=None, mask=None):
+        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
+        x, z = mx.split(self.in_proj(x), 2, axis=-1)
+        x = apply_mask(x, mask)
+        x, window = causal_conv1d(x, self.conv1d.weight, self.conv1d.get("bias"),
+                                  cache.conv if cache else None)
+        x = apply_mask(nn.silu(x), mask)
+        delta, B, C = self._ssm_inputs(x)
+        y, state = ops.selective_scan(
+            x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,
+            self.dt_proj.bias, True, cache.ssm if cache else None, True)
+        if cache is not None:
+            cache.conv, cache.ssm = window, state
+        return self.out_proj(y)
+
+    def step(self, x, cache):
+        """One token: x (B, d_model) -> (B, d_model); advances `cache` in place."""
+        x, z = mx.split(self.in_proj(x), 2, axis=-1)
+        x, cache.conv = causal_conv1d(x[:, None], self.conv1d.weight,
+                                      self.conv1d.get("bias"), cache.conv)
+        x = nn.silu(x[:, 0])
+        delta, B, C = self._ssm_inputs(x)
+        y, cache.ssm = ops.selective_scan_step(
+            cache.ssm, x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,
+            self.dt_proj.bias, True)
+        return self.out_proj(y)

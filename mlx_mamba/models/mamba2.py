@@ -1,0 +1,89 @@
+"""Mamba2 mixer: state-space duality (Dao & Gu, 2024), with the gated RMSNorm taken per group."""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .. import ops
+from ..cache import MambaCache
+from .conv import apply_mask, causal_conv1d
+
+
+def gated_rms_norm(y, z, weight, groups, eps):
+    """RMSNorm of y ⊙ silu(z) over each of `groups` contiguous slices of the last axis, times weight.
+
+    Normalising per group (not over the whole width) is what mamba_ssm does; it matters for
+    checkpoints with n_groups > 1 such as Mamba-Codestral.
+    """
+    gated = y.astype(mx.float32) * nn.silu(z.astype(mx.float32))
+    grouped = gated.reshape(*gated.shape[:-1], groups, -1)
+    normed = mx.fast.rms_norm(grouped, None, eps).reshape(gated.shape)
+    return weight * normed.astype(y.dtype)
+
+
+class Mamba2(nn.Module):
+    """x (B, T, d_model) -> (B, T, d_model). Parameter names follow the transformers checkpoints."""
+
+    def __init__(self, d_model, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=1,
+                 chunk_size=256, dt_limit=(0.0, math.inf), conv_bias=True, bias=False,
+                 norm_eps=1e-5):
+        super().__init__()
+        d_inner = expand * d_model
+        if d_inner % head_dim or (d_inner // head_dim) % n_groups:
+            raise ValueError(f"expand * d_model ({d_inner}) must split into heads of {head_dim} "
+                             f"whose count divides into {n_groups} groups")
+        self.d_inner, self.d_state, self.head_dim = d_inner, d_state, head_dim
+        self.n_heads, self.n_groups = d_inner // head_dim, n_groups
+        self.chunk_size, self.dt_limit, self.norm_eps = chunk_size, tuple(dt_limit), norm_eps
+        conv_channels = d_inner + 2 * n_groups * d_state
+        self.in_proj = nn.Linear(d_model, conv_channels + d_inner + self.n_heads, bias=bias)
+        self.conv1d = nn.Conv1d(conv_channels, conv_channels, d_conv, groups=conv_channels,
+                                bias=conv_bias)
+        # A in [1, 16] and a log-uniform Δ in [1e-3, 1e-1], as mamba_ssm initialises them.
+        self.A_log = mx.log(mx.random.uniform(1.0, 16.0, (self.n_heads,)))
+        dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (self.n_heads,)))
+        self.dt_bias = dt + mx.log(-mx.expm1(-dt))  # softplus⁻¹(dt)
+        self.D = mx.ones((self.n_heads,))
+        self.norm = nn.RMSNorm(d_inner, eps=norm_eps)  # used as the weight of the gated norm
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def make_cache(self, batch_size=1):
+        channels, width = self.conv1d.weight.shape[:2]
+        return MambaCache.zeros(batch_size, width - 1, channels,
+                                (self.n_heads, self.head_dim, self.d_state),
+                                self.in_proj.weight.dtype)
+
+    def _split(self, projected, window, mask=None):
+        # projected (..., T, F) -> z (..., T, E), x (..., T, H, P), B, C (..., T, G, N), dt (..., T, H)
+        bc = self.n_groups * self.d_state
+        z, xBC, dt = mx.split(projected, [self.d_inner, 2 * self.d_inner + 2 * bc], axis=-1)
+        xBC, window = causal_conv1d(apply_mask(xBC, mask), self.conv1d.weight,
+                                    self.conv1d.get("bias"), window)
+        x, B, C = mx.split(apply_mask(nn.silu(xBC), mask), [self.d_inner, self.d_inner + bc], axis=-1)
+        lead = x.shape[:-1]
+        return (z, x.reshape(*lead, self.n_heads, self.head_dim),
+                B.reshape(*lead, self.n_groups, self.d_state),
+                C.reshape(*lead, self.n_groups, self.d_state), dt, window)
+
+    def _output(self, y, z):
+        y = y.reshape(*z.shape)
+        return self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.n_groups, self.norm_eps))
+
+    def __call__(self, x, cache=None, mask=None):
+        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
+        z, x, B, C, dt, window = self._split(self.in_proj(x), cache.conv if cache else None, mask)
+        y, state = ops.ssd(
+            x, dt, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.chunk_size, self.D,
+            None, self.dt_bias, True, self.dt_limit, cache.ssm if cache else None, True)
+        if cache is not None:
+            cache.conv, cache.ssm = window, state
+        return self._output(y, z)
+
+    def step(self, x, cache):
+        """One token: x (B, d_model) -> (B, d_model); advances `cache` in place."""
+        z, x, B, C, dt, cache.conv = self._split(self.in_proj(x)[:, None], cache.conv)
+        y, cache.ssm = ops.ssd_step(
+            cache.ssm, x[:, 0], dt[:, 0], -mx.exp(self.A_log.astype(mx.float32)), B[:, 0],
+            C[:, 0], self.D, None, self.dt_bias, True, self.dt_limit)
+        return self._output(y, z[:, 0])

@@ -1,0 +1,197 @@
+"""Pure-MLX scans: the path that runs everywhere, and the ground truth the kernels are tested against.
+
+Both scans are parallel over the sequence: no Python loop runs once per token. The state
+recurrence h_t = a_t h_{t-1} + b_t is solved blockwise (see `linear_scan`), and Mamba2 uses the
+chunked state-space-duality form, where each chunk is a masked matrix product.
+"""
+
+import math
+
+import mlx.core as mx
+import mlx.nn as nn
+
+# Positions per block in `linear_scan`: the scan runs a short loop over a block's positions for
+# every block at once, then recurses over the blocks' end states.
+SCAN_BLOCK = 8
+
+
+def discretize_dt(dt, bias=None, softplus=False, limit=(0.0, math.inf)):
+    """The step size Δ in float32: dt (+ bias), softplus, clamped to `limit`."""
+    dt = dt.astype(mx.float32)
+    if bias is not None:
+        dt = dt + bias.astype(mx.float32)
+    if softplus:
+        dt = nn.softplus(dt)
+    lo, hi = limit
+    if lo > 0.0 or hi < math.inf:
+        dt = mx.clip(dt, lo, hi)
+    return dt
+
+
+def _gate(y, D, u, z):
+    if D is not None:
+        y = y + D.astype(mx.float32) * u.astype(mx.float32)
+    if z is not None:
+        y = y * nn.silu(z.astype(mx.float32))
+    return y
+
+
+def _shift_blocks(x, first):
+    # (B, n, ...) -> (B, n, ...): block k receives block k-1's value, block 0 receives `first`.
+    return mx.concatenate([first[:, None], x[:, :-1]], axis=1)
+
+
+def linear_scan(a, b, initial=None):
+    """h_t = a_t * h_{t-1} + b_t along axis 1, h_{-1} = initial (zero when None).
+
+    a, b (B, L, ...) float32, a broadcastable to b. Returns (cumulative a, h), both (B, L, ...).
+    Blockwise: within blocks of SCAN_BLOCK positions a short loop runs over all blocks at once;
+    the blocks' end states are then scanned the same way, recursively, so the work is linear in L
+    and the number of graph nodes grows with log L, not L. Only products of decays in [0, 1]
+    appear, so strong and weak decay alike stay finite.
+    """
+    length = b.shape[1]
+    a = mx.broadcast_to(a, b.shape)
+    if length <= SCAN_BLOCK:
+        a_cum, h = _scan_loop(a, b)
+    else:
+        blocks = -(-length // SCAN_BLOCK)
+        pad = blocks * SCAN_BLOCK - length
+        if pad:
+            widths = [(0, 0), (0, pad)] + [(0, 0)] * (b.ndim - 2)
+            a = mx.pad(a, widths, constant_values=1.0)
+            b = mx.pad(b, widths)
+        shape = (b.shape[0], blocks, SCAN_BLOCK) + b.shape[2:]
+        a_in, h_in = _scan_loop(a.reshape(shape), b.reshape(shape), axis=2)
+        a_blocks, h_blocks = linear_scan(a_in[:, :, -1], h_in[:, :, -1])
+        a_carry = _shift_blocks(a_blocks, mx.ones_like(a_blocks[:, 0]))
+        h_carry = _shift_blocks(h_blocks, mx.zeros_like(h_blocks[:, 0]))
+        a_cum = (a_in * mx.expand_dims(a_carry, 2)).reshape(b.shape)[:, :length]
+        h = (h_in + a_in * mx.expand_dims(h_carry, 2)).reshape(b.shape)[:, :length]
+    if initial is not None:
+        h = h + a_cum * mx.expand_dims(initial, 1)
+    return a_cum, h
+
+
+def _scan_loop(a, b, axis=1):
+    a_cum, h = [mx.take(a, 0, axis)], [mx.take(b, 0, axis)]
+    for t in range(1, a.shape[axis]):
+        a_t = mx.take(a, t, axis)
+        a_cum.append(a_cum[-1] * a_t)
+        h.append(h[-1] * a_t + mx.take(b, t, axis))
+    return mx.stack(a_cum, axis), mx.stack(h, axis)
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   state=None, return_last_state=False):
+    """Mamba1 scan. u, delta, z (B, L, D); A (D, N); B, C (B, L, N); state (B, D, N)."""
+    delta = discretize_dt(delta, delta_bias, delta_softplus)  # (B, L, D)
+    A = A.astype(mx.float32)
+    u32 = u.astype(mx.float32)
+    decay = mx.exp(delta[..., None] * A)  # (B, L, D, N)
+    inputs = (delta * u32)[..., None] * B.astype(mx.float32)[:, :, None, :]
+    if state is not None:
+        state = state.astype(mx.float32)
+    _, h = linear_scan(decay, inputs, state)  # (B, L, D, N)
+    y = (h @ C.astype(mx.float32)[..., None]).squeeze(-1)  # (B, L, D)
+    y = _gate(y, D, u, z).astype(u.dtype)
+    return (y, h[:, -1]) if return_last_state else y
+
+
+def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                        delta_softplus=False):
+    """One Mamba1 token. state (B, D, N); u, delta, z (B, D); A (D, N); B, C (B, N)."""
+    delta = discretize_dt(delta, delta_bias, delta_softplus)  # (B, D)
+    decay = mx.exp(delta[..., None] * A.astype(mx.float32))  # (B, D, N)
+    inputs = (delta * u.astype(mx.float32))[..., None] * B.astype(mx.float32)[:, None, :]
+    state = decay * state.astype(mx.float32) + inputs
+    y = (state @ C.astype(mx.float32)[..., None]).squeeze(-1)  # (B, D)
+    return _gate(y, D, u, z).astype(u.dtype), state
+
+
+def segment_sums(x):
+    """(..., T) -> (..., T, T): entry [i, j] = x[j+1] + ... + x[i] for i >= j, -inf above.
+
+    Summed directly rather than as a difference of cumulative sums, which loses precision
+    when the sums grow large (strong decay over a long chunk).
+    """
+    T = x.shape[-1]
+    strictly_lower = mx.tril(mx.ones((T, T), dtype=mx.bool_), k=-1)
+    repeated = mx.where(strictly_lower, mx.expand_dims(x, -1), 0.0)
+    sums = mx.cumsum(repeated, axis=-2)
+    lower = mx.tril(mx.ones((T, T), dtype=mx.bool_))
+    return mx.where(lower, sums, -mx.inf)
+
+
+def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
+        dt_limit=(0.0, math.inf), initial_states=None, return_final_states=False):
+    """Mamba2 chunked SSD. x (B, L, H, P); dt (B, L, H); A, D, dt_bias (H,); B, C (B, L, G, N).
+
+    Heads are grouped as (G, H/G) so that B and C are shared by the heads of a group without
+    being copied. Within a chunk: Y = (C Bᵀ ∘ exp(segsum(ΔA))) (Δx); between chunks the
+    chunk-end states are carried by `linear_scan`.
+    """
+    batch, length, heads, head_dim = x.shape
+    groups, d_state = B.shape[2], B.shape[3]
+    per_group = heads // groups
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, L, H)
+    dA = dt * A.astype(mx.float32)
+    xdt = x.astype(mx.float32) * dt[..., None]  # (b, L, H, P)
+
+    chunk = min(chunk_size, length)
+    chunks = -(-length // chunk)
+    pad = chunks * chunk - length
+    B32, C32 = B.astype(mx.float32), C.astype(mx.float32)
+    if pad:
+        # Zero Δ after the end: decay 1 and input 0, so the final state is unchanged.
+        dA = mx.pad(dA, [(0, 0), (0, pad), (0, 0)])
+        xdt = mx.pad(xdt, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        B32 = mx.pad(B32, [(0, 0), (0, pad), (0, 0), (0, 0)])
+        C32 = mx.pad(C32, [(0, 0), (0, pad), (0, 0), (0, 0)])
+
+    # (b, c, G, h, l, ...): chunk, group, head within group, position within chunk.
+    X = xdt.reshape(batch, chunks, chunk, groups, per_group, head_dim).transpose(0, 1, 3, 4, 2, 5)
+    dA = dA.reshape(batch, chunks, chunk, groups, per_group).transpose(0, 1, 3, 4, 2)
+    Bc = B32.reshape(batch, chunks, chunk, groups, d_state).transpose(0, 1, 3, 2, 4)[:, :, :, None]
+    Cc = C32.reshape(batch, chunks, chunk, groups, d_state).transpose(0, 1, 3, 2, 4)[:, :, :, None]
+    log_decay = mx.cumsum(dA, axis=-1)  # (b, c, G, h, l)
+
+    # Within each chunk.
+    scores = (Cc @ Bc.swapaxes(-1, -2)) * mx.exp(segment_sums(dA))  # (b, c, G, h, l, l)
+    y = scores @ X  # (b, c, G, h, l, P)
+
+    # Each chunk's own end state, then the states entering each chunk.
+    to_end = mx.exp(log_decay[..., -1:] - log_decay)  # (b, c, G, h, l)
+    chunk_states = (X * to_end[..., None]).swapaxes(-1, -2) @ Bc  # (b, c, G, h, P, N)
+    chunk_decay = mx.exp(log_decay[..., -1])[..., None, None]  # (b, c, G, h, 1, 1)
+    if initial_states is not None:
+        initial_states = initial_states.astype(mx.float32).reshape(
+            batch, groups, per_group, head_dim, d_state)
+    _, end_states = linear_scan(chunk_decay, chunk_states, initial_states)
+    entering = _shift_blocks(
+        end_states,
+        initial_states if initial_states is not None else mx.zeros_like(end_states[:, 0]))
+    y = y + mx.exp(log_decay)[..., None] * (Cc @ entering.swapaxes(-1, -2))
+
+    y = y.transpose(0, 1, 4, 2, 3, 5).reshape(batch, chunks * chunk, heads, head_dim)[:, :length]
+    y = _gate(y, D[:, None] if D is not None else None, x, z).astype(x.dtype)
+    if not return_final_states:
+        return y
+    return y, end_states[:, -1].reshape(batch, heads, head_dim, d_state)
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
+             dt_limit=(0.0, math.inf)):
+    """One Mamba2 token. state (B, H, P, N); x, z (B, H, P); dt (B, H); B, C (B, G, N)."""
+    batch, heads, head_dim = x.shape
+    groups, d_state = B.shape[1], B.shape[2]
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, H)
+    decay = mx.exp(dt * A.astype(mx.float32))
+    state = state.astype(mx.float32).reshape(batch, groups, heads // groups, head_dim, d_state)
+    xdt = (x.astype(mx.float32) * dt[..., None]).reshape(batch, groups, -1, head_dim, 1)
+    B32 = B.astype(mx.float32)[:, :, None, None, :]  # (b, G, 1, 1, N)
+    C32 = C.astype(mx.float32)[:, :, None, :, None]  # (b, G, 1, N, 1)
+    state = decay.reshape(batch, groups, -1, 1, 1) * state + xdt * B32
+    y = (state @ C32).reshape(batch, heads, head_dim)
+    y = _gate(y, D[:, None] if D is not None else None, x, z).astype(x.dtype)
+    return y, state.reshape(batch, heads, head_dim, d_state)

@@ -1,0 +1,93 @@
+"""Tiny checkpoints in every flavour of REFERENCE.md, written by transformers (or torch.save with the
+original names), so that tests run the real loading code on real files."""
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+
+VOCAB = 100  # unpadded; originals pad it to a multiple of pad_vocab_size_multiple
+
+MAMBA1 = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+              time_step_rank=4)
+MAMBA2 = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
+              num_heads=4, head_dim=16, chunk_size=8)
+
+# flavour -> (transformers class, config, layout); layout "hf" is save_pretrained,
+# "original" is state-spaces' config.json + pytorch_model.bin.
+FLAVOURS = {
+    "mamba1": ("MambaForCausalLM", dict(MAMBA1, vocab_size=VOCAB), "hf"),
+    "mamba1_untied": ("MambaForCausalLM",
+                      dict(MAMBA1, vocab_size=VOCAB, tie_word_embeddings=False), "hf"),
+    "mamba1_sharded": ("MambaForCausalLM", dict(MAMBA1, vocab_size=VOCAB), "hf_sharded"),
+    "falcon_mamba": ("FalconMambaForCausalLM",
+                     dict(MAMBA1, vocab_size=VOCAB, mixer_rms_eps=1e-6), "hf"),
+    "mamba2": ("Mamba2ForCausalLM",
+               dict(MAMBA2, vocab_size=VOCAB, n_groups=1, tie_word_embeddings=True), "hf"),
+    "mamba2_groups_untied": ("Mamba2ForCausalLM",
+                             dict(MAMBA2, vocab_size=VOCAB, n_groups=2, tie_word_embeddings=False),
+                             "hf"),
+    "mamba1_original": ("MambaForCausalLM", dict(MAMBA1, vocab_size=104), "original"),
+    "mamba2_original": ("Mamba2ForCausalLM",
+                        dict(MAMBA2, vocab_size=112, n_groups=1, tie_word_embeddings=True),
+                        "original"),
+}
+
+
+def build_transformers_model(flavour, seed=0):
+    """A randomly initialised transformers model of `flavour`, every weight perturbed so that no
+    parameter sits at a value (zero bias, unit norm) that would hide a mistake."""
+    class_name, config_kwargs, _ = FLAVOURS[flavour]
+    cls = getattr(transformers, class_name)
+    config_cls = {"MambaForCausalLM": transformers.MambaConfig,
+                  "FalconMambaForCausalLM": transformers.FalconMambaConfig,
+                  "Mamba2ForCausalLM": transformers.Mamba2Config}[class_name]
+    torch.manual_seed(seed)
+    model = cls(config_cls(**config_kwargs)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("A_log"):
+                param.copy_(torch.log(torch.empty_like(param).uniform_(0.5, 8.0)))
+            elif name.endswith(("dt_bias", "dt_proj.bias")):
+                param.copy_(torch.empty_like(param).uniform_(-4.0, 0.0))
+            elif name.endswith("norm.weight") or name.endswith("norm_f.weight"):
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
+            else:
+                param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def write_checkpoint(flavour, directory, seed=0):
+    """Write `flavour` into `directory`; returns the transformers model that it holds."""
+    model = build_transformers_model(flavour, seed)
+    _, config_kwargs, layout = FLAVOURS[flavour]
+    directory = Path(directory)
+    if layout == "hf":
+        model.save_pretrained(directory)
+    elif layout == "hf_sharded":
+        model.save_pretrained(directory, max_shard_size="20KB")
+    else:
+        _write_original(model, config_kwargs, directory)
+    return model
+
+
+def _write_original(model, kw, directory):
+    directory.mkdir(parents=True, exist_ok=True)
+    mamba2 = "num_heads" in kw
+    ssm_cfg = {"d_state": kw["state_size"], "d_conv": kw["conv_kernel"], "expand": kw["expand"]}
+    if mamba2:
+        ssm_cfg.update(layer="Mamba2", headdim=kw["head_dim"], ngroups=kw["n_groups"],
+                       chunk_size=kw["chunk_size"])
+    else:
+        ssm_cfg["dt_rank"] = kw["time_step_rank"]
+    multiple = 16 if mamba2 else 8
+    config = {"d_model": kw["hidden_size"], "d_intermediate": 0,
+              "n_layer": kw["num_hidden_layers"], "vocab_size": VOCAB, "ssm_cfg": ssm_cfg,
+              "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+              "pad_vocab_size_multiple": multiple, "tie_embeddings": True}
+    (directory / "config.json").write_text(json.dumps(config))
+    # Original names, the tied head stored once, as state-spaces ships them.
+    state = {name.replace("backbone.embeddings.", "backbone.embedding."): tensor.clone()
+             for name, tensor in model.state_dict().items() if name != "lm_head.weight"}
+    torch.save(state, directory / "pytorch_model.bin")

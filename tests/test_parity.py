@@ -1,0 +1,29 @@
+"""Logits equal transformers' on tiny checkpoints of every flavour, loaded through `mlx_mamba.load`."""
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+
+import mlx_mamba
+from checkpoints import FLAVOURS
+
+TOLERANCE = 2e-4  # max |ours - transformers| relative to the logits' scale, float32
+
+
+def relative_error(ours, theirs):
+    return float(np.abs(np.array(ours) - theirs).max() / np.abs(theirs).max())
+
+
+@pytest.mark.parametrize("flavour", sorted(FLAVOURS))
+def test_logits_match_transformers(checkpoint, flavour):
+    directory, reference = checkpoint(flavour)
+    model, _ = mlx_mamba.load(directory)
+    ids = np.random.default_rng(1).integers(0, 100, size=(2, 37))  # 37: not a multiple of chunks
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    logits = model(mx.array(ids))
+    assert logits.shape == expected.shape
+    error = relative_error(logits, expected)
+    print(f"{flavour}: relative logit error {error:.2e}")
+    assert error < TOLERANCE
