@@ -105,7 +105,7 @@ def _run(backend, P, HPG, flags, limit, u, dt, A, Bm, Cm, D, z, bias, state):
     dummy = mx.zeros((1,), T)
     flags |= sum(ks.FLAGS[k] for k, x in (("D", D), ("z", z), ("bias", bias), ("state", state)) if x is not None)
     lo, hi = limit
-    if (lo, hi) != (0.0, math.inf):
+    if lo > 0.0 or hi < math.inf:  # as the reference: a clamp only when it can bind
         flags |= ks.FLAGS["limit"]
     arrays = (u.astype(T), dt.astype(T), f32(A), Bm.astype(T), Cm.astype(T),
               f32(D) if D is not None else f32(dummy), z.astype(T) if z is not None else dummy,
@@ -119,6 +119,7 @@ def selective_scan(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     flags = ks.FLAGS["a_per_n"] | (ks.FLAGS["softplus"] if delta_softplus else 0)
     y, last = _run(backend, 1, Dm, flags, (0.0, math.inf), u, delta, A, B[:, :, None], C[:, :, None],
                    D, z, delta_bias, state)
+    y = y.astype(u.dtype)
     return (y, last) if return_last_state else y
 
 
@@ -132,7 +133,7 @@ def ssd(backend, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limi
     s0 = None if initial_states is None else initial_states.reshape(batch, H * P, -1)
     y, last = _run(backend, P, H // G, ks.FLAGS["softplus"] if dt_softplus else 0, tuple(dt_limit),
                    flat(x), dt, A, B, C, D, flat(z), dt_bias, s0)
-    y = y.reshape(batch, L, H, P)
+    y = y.reshape(batch, L, H, P).astype(x.dtype)
     return (y, last.reshape(batch, H, P, -1)) if return_final_states else y
 
 
