@@ -13,8 +13,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <functional>
-#include <random>
 #include <thread>
 #include <vector>
 
@@ -48,7 +46,8 @@ struct Group {
   ucontext_t sched;
   int cur = -1;
   unsigned long progress = 0;
-  const std::function<void(Group&, Fiber&)>* body = nullptr;
+  void (*invoke)(const void*, Group&, Fiber&) = nullptr;  // runs the kernel for one fiber
+  const void* body = nullptr;
 };
 
 inline thread_local Group* g_group = nullptr;
@@ -98,7 +97,7 @@ T simd_exchange(T v, F f) {
 
 inline void trampoline() {
   Group& G = *g_group;
-  (*G.body)(G, G.fibers[G.cur]);
+  G.invoke(G.body, G, G.fibers[G.cur]);
   G.fibers[G.cur].done = true;
 }
 
@@ -123,9 +122,11 @@ inline void run_group(Group& G, std::vector<std::vector<char>>& stacks, int orde
   }
   std::vector<unsigned> idx(G.n);
   for (unsigned i = 0; i < G.n; ++i) idx[i] = order == 1 ? G.n - 1 - i : i;
-  std::mt19937 rng(seed);
   for (unsigned alive = G.n; alive > 0;) {
-    if (order == 2) std::shuffle(idx.begin(), idx.end(), rng);
+    for (unsigned i = G.n - 1; order == 2 && i > 0; --i) {  // Fisher-Yates with an LCG
+      seed = seed * 1664525u + 1013904223u;
+      std::swap(idx[i], idx[(seed >> 8) % (i + 1)]);
+    }
     unsigned long before = G.progress;
     unsigned finished = 0;
     for (unsigned i : idx) {
@@ -143,9 +144,8 @@ inline void run_group(Group& G, std::vector<std::vector<char>>& stacks, int orde
 
 // Runs every threadgroup of a launch; groups is the count per dimension, size(gpos) the actual
 // size of the group at gpos (Metal's edge groups can be smaller).
-template <class SizeFn>
-void launch(Dim groups, SizeFn size, const std::function<void(Group&, Fiber&)>& body, int order,
-            unsigned seed, unsigned workers) {
+template <class SizeFn, class Body>
+void launch(Dim groups, SizeFn size, const Body& body, int order, unsigned seed, unsigned workers) {
   unsigned long total = static_cast<unsigned long>(groups.x) * groups.y * groups.z;
   std::atomic<unsigned long> next{0};
   auto work = [&]() {
@@ -157,6 +157,7 @@ void launch(Dim groups, SizeFn size, const std::function<void(Group&, Fiber&)>& 
       G.size = size(G.pos);
       G.grid_groups = groups;
       G.body = &body;
+      G.invoke = [](const void* b, Group& g, Fiber& f) { (*static_cast<const Body*>(b))(g, f); };
       run_group(G, stacks, order, seed + unsigned(k));
     }
   };

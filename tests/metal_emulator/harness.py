@@ -170,11 +170,11 @@ def _launch_body(backend, call_name, args):
     return emu::Dim{{std::min(tg.x, grid.x - p.x * tg.x), std::min(tg.y, grid.y - p.y * tg.y),
                     std::min(tg.z, grid.z - p.z * tg.z)}};
   }};
-  std::function<void(emu::Group&, emu::Fiber&)> body = [&](emu::Group& G, emu::Fiber& f) {{
+  auto body = [&](emu::Group& G, emu::Fiber& f) {{
     {call_name}({", ".join(args)});
   }};"""
     return f"""auto size = [&](emu::Dim) {{ return tg; }};  // CUDA: every block is whole
-  std::function<void(emu::Group&, emu::Fiber&)> body = [&](emu::Group& G, emu::Fiber& f) {{
+  auto body = [&](emu::Group& G, emu::Fiber& f) {{
     emu::CudaCtx c{{dim3{{f.local.x, f.local.y, f.local.z}}, dim3{{G.pos.x, G.pos.y, G.pos.z}},
                    dim3{{tg.x, tg.y, tg.z}}, dim3{{groups.x, groups.y, groups.z}}}};
     f.user = &c;
@@ -186,20 +186,40 @@ def compiler():
     return shutil.which(os.environ.get("CXX", "g++"))
 
 
+_FLAGS = ["-std=c++20", "-O1", "-w", "-pthread"]
+
+
+def _include_dir():
+    """Stub headers (MLX's CUDA includes) and precompiled emulation headers, per header version."""
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HERE.glob("*.h")))).hexdigest()[:12]
+    inc = CACHE / f"include_{key}"
+    if (inc / "done").exists():
+        return inc
+    stubs = {"metal_emu.h": "metal_emu.h", "mlx/backend/cuda/device/utils.cuh": "cuda_emu.h",
+             "cooperative_groups.h": "cuda_emu.h"}
+    for path, target in stubs.items():
+        (inc / path).parent.mkdir(parents=True, exist_ok=True)
+        (inc / path).write_text(f'#include "{HERE / target}"\n')
+    for path in ("metal_emu.h", "mlx/backend/cuda/device/utils.cuh"):  # g++ picks X.gch before X
+        r = subprocess.run([compiler(), *_FLAGS, "-x", "c++-header", str(inc / path), "-o",
+                            str(inc / path) + ".gch"], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise EmulatorError(f"cannot precompile {path}:\n{r.stderr[-4000:]}")
+    (inc / "done").write_text("")
+    return inc
+
+
 def build(backend, text):
     """Compiles a launcher, cached per source hash; returns the executable's path."""
     digest = hashlib.sha256((backend + text).encode()).hexdigest()[:20]
     exe = CACHE / f"{backend}_{digest}"
     if exe.exists():
         return exe
-    inc = CACHE / "include"
-    (inc / "mlx/backend/cuda/device").mkdir(parents=True, exist_ok=True)
-    (inc / "mlx/backend/cuda/device/utils.cuh").write_text('#include "cuda_emu.h"\n')
-    (inc / "cooperative_groups.h").write_text('#include "cuda_emu.h"\n')
+    inc = _include_dir()
     src = CACHE / f"{backend}_{digest}.cpp"
     src.write_text(text)
     tmp = exe.with_suffix(f".tmp{os.getpid()}")
-    cmd = [compiler(), "-std=c++20", "-O1", "-w", "-pthread", f"-I{HERE}", f"-I{inc}", str(src), "-o", str(tmp)]
+    cmd = [compiler(), *_FLAGS, f"-I{inc}", str(src), "-o", str(tmp)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         raise EmulatorError(f"g++ rejected the {backend} kernel {src}:\n{r.stderr[-4000:]}")
