@@ -70,7 +70,8 @@ M2_WIDE = dict(b=1, L=37, H=4, P=3, G=2, N=40)  # 2 states a lane, chunks of 16 
 
 @pytest.mark.parametrize("options", [True, False])
 def test_selective_scan(backend, options):
-    x = mamba1_inputs(**M1, options=options)
+    # Without options: 5 channels, so a threadgroup is one channel of 16 lanes (a partial simdgroup).
+    x = mamba1_inputs(**(M1 if options else dict(M1, D=5)), options=options)
     y, last = ops.selective_scan(**x, return_last_state=True, backend=backend)
     y_ref, last_ref = ops.selective_scan(**x, return_last_state=True, backend="reference")
     y64, last64 = f64.selective_scan(**{k: f64_of(v) if k != "delta_softplus" else v for k, v in x.items()})
