@@ -63,8 +63,8 @@ def mamba2_inputs(b, L, H, P, G, N, options=True, dt_limit=(0.0, math.inf)):
     return x
 
 
-M1 = dict(b=2, L=37, D=6, N=12)          # N: 16 lanes, 12 used; D: 2 channels a threadgroup
-M2 = dict(b=2, L=71, H=6, P=5, G=3, N=12)  # two chunks of 64 steps; 3 groups of 2 heads
+M1 = dict(b=2, L=37, D=12, N=12)  # N: 16 lanes, 12 used; 4 channels (2 simdgroups) a threadgroup
+M2 = dict(b=2, L=71, H=8, P=5, G=2, N=12)  # two chunks of 64 steps; 2 groups of 4 heads
 M2_WIDE = dict(b=1, L=37, H=4, P=3, G=2, N=40)  # 2 states a lane, chunks of 16 steps
 
 
@@ -155,7 +155,7 @@ def test_kernels_built_once(backend):
     for _ in range(2):
         ops.selective_scan(**x, backend=backend)
         _grads(lambda **a: ops.selective_scan(**a, return_last_state=True, backend=backend),
-               x, ["u", "delta", "A", "B", "C"], [mx.ones((2, 37, 6)), mx.ones((2, 6, 12))])
+               x, ["u", "delta", "A", "B", "C"], [mx.ones((2, 37, 12)), mx.ones((2, 12, 12))])
     built = [b for b in harness.BUILT if b[0] == backend]
     assert len(built) == len(set(built)) == 2
 
@@ -164,13 +164,13 @@ def test_launch_matches_mlx_conventions(backend):
     """The text built from what the package passed carries MLX's signature for that backend."""
     ops.selective_scan(**mamba1_inputs(**M1), backend=backend)
     launch = harness.LAUNCHES[-1]
-    assert launch["grid"] == (M1["D"] * 16, M1["b"], 1) and launch["threadgroup"] == (32, 1, 1)
+    assert launch["grid"] == (M1["D"] * 16, M1["b"], 1) and launch["threadgroup"] == (64, 1, 1)
     if backend == "metal":
-        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_2_64_float_" in launch["text"]
+        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_4_64_float_" in launch["text"]
         assert "const constant int32_t* params [[buffer(9)]]" in launch["text"]
         assert "uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]]" in launch["text"]
     else:
-        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_2_64(" in launch["text"]
+        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_4_64(" in launch["text"]
         assert "  using T = float;\n  constexpr int S = 16;" in launch["text"]
 
 

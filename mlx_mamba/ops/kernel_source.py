@@ -151,8 +151,9 @@ FWD_BODY = _SETUP + """
 
 BWD_BODY = _SETUP + """
   // gy (B, L, CH) T; glast (B, CH, N) f32; ckpt as saved by the forward kernel. Outputs f32:
-  // gu, gdt, gz (B, L, CH) per channel; gA, gstate (B, CH, N); gD (B, CH); gB, gC (B, L, G, N) summed
-  constexpr int W = CPG * S < 32 ? CPG * S : 32;  // lanes of a simdgroup
+  // gu, gdt, gz (B, L, CH) per channel; gA, gstate (B, CH, N); gD (B, CH); gB, gC (B, L, G, N)
+  constexpr int W = CPG * S < 32 ? CPG * S : 32, NSG = CPG * S / W;  // lanes, simdgroups
+  SHARED float red[2 * NSG * NP];
   float gh[NPL], gA_acc[NPL], h0[NPL], hs[TC * NPL], cB[NPL], cC[NPL];
   float gD_acc = 0.0f;
   for (int k = 0; k < NPL; ++k) {
@@ -209,14 +210,26 @@ BWD_BODY = _SETUP + """
         ST(&gu[row * CH + c], gx + gyv * Dc);
         ST(&gdt[row * CH + c], gd * mm_ddt(raw, F, lo, hi));
       }
-      for (int k = 0; k < NPL; ++k) {  // B and C are shared by the channels: sum the simdgroup's
-        const int n = lane + S * k;
+      // B and C are shared by all channels: sum over the simdgroup (shuffles), then over the
+      // threadgroup (red), then one atomic add per state and threadgroup.
+      for (int k = 0; k < NPL; ++k) {
         const float sb = mm_xor_sum(cB[k], S, W), sc = mm_xor_sum(cC[k], S, W);
-        if (tid % 32 < S && n < N) {
-          ADD(&gB[(row * G + g) * N + n], sb);
-          ADD(&gC[(row * G + g) * N + n], sc);
+        if (tid % 32 < S) {
+          red[(tid / 32) * NP + lane + S * k] = sb;
+          red[(NSG + tid / 32) * NP + lane + S * k] = sc;
         }
       }
+      SYNC();
+      for (int n = tid; n < N; n += CPG * S) {
+        float sb = 0.0f, sc = 0.0f;
+        for (int w = 0; w < NSG; ++w) {
+          sb += red[w * NP + n];
+          sc += red[(NSG + w) * NP + n];
+        }
+        ADD(&gB[(row * G + g) * N + n], sb);
+        ADD(&gC[(row * G + g) * N + n], sc);
+      }
+      SYNC();  // red is rewritten at the next step
     }
   }
   for (int k = 0; k < NPL; ++k) {
