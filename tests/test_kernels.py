@@ -176,7 +176,7 @@ def test_launch_matches_mlx_conventions(backend):
 
 # Mutants of the kernel bodies that the harness must catch: it is only worth what it detects.
 MUTANTS = {
-    "no barrier after staging": ("      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    SYNC();\n",
+    "no barrier after staging": ("      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    MM_SYNC();\n",
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
     "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
     "wrong group of a head": ("g = head / HPG", "g = head % G"),

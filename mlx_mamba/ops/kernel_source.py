@@ -21,24 +21,24 @@ BWD_INPUTS = FWD_INPUTS + ["gy", "glast", "ckpt"]
 BWD_OUTPUTS = ["gu", "gdt", "gz", "gA", "gD", "gstate", "gB", "gC"]
 
 _METAL_PRELUDE = """
-#define KDEV inline
-#define SHARED threadgroup
-#define SYNC() threadgroup_barrier(mem_flags::mem_threadgroup)
-#define SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
-#define EXPF(x) metal::exp(x)
-#define LOGF(x) metal::log(x)
-#define ST(p, v) atomic_store_explicit((p), (v), memory_order_relaxed)
-#define ADD(p, v) atomic_fetch_add_explicit((p), (v), memory_order_relaxed)
+#define MM_FN inline
+#define MM_SHARED threadgroup
+#define MM_SYNC() threadgroup_barrier(mem_flags::mem_threadgroup)
+#define MM_SHFL_XOR(v, m) simd_shuffle_xor((v), (ushort)(m))
+#define MM_EXP(x) metal::exp(x)
+#define MM_LOG(x) metal::log(x)
+#define MM_ST(p, v) atomic_store_explicit((p), (v), memory_order_relaxed)
+#define MM_ADD(p, v) atomic_fetch_add_explicit((p), (v), memory_order_relaxed)
 """
 _CUDA_PRELUDE = """
-#define KDEV __device__ inline
-#define SHARED __shared__
-#define SYNC() __syncthreads()
-#define SHFL_XOR(v, m) __shfl_xor_sync(blockDim.x >= 32 ? 0xffffffffu : (1u << blockDim.x) - 1u, (v), (m))
-#define EXPF(x) expf(x)
-#define LOGF(x) logf(x)
-#define ST(p, v) (*(p) = (v))
-#define ADD(p, v) atomicAdd((p), (v))
+#define MM_FN __device__ inline
+#define MM_SHARED __shared__
+#define MM_SYNC() __syncthreads()
+#define MM_SHFL_XOR(v, m) __shfl_xor_sync(blockDim.x >= 32 ? 0xffffffffu : (1u << blockDim.x) - 1u, (v), (m))
+#define MM_EXP(x) expf(x)
+#define MM_LOG(x) logf(x)
+#define MM_ST(p, v) (*(p) = (v))
+#define MM_ADD(p, v) atomicAdd((p), (v))
 """
 _METAL_PROLOGUE = """
 const int tid = int(thread_position_in_threadgroup.x);
@@ -58,21 +58,21 @@ _HELPERS = """
 #define MM_LIMIT 32
 #define MM_A_PER_N 64
 #define MM_SAVE 128
-KDEV float mm_log1p(float x) { const float u = 1.0f + x; return u == 1.0f ? x : LOGF(u) * (x / (u - 1.0f)); }
-KDEV float mm_sigmoid(float x) { return 1.0f / (1.0f + EXPF(-x)); }
+MM_FN float mm_log1p(float x) { const float u = 1.0f + x; return u == 1.0f ? x : MM_LOG(u) * (x / (u - 1.0f)); }
+MM_FN float mm_sigmoid(float x) { return 1.0f / (1.0f + MM_EXP(-x)); }
 // dt = clamp(softplus(raw)) as flagged, and d dt / d raw.
-KDEV float mm_dt(float raw, int f, float lo, float hi) {
-  float d = (f & MM_SOFTPLUS) ? (raw > 20.0f ? raw : mm_log1p(EXPF(raw))) : raw;
+MM_FN float mm_dt(float raw, int f, float lo, float hi) {
+  float d = (f & MM_SOFTPLUS) ? (raw > 20.0f ? raw : mm_log1p(MM_EXP(raw))) : raw;
   return (f & MM_LIMIT) ? (d < lo ? lo : (d > hi ? hi : d)) : d;
 }
-KDEV float mm_ddt(float raw, int f, float lo, float hi) {
+MM_FN float mm_ddt(float raw, int f, float lo, float hi) {
   const float d = mm_dt(raw, f & ~MM_LIMIT, lo, hi);
   if ((f & MM_LIMIT) && (d < lo || d > hi)) return 0.0f;
   return (f & MM_SOFTPLUS) && raw <= 20.0f ? mm_sigmoid(raw) : 1.0f;
 }
 // Sum over the lanes whose index differs only in the bits lo .. hi/2 (all lanes get the sum).
-KDEV float mm_xor_sum(float v, int lo, int hi) {
-  for (int o = lo; o < hi; o <<= 1) v += SHFL_XOR(v, o);
+MM_FN float mm_xor_sum(float v, int lo, int hi) {
+  for (int o = lo; o < hi; o <<= 1) v += MM_SHFL_XOR(v, o);
   return v;
 }
 """
@@ -86,8 +86,8 @@ _SETUP = """
   constexpr int NP = S * NPL;  // padded states per channel
   const int lane = tid % S, c = grp * CPG + tid / S, head = c / P, g = head / HPG, NH = CH / P;
   const int NC = (L + TC - 1) / TC;  // chunks of TC steps
-  SHARED float sB[TC * NP];
-  SHARED float sC[TC * NP];
+  MM_SHARED float sB[TC * NP];
+  MM_SHARED float sC[TC * NP];
   float a[NPL];
   for (int k = 0; k < NPL; ++k) {
     const int n = lane + S * k;
@@ -97,14 +97,14 @@ _SETUP = """
   const float bias = (F & MM_BIAS) ? dt_bias[head] : 0.0f;
 """
 _STAGE = """
-    SYNC();  // everyone is done with the previous chunk
+    MM_SYNC();  // everyone is done with the previous chunk
     for (int i = tid; i < nt * NP; i += CPG * S) {
       const int n = i % NP;
       const long src = (long(bb * L + t0 + i / NP) * G + g) * N + n;
       sB[i] = n < N ? float(Bm[src]) : 0.0f;
       sC[i] = n < N ? float(Cm[src]) : 0.0f;
     }
-    SYNC();
+    MM_SYNC();
 """
 
 FWD_BODY = _SETUP + """
@@ -129,7 +129,7 @@ FWD_BODY = _SETUP + """
       float acc = 0.0f;
       for (int k = 0; k < NPL; ++k) {
         const int i = tt * NP + lane + S * k;
-        h[k] = EXPF(d * a[k]) * h[k] + d * uv * sB[i];
+        h[k] = MM_EXP(d * a[k]) * h[k] + d * uv * sB[i];
         acc += h[k] * sC[i];
       }
       acc = mm_xor_sum(acc, 1, S);
@@ -153,7 +153,7 @@ BWD_BODY = _SETUP + """
   // gy (B, L, CH) T; glast (B, CH, N) f32; ckpt as saved by the forward kernel. Outputs f32:
   // gu, gdt, gz (B, L, CH) per channel; gA, gstate (B, CH, N); gD (B, CH); gB, gC (B, L, G, N)
   constexpr int W = CPG * S < 32 ? CPG * S : 32, NSG = CPG * S / W;  // lanes, simdgroups
-  SHARED float red[2 * NSG * NP];
+  MM_SHARED float red[2 * NSG * NP];
   float gh[NPL], gA_acc[NPL], h0[NPL], hs[TC * NPL], cB[NPL], cC[NPL];
   float gD_acc = 0.0f;
   for (int k = 0; k < NPL; ++k) {
@@ -174,7 +174,7 @@ BWD_BODY = _SETUP + """
       const float d = mm_dt(float(dt[row * NH + head]) + bias, F, lo, hi);
       for (int k = 0; k < NPL; ++k) {
         const float prev = tt > 0 ? hs[(tt - 1) * NPL + k] : h0[k];
-        hs[tt * NPL + k] = EXPF(d * a[k]) * prev + d * uv * sB[tt * NP + lane + S * k];
+        hs[tt * NPL + k] = MM_EXP(d * a[k]) * prev + d * uv * sB[tt * NP + lane + S * k];
       }
     }
     for (int tt = nt - 1; tt >= 0; --tt) {
@@ -187,14 +187,14 @@ BWD_BODY = _SETUP + """
         for (int k = 0; k < NPL; ++k) acc += hs[tt * NPL + k] * sC[tt * NP + lane + S * k];
         const float yv = mm_xor_sum(acc, 1, S) + Dc * uv;
         const float zv = float(z[row * CH + c]), sg = mm_sigmoid(zv);
-        if (lane == 0) ST(&gz[row * CH + c], gyv * yv * sg * (1.0f + zv * (1.0f - sg)));
+        if (lane == 0) MM_ST(&gz[row * CH + c], gyv * yv * sg * (1.0f + zv * (1.0f - sg)));
         gyv *= zv * sg;
       }
       gD_acc += gyv * uv;
       float gd = 0.0f, gx = 0.0f;
       for (int k = 0; k < NPL; ++k) {
         const int i = tt * NP + lane + S * k;
-        const float prev = tt > 0 ? hs[(tt - 1) * NPL + k] : h0[k], dA = EXPF(d * a[k]);
+        const float prev = tt > 0 ? hs[(tt - 1) * NPL + k] : h0[k], dA = MM_EXP(d * a[k]);
         gh[k] += gyv * sC[i];
         const float ga = gh[k] * prev * dA;  // d loss / d (dt * A)
         gd += ga * a[k] + gh[k] * uv * sB[i];
@@ -207,8 +207,8 @@ BWD_BODY = _SETUP + """
       gd = mm_xor_sum(gd, 1, S);
       gx = mm_xor_sum(gx, 1, S);
       if (lane == 0) {
-        ST(&gu[row * CH + c], gx + gyv * Dc);
-        ST(&gdt[row * CH + c], gd * mm_ddt(raw, F, lo, hi));
+        MM_ST(&gu[row * CH + c], gx + gyv * Dc);
+        MM_ST(&gdt[row * CH + c], gd * mm_ddt(raw, F, lo, hi));
       }
       // B and C are shared by all channels: sum over the simdgroup (shuffles), then over the
       // threadgroup (red), then one atomic add per state and threadgroup.
@@ -219,27 +219,27 @@ BWD_BODY = _SETUP + """
           red[(NSG + tid / 32) * NP + lane + S * k] = sc;
         }
       }
-      SYNC();
+      MM_SYNC();
       for (int n = tid; n < N; n += CPG * S) {
         float sb = 0.0f, sc = 0.0f;
         for (int w = 0; w < NSG; ++w) {
           sb += red[w * NP + n];
           sc += red[(NSG + w) * NP + n];
         }
-        ADD(&gB[(row * G + g) * N + n], sb);
-        ADD(&gC[(row * G + g) * N + n], sc);
+        MM_ADD(&gB[(row * G + g) * N + n], sb);
+        MM_ADD(&gC[(row * G + g) * N + n], sc);
       }
-      SYNC();  // red is rewritten at the next step
+      MM_SYNC();  // red is rewritten at the next step
     }
   }
   for (int k = 0; k < NPL; ++k) {
     const int n = lane + S * k;
     if (n < N) {
-      ST(&gA[long(bb * CH + c) * N + n], gA_acc[k]);
-      ST(&gstate[long(bb * CH + c) * N + n], gh[k]);
+      MM_ST(&gA[long(bb * CH + c) * N + n], gA_acc[k]);
+      MM_ST(&gstate[long(bb * CH + c) * N + n], gh[k]);
     }
   }
-  if (lane == 0) ST(&gD[bb * CH + c], gD_acc);
+  if (lane == 0) MM_ST(&gD[bb * CH + c], gD_acc);
 """
 
 BODIES = {"fwd": FWD_BODY, "bwd": BWD_BODY}

@@ -75,7 +75,7 @@ def _template_parts(template, backend):
 
 
 def metal_source(k, inputs, output_dtypes, template):
-    """(kernel name, the text MLX compiles after its preamble, extra shape buffers) for a launch."""
+    """(name to call, the text MLX compiles after its preamble, shape buffers, thread attributes)."""
     tparts = _template_parts(template, "metal")
     name = "custom_kernel_" + k.name
     tdef = ""
