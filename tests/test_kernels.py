@@ -159,6 +159,14 @@ def test_kernels_built_once(backend):
     assert len(built) == len(set(built)) == 2
 
 
+def test_import_builds_nothing():
+    import importlib
+    kernel_ops._kernel.cache_clear()
+    for name in ("metal", "cuda"):
+        importlib.import_module(f"mlx_mamba.ops.{name}")
+    assert kernel_ops._kernel.cache_info().currsize == 0
+
+
 def test_launch_matches_mlx_conventions(backend):
     """The text built from what the package passed carries MLX's signature for that backend."""
     ops.selective_scan(**mamba1_inputs(**M1), backend=backend)

@@ -34,6 +34,7 @@ _CUDA_PRELUDE = """
 #define MM_FN __device__ inline
 #define MM_SHARED __shared__
 #define MM_SYNC() __syncthreads()
+// Blocks are powers of two: whole warps, or a single partial warp of blockDim.x lanes.
 #define MM_SHFL_XOR(v, m) __shfl_xor_sync(blockDim.x >= 32 ? 0xffffffffu : (1u << blockDim.x) - 1u, (v), (m))
 #define MM_EXP(x) expf(x)
 #define MM_LOG(x) logf(x)
