@@ -55,7 +55,6 @@ _TYPES = {  # dtype: (Metal type string, CUDA type string, numpy storage dtype)
     mx.uint32: ("uint32_t", "uint32_t", np.uint32), mx.int64: ("int64_t", "int64_t", np.int64),
     mx.bool_: ("bool", "bool", np.bool_),
 }
-_POISON = {mx.float32: np.float32(np.nan), mx.float16: np.float16(np.nan), mx.bfloat16: np.uint16(0x7FC0)}
 
 
 class EmulatorError(RuntimeError):
@@ -262,7 +261,7 @@ class EmulatedKernel:
             (call, text), extras, attrs = cuda_source(self, inputs, output_dtypes, template), [], []
         LAUNCHES.append(dict(backend=self.backend, name=self.name, kernel=call, text=text,
                              template=template, grid=tuple(grid), threadgroup=tuple(threadgroup)))
-        # Shape buffers sit right after their input: rebuild the list in kernel argument order.
+        # Buffers in argument order: each input with its shape/strides/ndim buffers, then outputs.
         bufs, args, pos = [], [], 0
         for n, a in zip(self.input_names, inputs):
             ctype = _TYPES[a.dtype][0 if self.backend == "metal" else 1]
@@ -281,9 +280,8 @@ class EmulatedKernel:
             ctype = _TYPES[d][0 if self.backend == "metal" else 1]
             ptr = f"metal::atomic<{ctype}>" if self.atomic_outputs else ctype
             args.append(f"static_cast<{ptr}*>(B({pos}))")
-            fill = _POISON.get(d, 0) if init_value is None else init_value
-            bufs.append(np.full(tuple(shape), fill, dtype=_TYPES[d][2]) if d != mx.bfloat16 or init_value is None
-                        else np.array(mx.view(mx.full(tuple(shape), init_value, mx.bfloat16), mx.uint16)))
+            poison = float("nan") if d in (mx.float32, mx.float16, mx.bfloat16) else -1
+            bufs.append(_to_numpy(mx.full(tuple(shape), poison if init_value is None else init_value, d)))
             pos += 1
         args += [_ATTRIBUTE_VALUES[a] for a in attrs]
         exe = build(self.backend, _launcher(self.backend, call, text, args))
