@@ -187,6 +187,8 @@ MUTANTS = {
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
     "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
     "wrong group of a head": ("g = head / HPG", "g = head % G"),
+    "an output never written": ("      if (lane == 0) {\n        float yv", "      if (lane == 0 && c > 0) {\n        float yv"),
+    "a write past the end": ("y[row * CH + c] =", "y[row * CH + c + 1] ="),
     "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
 }
 
