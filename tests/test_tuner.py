@@ -245,6 +245,16 @@ def test_batches_pad_on_the_right_and_cover_every_example(tokenizer, text_data):
     assert batches[-1].lengths[-1] == 0  # the filler row
 
 
+def test_right_padding_never_changes_a_sequences_loss(tiny_model, tokenizer, text_data):
+    model = mlx_mamba.load(tiny_model("mamba1"))[0]
+    examples = load_split(text_data, "valid", tokenizer, 64)[:4]
+    assert len({len(e.tokens) for e in examples}) > 1  # so the batch is padded
+    padded = loss_terms(model, make_batch(examples, 4))
+    alone = [loss_terms(model, make_batch([e], 1)) for e in examples]
+    assert padded[1].item() == sum(n.item() for _, n in alone)
+    assert padded[0].item() == pytest.approx(sum(total.item() for total, _ in alone), rel=1e-5)
+
+
 def test_truncation_warns_and_keeps_the_prefix(tokenizer, tmp_path, capsys):
     text = "Now is the winter of our discontent made glorious summer by this sun of York"
     write_jsonl(tmp_path, "train", [{"text": text}, {"text": "short"}])
