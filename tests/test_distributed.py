@@ -65,8 +65,10 @@ def test_two_processes_equal_one_process_with_the_whole_batch(checkpoint, shared
     one = mx.load(str(tmp_path / "one" / "adapters.safetensors"))
     assert sorted(two) == sorted(one)
     assert all(np.abs(np.array(v)).max() > 0 for k, v in one.items() if k.endswith("lora_b"))
-    for name in one:
-        difference = np.abs(np.array(two[name]) - np.array(one[name])).max()
-        assert difference <= 1e-5 * max(np.abs(np.array(one[name])).max(), 1e-3), name
+    differences = {name: np.abs(np.array(two[name]) - np.array(one[name])).max()
+                   / max(np.abs(np.array(one[name])).max(), 1e-3) for name in one}
+    worst = max(differences, key=differences.get)
+    print(f"2 processes vs 1: worst relative difference {differences[worst]:.1e} ({worst})")
+    assert differences[worst] <= 1e-5
     val = [line for line in single.splitlines() if "Iter 3: Val loss" in line]
     assert val and val[0].split(",")[0] in result.stdout
