@@ -37,10 +37,12 @@ def positive(value):
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mlx_mamba.lora", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mlx_mamba.lora",
+                                     description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--model", required=True, help="model directory or Hugging Face repo id")
-    add("--train", action="store_true", help="train adapters (or the model with --fine-tune-type full)")
+    add("--train", action="store_true",
+        help="train adapters (or the model itself with --fine-tune-type full)")
     add("--test", action="store_true", help="report loss and perplexity on DIR/test.jsonl")
     add("--data", default="data", help="directory with train.jsonl, valid.jsonl, test.jsonl")
     add("--fine-tune-type", choices=["lora", "dora", "full"], default="lora")
@@ -79,7 +81,8 @@ def parse_args(argv=None):
         parser.error("--lora-dropout with --grad-checkpoint: the recomputed backward pass would "
                      "draw other dropout masks than the forward pass; use one of them")
     if args.warmup_steps < 0 or (args.train and args.warmup_steps >= args.iters):
-        parser.error(f"--warmup-steps {args.warmup_steps}: expected 0 <= N < --iters ({args.iters})")
+        parser.error(f"--warmup-steps {args.warmup_steps}: expected 0 <= N < --iters "
+                     f"({args.iters})")
     if args.val_batches < -1:
         parser.error(f"--val-batches {args.val_batches}: expected N >= 0, or -1 for all")
     if args.test_batches == 0 or args.test_batches < -1:
@@ -90,7 +93,7 @@ def parse_args(argv=None):
 
 
 def adapter_config(args, n_layers):
-    """The adapter_config.json of a run: what apply_adapters reads, plus every flag for the record."""
+    """The adapter_config.json of a run: what apply_adapters reads, and every flag as a record."""
     num_layers = args.num_layers if args.num_layers is not None else min(16, n_layers)
     return dict(vars(args), num_layers=num_layers, lora_parameters={
         "rank": args.lora_rank, "scale": args.lora_scale, "dropout": args.lora_dropout})
@@ -99,7 +102,9 @@ def adapter_config(args, n_layers):
 def batches(examples, args, limit=-1, loop=False):
     """Training batches for ever when `loop`, else a list of the first `limit` (-1: all)."""
     batch_iter = iterate_batches(examples, args.batch_size, args.seed, loop)
-    return batch_iter if loop else list(itertools.islice(batch_iter, None if limit == -1 else limit))
+    if loop:
+        return batch_iter
+    return list(itertools.islice(batch_iter, None if limit == -1 else limit))
 
 
 def run(args, world):

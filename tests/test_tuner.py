@@ -18,7 +18,7 @@ from mlx_mamba.tuner import (Batch, DoRALinear, LoRALinear, apply_adapters, chec
                              iterate_batches, load_adapters, load_split, loss_terms,
                              make_schedule, save_adapters, train)
 from mlx_mamba.tuner import adapters as adapters_module
-from mlx_mamba.tuner.datasets import DataError, make_batch
+from mlx_mamba.tuner.datasets import make_batch
 from tuning import model_with_tokenizer, write_data
 
 GRADIENT_TOLERANCE = 1e-3  # max |ours - torch| relative to the largest |torch| gradient
@@ -151,7 +151,8 @@ def test_dora_layer_matches_its_formula():
     W, b, A, B, m = (np.array(v, np.float64) for v in
                      (base.weight, base.bias, layer.lora_a, layer.lora_b, layer.m))
     V = W + 1.5 * (A @ B).T
-    expected = np.array(x, np.float64) @ (m[:, None] * V / np.linalg.norm(V, axis=1, keepdims=True)).T + b
+    direction = V / np.linalg.norm(V, axis=1, keepdims=True)
+    expected = np.array(x, np.float64) @ (m[:, None] * direction).T + b
     assert relative_error(layer(x), expected) < 1e-5
     assert relative_error(fuse.fuse_linear(layer)(x), expected) < 1e-5
 
@@ -418,7 +419,8 @@ def test_qlora_trains_over_quantized_layers_and_fuses(tiny_model, text_data, fla
 
     reference = logits(model)
     fuse.fuse_adapters(model, dequantize=True)
-    assert not any(isinstance(m, (LoRALinear, nn.QuantizedLinear)) for _, m in model.named_modules())
+    layers = [m for _, m in model.named_modules()]
+    assert not any(isinstance(m, (LoRALinear, nn.QuantizedLinear)) for m in layers)
     assert relative_error(logits(model), np.array(reference)) < 1e-5
 
 

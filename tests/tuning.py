@@ -3,7 +3,6 @@ and jsonl data directories cut from the shared Shakespeare text."""
 
 import json
 import shutil
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -18,7 +17,7 @@ def shakespeare_lines(shared_data, count, skip=0):
 
 
 def write_tokenizer(directory, shared_data, vocab_size=100):
-    """A 100-token BPE tokenizer (the tiny checkpoints' vocabulary), with eos and a chat template."""
+    """A BPE tokenizer of the tiny checkpoints' vocabulary size, with eos and a chat template."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()

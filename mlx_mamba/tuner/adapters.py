@@ -1,8 +1,9 @@
 """Which parameters train, and the adapter files: `adapters.safetensors` + `adapter_config.json`.
 
 An adapter config is a dict: fine_tune_type ("lora", "dora" or "full"), num_layers (the last N
-residual blocks; -1 for all), lora_parameters {rank, scale, dropout, keys} and train_ssm_params.
-The same dict, saved next to the weights, rebuilds the adapted model for resuming and fusing.
+residual blocks; -1 for all; by default 16, or all when fewer), lora_parameters {rank, scale,
+dropout, keys} and train_ssm_params. The same dict, saved next to the weights, rebuilds the
+adapted model for resuming, testing and fusing.
 """
 
 import json
@@ -45,9 +46,9 @@ def apply_adapters(model, config):
     if kind not in ("lora", "dora", "full"):
         raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
     model.freeze()
-    layers = adapted_layers(model, config.get("num_layers", 16))
+    layers = adapted_layers(model, config.get("num_layers", min(16, model.config.n_layer)))
     if kind == "full":
-        if any(isinstance(m, nn.QuantizedLinear) for layer in layers for _, m in layer.named_modules()):
+        if any(isinstance(m, nn.QuantizedLinear) for l in layers for _, m in l.named_modules()):
             raise AdapterError("full fine-tuning needs a float model: this one is quantized (use "
                                "lora or dora, or fine-tune the unquantized model)")
         for layer in layers:
@@ -65,8 +66,9 @@ def apply_adapters(model, config):
         mixer = layer.mixer
         for key in keys:
             if key not in mixer:
+                known = ", ".join(DEFAULT_KEYS[model.config.arch])
                 raise AdapterError(f"LoRA key {key!r}: a {model.config.arch} mixer has no such "
-                                   f"layer (it has {', '.join(sorted(DEFAULT_KEYS[model.config.arch]))})")
+                                   f"projection (it has {known})")
             setattr(mixer, key, cls(getattr(mixer, key), rank, scale, dropout))
         if config.get("train_ssm_params", False):
             mixer.unfreeze(recurse=False, keys=SSM_PARAMETERS)
