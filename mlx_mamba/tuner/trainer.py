@@ -55,6 +55,9 @@ def evaluate(model, batches, world=None):
 def _checkpointed(cls):
     # A subclass of a mixer class whose training forward keeps only its input for the backward
     # pass and recomputes the rest: memory per layer no longer grows with the activations.
+    if getattr(cls, "recomputed_in_backward", False):
+        return cls
+
     def __call__(self, x, cache=None, mask=None):
         if cache is not None:  # decoding: nothing to differentiate
             return cls.__call__(self, x, cache, mask)
@@ -65,7 +68,8 @@ def _checkpointed(cls):
 
         return mx.checkpoint(forward)(self.trainable_parameters(), x)
 
-    return type(f"Checkpointed{cls.__name__}", (cls,), {"__call__": __call__})
+    return type(f"Checkpointed{cls.__name__}", (cls,),
+                {"__call__": __call__, "recomputed_in_backward": True})
 
 
 def checkpoint_layers(model):
