@@ -70,17 +70,8 @@ def gradients(model, batch):
     return loss.item(), dict(tree_flatten(grads))
 
 
-@pytest.fixture
-def one_torch_thread():
-    # torch's thread pool spins against MLX's on a 2-core machine: backward passes get 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("flavour", ["mamba1", "falcon_mamba", "mamba2", "mamba2_groups_untied"])
-def test_loss_and_gradients_match_torch_autograd(checkpoint, flavour, one_torch_thread):
+def test_loss_and_gradients_match_torch_autograd(checkpoint, flavour):
     directory, reference = checkpoint(flavour)
     model, _ = mlx_mamba.load(directory)
     batch = random_batch()
