@@ -29,7 +29,7 @@ class GenerationError(ValueError):
 class GenerationResponse:
     text: str  # new text with this token ("" while a multi-byte character is incomplete)
     token: int
-    logprobs: mx.array  # (V,) log-probabilities the token was drawn from
+    logprobs: mx.array  # (V,) log-softmax of the processed logits (before temperature, filters)
     prompt_tokens: int
     prompt_tps: float
     generation_tokens: int
@@ -92,7 +92,8 @@ def generate_step(model, cache, next_inputs, histories, sampler, processors, max
     y, logprobs = advance(mx.array(next_inputs, dtype=mx.int32))
     mx.async_eval(y, logprobs)
     for n in range(1, max_tokens + 1):
-        history = [mx.concatenate([seen, y[i:i + 1]]) for i, seen in enumerate(history)]
+        history = [mx.concatenate([seen, y[i:i + 1].astype(mx.int32)])
+                   for i, seen in enumerate(history)]
         if n < max_tokens:
             next_y, next_logprobs = advance(y)
             mx.async_eval(next_y, next_logprobs)
@@ -196,22 +197,20 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     start = time.perf_counter()
     cache = model.make_cache(len(rows))
     prefill(model, [r[:-1] for r in rows], cache, step_size=prefill_step_size)
-    outputs, finished = [[] for _ in rows], [None] * len(rows)
+    outputs, finished, first = [[] for _ in rows], [None] * len(rows), None
     steps = generate_step(model, cache, [r[-1] for r in rows], rows, sampler, processors,
                           max_tokens, eos)
-    for n, step in enumerate(steps, 1):
-        if n == 1:
-            first = time.perf_counter()
+    for step in steps:
+        first = first or time.perf_counter()
         for row, token, _, finish in step:
             if finish != "stop":
                 outputs[row].append(token)
             finished[row] = finish
-    if verbose and outputs:
-        now = time.perf_counter()
-        prompt_tokens = sum(map(len, rows))
-        generated = sum(map(len, outputs))
+    if verbose and first:
+        prompt_tokens, generated = sum(map(len, rows)), sum(map(len, outputs))
+        # Tokens after each row's first, over the time after the first step.
         print_stats(prompt_tokens, prompt_tokens / (first - start), generated,
-                    (generated - len(rows)) / (now - first) if now > first else 0.0,
+                    max(generated - len(rows), 0) / (time.perf_counter() - first),
                     mx.get_peak_memory() / 1e9)
     return [BatchResult(tokenizer.decode(out), out, f) for out, f in zip(outputs, finished)]
 
@@ -263,7 +262,10 @@ def build_parser():
 def _load(args):
     from .loader import load, load_tokenizer, resolve
 
-    model, tokenizer = load(args.model)
+    try:
+        model, tokenizer = load(args.model)
+    except OSError as e:  # hub errors do not always name the repo
+        raise GenerationError(e if args.model in str(e) else f"{args.model}: {e}") from None
     if args.tokenizer:
         tokenizer = load_tokenizer(resolve(args.tokenizer))
         if tokenizer is None:

@@ -6,6 +6,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -23,6 +24,7 @@ from mlx_mamba.sample import (SamplerError, apply_min_p, apply_top_k, apply_top_
                               make_repetition_penalty, make_sampler)
 
 # The tied tiny Mamba1 only repeats its last token, which would hide mistakes; the untied one talks.
+ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["mamba1_untied", "mamba2"]
 
 
@@ -312,7 +314,7 @@ def cli_model(tmp_path_factory, neox_tokenizer):
 
 def run_cli(*args, stdin=None):
     return subprocess.run([sys.executable, "-m", "mlx_mamba.generate", *map(str, args)],
-                          input=stdin, capture_output=True, text=True, timeout=120)
+                          input=stdin, capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
 def test_cli_streams_saves_and_resumes(cli_model, tmp_path):
@@ -397,3 +399,20 @@ def test_cli_tokenizer_flag_serves_an_original_checkpoint(checkpoint, cli_model,
     assert main(["--model", str(original), "--tokenizer", str(cli_model), "--prompt", "a",
                  "-m", "3"]) == 0
     assert "Generation: 3 tokens" in capsys.readouterr().err
+
+
+def test_cli_takes_a_repo_id(cli_model, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo, **_: str(cli_model))
+    assert main(["--model", "someone/tiny-mamba2", "--prompt", "hi", "-m", "2"]) == 0
+    assert "Generation: 2 tokens" in capsys.readouterr().err
+
+    def offline(repo, **_):
+        raise LocalEntryNotFoundError("cannot reach the hub\nand no local copy")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    assert main(["--model", "someone/tiny-mamba2", "--prompt", "hi"]) == 1
+    assert capsys.readouterr().err == \
+        "error: someone/tiny-mamba2: cannot reach the hub and no local copy\n"
