@@ -197,7 +197,7 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     start = time.perf_counter()
     cache = model.make_cache(len(rows))
     prefill(model, [r[:-1] for r in rows], cache, step_size=prefill_step_size)
-    outputs, finished, first = [[] for _ in rows], [None] * len(rows), None
+    outputs, finished, first = [[] for _ in rows], ["length"] * len(rows), None
     steps = generate_step(model, cache, [r[-1] for r in rows], rows, sampler, processors,
                           max_tokens, eos)
     for step in steps:
