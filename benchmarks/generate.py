@@ -31,7 +31,7 @@ SHAPES = {
     "mamba2-370m": dict(arch="mamba2", d_model=1024, n_layer=48, d_state=128, head_dim=64),
 }
 VOCAB = 50280
-TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gpt-neox-20b-tokenizer.json"
+TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt-neox-20b-tokenizer.json"
 
 
 def make_config(name):
@@ -92,38 +92,43 @@ def transformers_model(config, weights):
     return model.eval()
 
 
-def time_stream(responses):
+# Wall-clock time is what a user sees; this process's CPU time is steadier on a shared machine
+# (torch's CPU time sums its threads).
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_stream(responses, clock):
     """(seconds to the first response, seconds after it, responses) of a response generator."""
-    start = time.perf_counter()
+    start = clock()
     first, count = None, 0
     for _ in responses:
         count += 1
         if first is None:
-            first = time.perf_counter()
-    return first - start, time.perf_counter() - first, count
+            first = clock()
+    return first - start, clock() - first, count
 
 
-def run_mlx(generate_fn, prompt, decode_tokens):
+def run_mlx(generate_fn, prompt, decode_tokens, clock):
     mx.synchronize()
     mx.clear_cache()
     mx.reset_peak_memory()
-    to_first, after, count = time_stream(generate_fn(prompt, decode_tokens))
+    to_first, after, count = time_stream(generate_fn(prompt, decode_tokens), clock)
     assert count == decode_tokens, f"{count} tokens generated, {decode_tokens} asked"
     return (len(prompt) / to_first, (count - 1) / after, mx.get_peak_memory() / 1e9)
 
 
-def run_transformers(model, prompt, decode_tokens):
+def run_transformers(model, prompt, decode_tokens, clock):
     import torch
 
     ids = torch.tensor([prompt])
     with torch.no_grad():
-        start = time.perf_counter()
+        start = clock()
         model(ids, use_cache=True).logits[:, -1].argmax(-1)
-        prefill = time.perf_counter() - start
-        start = time.perf_counter()
+        prefill = clock() - start
+        start = clock()
         model.generate(ids, max_new_tokens=decode_tokens, min_new_tokens=decode_tokens,
                        do_sample=False)
-        total = time.perf_counter() - start
+        total = clock() - start
     return len(prompt) / prefill, (decode_tokens - 1) / max(total - prefill, 1e-9), None
 
 
@@ -139,7 +144,8 @@ def bench(name, args, tokenizer):
     def ours_fn(p, n):
         return mlx_mamba.stream_generate(ours, tokenizer, p, max_tokens=n)
 
-    runners = [("mlx-mamba", lambda p, n: run_mlx(ours_fn, p, n))]
+    clock = CLOCKS[args.clock]
+    runners = [("mlx-mamba", lambda p, n: run_mlx(ours_fn, p, n, clock))]
     if "mlx-lm" in args.against:
         import mlx_lm
 
@@ -148,7 +154,8 @@ def bench(name, args, tokenizer):
         gap = mx.abs(ours(check) - theirs(check)).max().item()
         print(f"{name}: max |logits mlx-mamba - mlx-lm| on 16 tokens = {gap:.2e}")
         runners.append(("mlx-lm", lambda p, n: run_mlx(
-            lambda q, m: mlx_lm.stream_generate(theirs, tokenizer, q, max_tokens=m), p, n)))
+            lambda q, m: mlx_lm.stream_generate(theirs, tokenizer, q, max_tokens=m), p, n,
+            clock)))
     if "transformers" in args.against:
         import torch
 
@@ -158,7 +165,7 @@ def bench(name, args, tokenizer):
         gap = np.abs(np.array(ours(mx.array(prompt[:16])[None])) - expected).max()
         print(f"{name}: max |logits mlx-mamba - transformers| on 16 tokens = {gap:.2e}")
         runners.append(("transformers (torch CPU)",
-                        lambda p, n: run_transformers(reference, p, n)))
+                        lambda p, n: run_transformers(reference, p, n, clock)))
     for _, runner in runners:
         runner(prompt[:16], 4)  # warm-up: first-call allocations and compilations
     results = {impl: [] for impl, _ in runners}
@@ -180,6 +187,9 @@ def main():
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=1, help="runs per line; the median is shown")
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                        help="wall: elapsed time; cpu: this process's CPU time (steadier when "
+                             "other work shares the machine)")
     parser.add_argument("--against", nargs="*", default=["mlx-lm", "transformers"],
                         choices=["mlx-lm", "transformers"])
     args = parser.parse_args()
@@ -190,7 +200,7 @@ def main():
     print(f"\n{platform.system()} {platform.machine()}, MLX {mx.__version__} "
           f"{mx.default_device()} backend (mlx_mamba ops: "
           f"{mlx_mamba.ops.resolve_backend()}), float32, prompt {args.prompt_tokens} tokens, "
-          f"{args.decode_tokens} decoded, median of {args.repeats}\n")
+          f"{args.decode_tokens} decoded, median of {args.repeats}, {args.clock} clock\n")
     print("| model | implementation | prefill tok/s | decode tok/s | peak MLX memory GB "
           "| prefill vs mlx-lm | decode vs mlx-lm |")
     print("|---|---|---:|---:|---:|---:|---:|")

@@ -1,4 +1,5 @@
-"""Text generation: `generate`, `stream_generate`, `batch_generate` and `python -m mlx_mamba.generate`.
+"""Text generation: `generate`, `stream_generate`, `batch_generate`, and the command line
+`python -m mlx_mamba.generate`.
 
 The prompt goes through the parallel forward in chunks (see prompt_cache.prefill), then tokens
 are decoded one at a time with `model.step`, O(1) time and memory per token. The tokenizer can be

@@ -77,7 +77,8 @@ def state_config(config):
 
 
 def config_hash(config):
-    return hashlib.sha256(json.dumps(state_config(config), sort_keys=True).encode()).hexdigest()[:16]
+    text = json.dumps(state_config(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def save_prompt_cache(file, prompt_cache, model, model_name=""):
@@ -137,5 +138,6 @@ def _differences(saved_json, config):
     except (TypeError, json.JSONDecodeError):
         return "its recorded config is unreadable"
     ours = state_config(config)
-    diffs = [f"{k} {saved.get(k)!r} there, {ours[k]!r} here" for k in ours if saved.get(k) != ours[k]]
+    diffs = [f"{k} {saved.get(k)!r} there, {ours[k]!r} here"
+             for k in ours if saved.get(k) != ours[k]]
     return "; ".join(diffs) or "config hash differs"

@@ -31,7 +31,7 @@ def check_settings(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=N
 
 
 def apply_top_k(logits, k):
-    """Keep the k largest logits of each row (exactly k, ties broken arbitrarily), -inf elsewhere."""
+    """Keep the k largest logits per row (exactly k; ties broken arbitrarily), -inf elsewhere."""
     if k >= logits.shape[-1]:
         return logits
     dropped = mx.argpartition(-logits, k - 1, axis=-1)[..., k:]
@@ -39,7 +39,7 @@ def apply_top_k(logits, k):
 
 
 def apply_top_p(logits, p):
-    """Keep the smallest set of most likely tokens whose probability mass reaches p, -inf elsewhere."""
+    """Keep the smallest set of most likely tokens whose mass reaches p, -inf elsewhere."""
     order = mx.argsort(-logits, axis=-1)
     probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
     keep_sorted = (mx.cumsum(probs, axis=-1) - probs) < p  # the mass before a token is short of p

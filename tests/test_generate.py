@@ -148,6 +148,14 @@ def test_seeded_sampler_is_reproducible_and_greedy_is_argmax():
     assert make_sampler(0.0)(logits).item() == int(np.argmax(np.array(logits)))
 
 
+def test_empty_prompt_and_foreign_token_ids_are_refused(models):
+    model, _ = models["mamba2"]
+    with pytest.raises(GenerationError, match="prompt is empty"):
+        next(stream_generate(model, IdTokenizer(), ""))
+    with pytest.raises(GenerationError, match="token id 100 is outside the model's vocabulary"):
+        batch_generate(model, IdTokenizer(), [[1], [2, 100]])
+
+
 @pytest.mark.parametrize("settings", [dict(temp=-0.1), dict(top_p=0.0), dict(top_p=1.5),
                                       dict(top_k=-1), dict(min_p=1.5), dict(temp=math.nan),
                                       dict(repetition_penalty=0.0)])
@@ -348,7 +356,8 @@ def test_cli_applies_the_chat_template(cli_model, tmp_path, capsys):
     for file in cli_model.iterdir():
         (templated / file.name).write_bytes(file.read_bytes())
     config = json.loads((templated / "tokenizer_config.json").read_text())
-    config["chat_template"] = "{% for m in messages %}<{{ m.role }}> {{ m.content }}{% endfor %} <bot>"
+    config["chat_template"] = ("{% for m in messages %}<{{ m.role }}> {{ m.content }}{% endfor %}"
+                               " <bot>")
     (templated / "tokenizer_config.json").write_text(json.dumps(config))
     assert main(["--model", str(templated), "--prompt", "hi", "-m", "2", "--verbose"]) == 0
     assert "<user> hi <bot>" in capsys.readouterr().err
