@@ -1,0 +1,73 @@
+"""Config parsing from every flavour, and errors that name the field."""
+
+import json
+import math
+
+import pytest
+
+from mlx_mamba.config import ConfigError, ModelConfig, load_config
+
+ORIGINAL_MAMBA1 = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {},
+                   "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+                   "pad_vocab_size_multiple": 8}
+ORIGINAL_MAMBA2 = {"d_model": 1024, "d_intermediate": 0, "n_layer": 48, "vocab_size": 50277,
+                   "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {},
+                   "rms_norm": True, "residual_in_fp32": True, "fused_add_norm": True,
+                   "pad_vocab_size_multiple": 16, "tie_embeddings": True}
+
+
+def test_original_mamba1_defaults():
+    c = ModelConfig.from_dict(ORIGINAL_MAMBA1)
+    assert (c.arch, c.vocab_size, c.d_state, c.d_conv, c.expand, c.dt_rank) == \
+        ("mamba1", 50280, 16, 4, 2, 48)
+    assert c.tie_embeddings and c.model_type == "mamba"
+
+
+def test_original_mamba2_defaults():
+    c = ModelConfig.from_dict(ORIGINAL_MAMBA2)
+    assert (c.arch, c.vocab_size, c.d_state, c.head_dim, c.n_groups, c.chunk_size) == \
+        ("mamba2", 50288, 128, 64, 1, 256)
+    assert c.n_heads == 32 and c.dt_limit == (0.0, math.inf)
+
+
+def test_transformers_round_trip():
+    for c in (ModelConfig.from_dict(ORIGINAL_MAMBA1), ModelConfig.from_dict(ORIGINAL_MAMBA2)):
+        assert ModelConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_transformers_infinity_and_falcon():
+    c = ModelConfig.from_dict({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2,
+                               "vocab_size": 10, "num_heads": 2, "head_dim": 64, "n_groups": 2,
+                               "time_step_limit": [0.0, {"__float__": "Infinity"}]})
+    assert c.dt_limit == (0.0, math.inf)
+    f = ModelConfig.from_dict({"model_type": "falcon_mamba", "hidden_size": 64,
+                               "num_hidden_layers": 2, "vocab_size": 10})
+    assert f.mixer_rms_eps == 1e-6 and f.model_type == "falcon_mamba"
+
+
+@pytest.mark.parametrize("config,field", [
+    ({"model_type": "llama", "hidden_size": 8}, "model_type"),
+    ({"model_type": "mamba", "num_hidden_layers": 2, "vocab_size": 10}, "hidden_size"),
+    ({"model_type": "mamba", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10,
+      "intermediate_size": 100}, "intermediate_size"),
+    ({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10,
+      "num_heads": 3, "head_dim": 64}, "num_heads"),
+    ({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10,
+      "num_heads": 4, "head_dim": 32, "n_groups": 3}, "n_groups"),
+    (dict(ORIGINAL_MAMBA1, ssm_cfg={"layer": "Mamba3"}), "ssm_cfg.layer"),
+    (dict(ORIGINAL_MAMBA2, d_intermediate=512), "d_intermediate"),
+    (dict(ORIGINAL_MAMBA2, attn_layer_idx=[3]), "attn_layer_idx"),
+    (dict(ORIGINAL_MAMBA1, ssm_cfg={"frobnicate": 1}), "ssm_cfg.frobnicate"),
+    ({"hello": 1}, "model_type"),
+])
+def test_errors_name_the_field(config, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        ModelConfig.from_dict(config)
+
+
+def test_load_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match="config.json"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError, match="no config.json"):
+        load_config(tmp_path / "missing")

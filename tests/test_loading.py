@@ -1,0 +1,84 @@
+"""`mlx_mamba.load` on real files: originals without running pickled code, the hub path, dtypes,
+and errors that name the file or tensor."""
+
+import io
+import pickle
+import shutil
+import zipfile
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mlx_mamba
+from mlx_mamba.checkpoint import CheckpointError, load_torch_bin
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (shutil.rmtree, ("/definitely/not/here",))
+
+
+def test_torch_bin_refuses_code(tmp_path):
+    buffer = io.BytesIO()
+    pickle.dump({"weight": _Exploit()}, buffer)
+    file = tmp_path / "pytorch_model.bin"
+    with zipfile.ZipFile(file, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+    with pytest.raises(CheckpointError, match="refusing to load 'shutil.rmtree'"):
+        load_torch_bin(file)
+
+
+def test_torch_bin_reads_strided_and_half_tensors(tmp_path):
+    torch = pytest.importorskip("torch")
+    base = torch.randn(4, 6)
+    tensors = {"t": base.t(), "row": base[2], "half": base.half(), "bf16": base.bfloat16()}
+    torch.save(tensors, tmp_path / "x.bin")
+    loaded = load_torch_bin(tmp_path / "x.bin")
+    for name, tensor in tensors.items():
+        expected = tensor.float().numpy()
+        assert np.array_equal(np.array(loaded[name].astype(mx.float32)), expected), name
+    assert loaded["bf16"].dtype == mx.bfloat16 and loaded["half"].dtype == mx.float16
+
+
+def test_hub_repo_id_goes_through_snapshot_download(checkpoint, monkeypatch):
+    directory, _ = checkpoint("mamba2")
+    calls = []
+
+    def fake_download(repo_id, allow_patterns=None, **kwargs):
+        calls.append((repo_id, allow_patterns))
+        return str(directory)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
+    model, tokenizer = mlx_mamba.load("state-spaces/mamba2-tiny")
+    assert calls and calls[0][0] == "state-spaces/mamba2-tiny"
+    assert "*.safetensors" in calls[0][1] and "pytorch_model*.bin" in calls[0][1]
+    assert model.config.arch == "mamba2" and tokenizer is None
+
+
+def test_dtype_keeps_ssm_parameters_float32(checkpoint):
+    directory, _ = checkpoint("mamba1")
+    model, _ = mlx_mamba.load(directory, dtype=mx.bfloat16)
+    mixer = model.backbone.layers[0].mixer
+    assert mixer.in_proj.weight.dtype == mx.bfloat16
+    assert mixer.A_log.dtype == mixer.D.dtype == mx.float32
+    reference, _ = mlx_mamba.load(directory)
+    ids = mx.array([[1, 2, 3, 4, 5, 6]])
+    low, high = model(ids).astype(mx.float32), reference(ids)
+    assert float(mx.abs(low - high).max()) < 0.05 * float(mx.abs(high).max())
+
+
+def test_missing_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        mlx_mamba.load(tmp_path / "nope")
+
+
+def test_wrong_shape_names_the_tensor(checkpoint, tmp_path):
+    directory, _ = checkpoint("mamba1")
+    target = tmp_path / "broken"
+    shutil.copytree(directory, target)
+    weights = mx.load(str(target / "model.safetensors"))
+    weights["backbone.layers.1.mixer.D"] = mx.zeros((3,))
+    mx.save_safetensors(str(target / "model.safetensors"), weights)
+    with pytest.raises(CheckpointError, match=r"backbone.layers.1.mixer.D.*\(3,\).*\(64,\)"):
+        mlx_mamba.load(target)
