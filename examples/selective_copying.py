@@ -5,8 +5,8 @@ tokens at random positions; then `--tokens` marker tokens, at which the model mu
 data tokens in their order. Because the gaps between data tokens vary, a fixed (time-invariant)
 convolution or recurrence cannot solve it: the model has to decide from each input whether to
 store it, which is what the input-dependent Δ, B and C of a selective SSM allow. The defaults
-are a miniature that trains in minutes on a CPU; the paper copies 16 tokens out of 4096 positions
-(`--length 4096 --tokens 16 --vocab 14`, for a GPU and many more steps).
+are a miniature that trains in minutes on a CPU; the paper's version copies 16 tokens out of
+4096 positions (raise `--length` and `--tokens` on a GPU, with many more steps).
 
     python examples/selective_copying.py --arch mamba2
     python examples/selective_copying.py --arch mamba1
