@@ -2,6 +2,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# torch's threads and MLX's would compete for CI's two cores; one torch thread is much faster.
+torch.set_num_threads(1)
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -1,0 +1,112 @@
+"""Merge trained adapters into their model and save a model directory that `mlx_mamba.load` reads.
+
+    python -m mlx_mamba.fuse --model M --adapter-path adapters --save-path fused [--de-quantize]
+
+OUT gets config.json (the transformers form, with a `quantization` entry while the model stays
+quantized), model.safetensors (transformers tensor names and layouts) and the tokenizer files.
+"""
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .loader import load_model, resolve
+from .tuner.adapters import AdapterError, load_adapters, replace_atomically
+from .tuner.lora import LoRALinear, dense_weight, fuse_linear
+
+TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+                   "merges.txt", "*.model", "*.model.v3", "*.tiktoken", "chat_template*"]
+
+
+def _replace_modules(model, replacement):
+    # replacement(module) -> a new module or None; applied to every leaf module in place.
+    updates = [(name, new) for name, module in model.named_modules()
+               if (new := replacement(module)) is not None]
+    model.update_modules(tree_unflatten(updates))
+
+
+def fuse_adapters(model, dequantize=False):
+    """Replace every LoRA/DoRA layer by the plain layer it equals, in place."""
+    _replace_modules(model, lambda m: fuse_linear(m, dequantize)
+                     if isinstance(m, LoRALinear) else None)
+    return model
+
+
+def dequantize_model(model):
+    """Replace quantized linear and embedding layers by float ones, in place."""
+    def dense(module):
+        if isinstance(module, nn.QuantizedLinear):
+            bias = module.get("bias")
+            weight = dense_weight(module).astype(module.scales.dtype)
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+            layer.update({"weight": weight, **({"bias": bias} if bias is not None else {})})
+            return layer
+        if isinstance(module, nn.QuantizedEmbedding):
+            weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
+                                   module.group_size, module.bits, module.mode)
+            layer = nn.Embedding(*weight.shape)
+            layer.weight = weight.astype(module.scales.dtype)
+            return layer
+        return None
+
+    _replace_modules(model, dense)
+    model.config.quantization = None
+    return model
+
+
+def save_model(model, source, save_path):
+    """config.json, model.safetensors and the tokenizer files of `source` into `save_path`."""
+    save_path = Path(save_path)
+    save_path.mkdir(parents=True, exist_ok=True)
+    weights = {}
+    for name, value in tree_flatten(model.parameters()):
+        if name.endswith("conv1d.weight"):
+            value = value.swapaxes(1, 2)  # MLX (C, K, 1) -> transformers (C, 1, K)
+        weights[name] = value
+    replace_atomically(save_path / "model.safetensors",
+                       lambda f: mx.save_safetensors(str(f), weights, metadata={"format": "mlx"}))
+    replace_atomically(save_path / "config.json",
+                       lambda f: f.write_text(json.dumps(model.config.to_dict(), indent=2)))
+    for pattern in TOKENIZER_FILES:
+        for file in Path(source).glob(pattern):
+            if file.is_file():
+                shutil.copy2(file, save_path / file.name)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m mlx_mamba.fuse",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
+    parser.add_argument("--adapter-path", default="adapters",
+                        help="directory with adapters.safetensors and adapter_config.json")
+    parser.add_argument("--save-path", default="fused_model", help="output directory")
+    parser.add_argument("--de-quantize", action="store_true",
+                        help="save a float model (drops the config's quantization entry)")
+    args = parser.parse_args(argv)
+    try:
+        source = resolve(args.model)
+        print("Loading pretrained model", flush=True)
+        model = load_model(source)
+        print(f"Loading adapters from {args.adapter_path}", flush=True)
+        load_adapters(model, args.adapter_path)
+        fuse_adapters(model, args.de_quantize)
+        if args.de_quantize:
+            dequantize_model(model)
+        save_model(model, source, args.save_path)
+    except (AdapterError, CheckpointError, ConfigError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"Saved the fused model to {args.save_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

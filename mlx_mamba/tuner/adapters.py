@@ -1,0 +1,152 @@
+"""Which parameters train, and the adapter files: `adapters.safetensors` + `adapter_config.json`.
+
+An adapter config is a dict: fine_tune_type ("lora", "dora" or "full"), num_layers (the last N
+residual blocks; -1 for all; by default 16, or all when fewer), lora_parameters {rank, scale,
+dropout, keys} and train_ssm_params. The same dict, saved next to the weights, rebuilds the
+adapted model for resuming, testing and fusing.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from .lora import DoRALinear, LoRALinear
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+# The projections that LoRA adapts when no keys are given.
+DEFAULT_KEYS = {"mamba1": ["in_proj", "x_proj", "dt_proj", "out_proj"],
+                "mamba2": ["in_proj", "out_proj"]}
+# The SSM's own parameters, trained by full fine-tuning and optionally next to LoRA.
+SSM_PARAMETERS = ["A_log", "D", "dt_bias"]
+
+
+class AdapterError(ValueError):
+    """Adapter files or settings that do not fit; the message names the file or setting."""
+
+
+def adapted_layers(model, num_layers):
+    layers = model.backbone.layers
+    if num_layers == -1:
+        return layers
+    if not 0 < num_layers <= len(layers):
+        raise AdapterError(f"num_layers {num_layers}: the model has {len(layers)} layers "
+                           "(use -1 for all)")
+    return layers[-num_layers:]
+
+
+def apply_adapters(model, config):
+    """Freeze `model` and make the parameters that `config` trains trainable, in place."""
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora", "full"):
+        raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
+    model.freeze()
+    layers = adapted_layers(model, config.get("num_layers", min(16, model.config.n_layer)))
+    if kind == "full":
+        if any(isinstance(m, nn.QuantizedLinear) for l in layers for _, m in l.named_modules()):
+            raise AdapterError("full fine-tuning needs a float model: this one is quantized (use "
+                               "lora or dora, or fine-tune the unquantized model)")
+        for layer in layers:
+            layer.unfreeze()
+        return model
+    lora = config.get("lora_parameters", {})
+    keys = lora.get("keys") or DEFAULT_KEYS[model.config.arch]
+    rank, scale, dropout = lora.get("rank", 8), lora.get("scale", 20.0), lora.get("dropout", 0.0)
+    if not isinstance(rank, int) or rank < 1:
+        raise AdapterError(f"LoRA rank {rank!r}: expected a positive integer")
+    if not 0.0 <= dropout < 1.0:
+        raise AdapterError(f"LoRA dropout {dropout!r}: expected a probability in [0, 1)")
+    cls = DoRALinear if kind == "dora" else LoRALinear
+    for layer in layers:
+        mixer = layer.mixer
+        for key in keys:
+            if key not in mixer:
+                known = ", ".join(DEFAULT_KEYS[model.config.arch])
+                raise AdapterError(f"LoRA key {key!r}: a {model.config.arch} mixer has no such "
+                                   f"projection (it has {known})")
+            setattr(mixer, key, cls(getattr(mixer, key), rank, scale, dropout))
+        if config.get("train_ssm_params", False):
+            mixer.unfreeze(recurse=False, keys=SSM_PARAMETERS)
+            mixer.conv1d.unfreeze()
+            if "dt_proj" in mixer:  # Mamba1 keeps its dt bias in dt_proj (inside a LoRA layer too)
+                mixer.dt_proj.unfreeze(keys=["bias"])
+    return model
+
+
+def trainable_weights(model):
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def load_adapter_weights(model, file):
+    """Load a saved adapter file into an adapted model; every tensor must fit a trainable one."""
+    file = Path(file)
+    if not file.is_file():
+        raise AdapterError(f"{file}: adapter file not found")
+    try:
+        weights = mx.load(str(file))
+    except Exception as e:  # MLX raises bare RuntimeError/ValueError on a damaged file
+        raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
+    expected = trainable_weights(model)
+    for name, value in weights.items():
+        if name not in expected:
+            raise AdapterError(f"{file}: tensor {name!r} is not a trainable parameter of this "
+                               "model and adapter config")
+        if value.shape != expected[name].shape:
+            raise AdapterError(f"{file}: tensor {name!r} has shape {tuple(value.shape)}, the "
+                               f"model expects {tuple(expected[name].shape)}")
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise AdapterError(f"{file}: missing tensor {missing[0]!r}")
+    model.load_weights(list(weights.items()), strict=False)
+    return model
+
+
+def read_adapter_config(adapter_path):
+    file = Path(adapter_path) / CONFIG_FILE
+    if not file.is_file():
+        raise AdapterError(f"{file}: adapter config not found")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise AdapterError(f"{file}: not valid JSON ({e})") from None
+
+
+def load_adapters(model, adapter_path):
+    """Adapt `model` as saved in `adapter_path` and load the adapter weights, in place."""
+    apply_adapters(model, read_adapter_config(adapter_path))
+    return load_adapter_weights(model, Path(adapter_path) / ADAPTER_FILE)
+
+
+def replace_atomically(path, write):
+    """Call write(temporary path), then move the result over `path`: an interrupted write never
+    leaves a damaged `path` behind. The temporary name keeps the suffix (MLX appends one)."""
+    path = Path(path)
+    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    try:
+        write(temporary)
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def save_adapters(model, adapter_path, config, iteration=None):
+    """Write the trainable weights and the config into `adapter_path`; with `iteration`, also a
+    numbered copy (0000100_adapters.safetensors) that later saves do not overwrite."""
+    adapter_path = Path(adapter_path)
+    adapter_path.mkdir(parents=True, exist_ok=True)
+    weights = trainable_weights(model)
+    replace_atomically(adapter_path / CONFIG_FILE,
+                       lambda f: f.write_text(json.dumps(config, indent=2, default=str)))
+    files = [adapter_path / ADAPTER_FILE]
+    if iteration is not None:
+        files.append(adapter_path / f"{iteration:07d}_{ADAPTER_FILE}")
+    for file in files:
+        replace_atomically(file, lambda f: mx.save_safetensors(str(f), weights))
+    return files

@@ -1,0 +1,268 @@
+"""The Metal and CUDA scan kernels, run on the CPU by the emulator in tests/metal_emulator.
+
+Every op goes through the public dispatch with backend="metal" or "cuda"; the package builds its
+kernels with mx.fast.metal_kernel / mx.fast.cuda_kernel, which the harness replaces with emulated
+kernels that compile the exact text MLX would compile. Float32 results must match the pure-MLX
+reference and the float64 loops to 1e-5 of the result's scale (max |ref|, at least 1).
+"""
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import float64_reference as f64
+from metal_emulator import harness
+from mlx_mamba import ops
+from mlx_mamba.ops import kernel_ops, kernel_source
+
+pytestmark = pytest.mark.skipif(harness.compiler() is None,
+                                reason="g++ is missing: the kernel emulator compiles kernels with it")
+TOL = 1e-5
+
+
+@pytest.fixture(params=["metal", "cuda"])
+def backend(request, monkeypatch):
+    harness.install(monkeypatch)
+    kernel_ops._kernel.cache_clear()
+    yield request.param
+    kernel_ops._kernel.cache_clear()
+
+
+def err(a, ref):
+    a, ref = np.array(a.astype(mx.float32), np.float64), np.asarray(ref, np.float64)
+    assert a.shape == ref.shape, (a.shape, ref.shape)
+    return float(np.abs(a - ref).max() / max(1.0, np.abs(ref).max()))
+
+
+def f64_of(x):
+    return None if x is None else np.array(x.astype(mx.float32), np.float64)
+
+
+def mamba1_inputs(b, L, D, N, dtype=mx.float32, options=True):
+    # u, delta, z (b, L, D); A (D, N); B, C (b, L, N); D, bias (D,); state (b, D, N)
+    mx.random.seed(1)
+    r = lambda *s: mx.random.normal(s)  # noqa: E731
+    x = dict(u=r(b, L, D), delta=r(b, L, D) * 0.5, A=-mx.exp(r(D, N)), B=r(b, L, N), C=r(b, L, N))
+    if not options:
+        x["delta"] = mx.abs(x["delta"])
+        return {k: v.astype(dtype) if k != "A" else v for k, v in x.items()}
+    x.update(D=r(D), z=r(b, L, D), delta_bias=r(D) * 0.1, delta_softplus=True, state=r(b, D, N))
+    return {k: v.astype(dtype) if k in ("u", "delta", "B", "C", "z") else v for k, v in x.items()}
+
+
+def mamba2_inputs(b, L, H, P, G, N, options=True, dt_limit=(0.0, math.inf)):
+    # x, z (b, L, H, P); dt (b, L, H); A, D, dt_bias (H,); B, C (b, L, G, N); states (b, H, P, N)
+    mx.random.seed(2)
+    r = lambda *s: mx.random.normal(s)  # noqa: E731
+    x = dict(x=r(b, L, H, P), dt=mx.abs(r(b, L, H)) * 0.5, A=-mx.exp(r(H)), B=r(b, L, G, N),
+             C=r(b, L, G, N), dt_limit=dt_limit)
+    if options:
+        x.update(D=r(H), z=r(b, L, H, P), dt_bias=r(H) * 0.1, dt_softplus=True,
+                 initial_states=r(b, H, P, N))
+    return x
+
+
+M1 = dict(b=2, L=37, D=12, N=12)  # N: 16 lanes, 12 used; 4 channels (2 simdgroups) a threadgroup
+M2 = dict(b=2, L=71, H=8, P=5, G=2, N=12)  # two chunks of 64 steps; 2 groups of 4 heads
+M2_WIDE = dict(b=1, L=37, H=4, P=3, G=2, N=40)  # 2 states a lane, chunks of 16 steps
+
+
+@pytest.mark.parametrize("options", [True, False])
+def test_selective_scan(backend, options):
+    # Without options: 5 channels, so a threadgroup is one channel of 16 lanes (a partial simdgroup).
+    x = mamba1_inputs(**(M1 if options else dict(M1, D=5)), options=options)
+    y, last = ops.selective_scan(**x, return_last_state=True, backend=backend)
+    y_ref, last_ref = ops.selective_scan(**x, return_last_state=True, backend="reference")
+    y64, last64 = f64.selective_scan(**{k: f64_of(v) if k != "delta_softplus" else v for k, v in x.items()})
+    assert y.dtype == mx.float32 and last.dtype == mx.float32
+    assert max(err(y, y_ref), err(last, last_ref), err(y, y64), err(last, last64)) < TOL
+
+
+@pytest.mark.parametrize("shape, options, dt_limit", [
+    (M2, True, (0.05, 1.5)), (M2_WIDE, False, (0.0, math.inf))], ids=["groups-limit", "wide-N"])
+def test_ssd(backend, shape, options, dt_limit):
+    x = mamba2_inputs(**shape, options=options, dt_limit=dt_limit)
+    y, last = ops.ssd(**x, chunk_size=16, return_final_states=True, backend=backend)
+    y_ref, last_ref = ops.ssd(**x, chunk_size=16, return_final_states=True, backend="reference")
+    y64, last64 = f64.ssd(**{k: f64_of(v) if isinstance(v, mx.array) else v for k, v in x.items()})
+    assert max(err(y, y_ref), err(last, last_ref), err(y, y64), err(last, last64)) < TOL
+    assert y.shape == x["x"].shape and last.shape == (shape["b"], shape["H"], shape["P"], shape["N"])
+
+
+def test_steps(backend):
+    x = mamba1_inputs(**M1)
+    args = dict(state=x["state"], u=x["u"][:, 0], delta=x["delta"][:, 0], A=x["A"], B=x["B"][:, 0],
+                C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0], delta_bias=x["delta_bias"], delta_softplus=True)
+    got = ops.selective_scan_step(**args, backend=backend)
+    ref = ops.selective_scan_step(**args, backend="reference")
+    assert max(err(g, r) for g, r in zip(got, ref)) < TOL
+    x = mamba2_inputs(**M2, dt_limit=(0.05, 1.5))
+    args = dict(state=x["initial_states"], x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0],
+                C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0], dt_bias=x["dt_bias"], dt_softplus=True,
+                dt_limit=x["dt_limit"])
+    got = ops.ssd_step(**args, backend=backend)
+    ref = ops.ssd_step(**args, backend="reference")
+    assert max(err(g, r) for g, r in zip(got, ref)) < TOL
+
+
+def _grads(fn, inputs, names, weights):
+    def loss(*arrays):
+        y, last = fn(**dict(zip(names, arrays)))
+        return (y * weights[0]).sum() + (last * weights[1]).sum()
+    return mx.grad(loss, argnums=tuple(range(len(names))))(*(inputs[k] for k in names))
+
+
+@pytest.mark.parametrize("model", ["mamba1", "mamba2"])
+def test_gradients(backend, model):
+    if model == "mamba1":
+        x = mamba1_inputs(**M1)
+        names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "state"]
+        run = lambda be: lambda **a: ops.selective_scan(  # noqa: E731
+            **a, delta_softplus=True, return_last_state=True, backend=be)
+        shapes = [(M1["b"], M1["L"], M1["D"]), (M1["b"], M1["D"], M1["N"])]
+    else:
+        x = mamba2_inputs(**M2, dt_limit=(0.05, 1.5))
+        names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+        run = lambda be: lambda **a: ops.ssd(  # noqa: E731
+            **a, chunk_size=16, dt_softplus=True, dt_limit=(0.05, 1.5), return_final_states=True, backend=be)
+        s = M2
+        shapes = [(s["b"], s["L"], s["H"], s["P"]), (s["b"], s["H"], s["P"], s["N"])]
+    mx.random.seed(3)
+    weights = [mx.random.normal(sh) for sh in shapes]
+    got = _grads(run(backend), x, names, weights)
+    ref = _grads(run("reference"), x, names, weights)
+    errors = {n: err(g, r) for n, g, r in zip(names, got, ref)}
+    assert max(errors.values()) < TOL, errors
+
+
+@pytest.mark.parametrize("dtype", [mx.float16, mx.bfloat16])
+def test_half_inputs(backend, dtype):
+    if dtype == mx.bfloat16 and backend == "cuda":
+        pytest.skip("bfloat16 runs the same body as float16: checked on Metal only, to save time")
+    x = mamba1_inputs(**M1, dtype=dtype)
+    y, last = ops.selective_scan(**x, return_last_state=True, backend=backend)
+    y64, last64 = f64.selective_scan(**{k: f64_of(v) if k != "delta_softplus" else v for k, v in x.items()})
+    assert y.dtype == dtype and last.dtype == mx.float32
+    # The inputs are exact in float64; only y's final rounding and float32 accumulation differ.
+    assert err(y, y64) < (4e-3 if dtype == mx.float16 else 2e-2) and err(last, last64) < 1e-5
+
+
+def test_kernels_built_once(backend):
+    harness.BUILT.clear()
+    x = mamba1_inputs(**M1)
+    for _ in range(2):
+        ops.selective_scan(**x, backend=backend)
+        _grads(lambda **a: ops.selective_scan(**a, return_last_state=True, backend=backend),
+               x, ["u", "delta", "A", "B", "C"], [mx.ones((2, 37, 12)), mx.ones((2, 12, 12))])
+    built = [b for b in harness.BUILT if b[0] == backend]
+    assert len(built) == len(set(built)) == 2
+
+
+def test_import_builds_nothing():
+    import importlib
+    kernel_ops._kernel.cache_clear()
+    for name in ("metal", "cuda"):
+        importlib.import_module(f"mlx_mamba.ops.{name}")
+    assert kernel_ops._kernel.cache_info().currsize == 0
+
+
+def test_launch_matches_mlx_conventions(backend):
+    """The text built from what the package passed carries MLX's signature for that backend."""
+    ops.selective_scan(**mamba1_inputs(**M1), backend=backend)
+    launch = harness.LAUNCHES[-1]
+    assert launch["grid"] == (M1["D"] * 16, M1["b"], 1) and launch["threadgroup"] == (64, 1, 1)
+    if backend == "metal":
+        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_4_64_float_" in launch["text"]
+        assert "const constant int32_t* params [[buffer(9)]]" in launch["text"]
+        assert "uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]]" in launch["text"]
+    else:
+        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_4_64(" in launch["text"]
+        assert "  using T = float;\n  constexpr int S = 16;" in launch["text"]
+
+
+# Mutants of the kernel bodies that the harness must catch: it is only worth what it detects.
+MUTANTS = {
+    "no barrier after staging": ("      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    MM_SYNC();\n",
+                                 "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
+    "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
+    "wrong group of a head": ("g = head / HPG", "g = head % G"),
+    "an output never written": ("      if (lane == 0) {\n        float yv", "      if (lane == 0 && c > 0) {\n        float yv"),
+    "a write past the end": ("y[row * CH + c] =", "y[row * CH + c + 1] ="),
+    "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
+}
+
+
+@pytest.mark.parametrize("mutant", MUTANTS)
+def test_harness_catches_broken_kernels(mutant, monkeypatch):
+    harness.install(monkeypatch)
+    monkeypatch.setattr(harness.EmulatedKernel, "order", 1)  # reversed: a deterministic worst case
+    old, new = MUTANTS[mutant]
+    body = "bwd" if mutant.startswith("checkpoint") else "fwd"  # a bad checkpoint shows in gradients
+    assert old in kernel_source.FWD_BODY
+    monkeypatch.setitem(kernel_source.BODIES, "fwd", kernel_source.FWD_BODY.replace(old, new))
+    kernel_ops._kernel.cache_clear()
+    try:
+        x = mamba2_inputs(**M2)
+        names = ["x", "dt", "A", "B", "C"]
+        fn = lambda be: lambda **a: ops.ssd(**a, chunk_size=16, return_final_states=True, backend=be)  # noqa: E731
+        if body == "bwd":
+            w = [mx.ones(x["x"].shape), mx.ones(x["initial_states"].shape)]
+            got, ref = _grads(fn("metal"), x, names, w), _grads(fn("reference"), x, names, w)
+        else:
+            got = ops.ssd(**x, chunk_size=16, return_final_states=True, backend="metal")
+            ref = ops.ssd(**x, chunk_size=16, return_final_states=True, backend="reference")
+        worst = max(err(g, r) for g, r in zip(got, ref))
+        assert not worst < TOL, f"the mutant '{mutant}' passed"  # NaN counts as caught
+    except harness.EmulatorError:
+        pass
+    finally:
+        kernel_ops._kernel.cache_clear()
+
+
+TOY_METAL = """
+  threadgroup float stage[64];
+  const uint i = thread_position_in_grid.x, l = thread_index_in_simdgroup;
+  const float v = float(inp[i]);
+  stage[thread_index_in_threadgroup] = v;
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  const uint n = threads_per_threadgroup.x;
+  out[i * 8 + 0] = simd_sum(v);
+  out[i * 8 + 1] = simd_prefix_inclusive_sum(v);
+  out[i * 8 + 2] = simd_prefix_exclusive_sum(v);
+  out[i * 8 + 3] = simd_shuffle_down(v, 3);
+  out[i * 8 + 4] = simd_shuffle_up(v, 5);
+  out[i * 8 + 5] = simd_broadcast(v, 2);
+  out[i * 8 + 6] = simd_shuffle_xor(v, 1);
+  out[i * 8 + 7] = stage[(thread_index_in_threadgroup + 1) % n] + float(l) * 0.0f;
+"""
+
+
+def test_emulator_collectives(monkeypatch):
+    """simd collectives span 32 lanes (fewer in a cut edge group); threadgroup memory is shared."""
+    k = harness.EmulatedKernel("metal", "toy", ["inp"], ["out"], TOY_METAL)
+    n, tg = 70, 64  # groups of 64 and 6 threads: simdgroups of 32, 32 and 6 lanes
+    v = np.arange(1, n + 1, dtype=np.float32) ** 1.5
+    out = np.array(k(inputs=[mx.array(v)], output_shapes=[(n, 8)], output_dtypes=[mx.float32],
+                     grid=(n, 1, 1), threadgroup=(tg, 1, 1))[0])
+    want = np.zeros((n, 8), np.float32)
+    for s0 in range(0, n, 32):
+        lanes = v[s0:min(s0 + 32, (s0 // tg) * tg + tg, n)]
+        w = len(lanes)
+        for l in range(w):
+            i = s0 + l
+            g0, gn = (i // tg) * tg, min(tg, n - (i // tg) * tg)
+            want[i] = [lanes.sum(), lanes[:l + 1].sum(), lanes[:l].sum(), lanes[l + 3] if l + 3 < w else lanes[l],
+                       lanes[l - 5] if l >= 5 else lanes[l], lanes[2], lanes[l ^ 1], v[g0 + (i - g0 + 1) % gn]]
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_emulator_reports_divergent_barrier():
+    src = """
+      if (thread_position_in_grid.x % 2 == 0) threadgroup_barrier(mem_flags::mem_threadgroup);
+      out[thread_position_in_grid.x] = 1.0f;
+    """
+    k = harness.EmulatedKernel("metal", "divergent", ["inp"], ["out"], src)
+    with pytest.raises(harness.EmulatorError, match="deadlock"):
+        k(inputs=[mx.zeros((8,))], output_shapes=[(8,)], output_dtypes=[mx.float32], grid=(8, 1, 1),
+          threadgroup=(8, 1, 1))
