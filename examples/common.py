@@ -17,6 +17,10 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 def parser(description, *, steps, batch_size, lr, arch=None):
     """The flags every example has; the defaults are sized to finish in minutes on a laptop CPU."""
+    try:  # fail now rather than after minutes of training, when the loss curve is drawn
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit("the examples need matplotlib: pip install -e '.[examples]'") from None
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if arch is not None:
