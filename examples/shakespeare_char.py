@@ -20,7 +20,8 @@ import numpy as np
 from common import count_parameters, parser, save_loss_curve, train
 from mlx_mamba import Model, ModelConfig
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tinyshakespeare.txt"
+# The repository's shared data folder sits next to the checkout: ../shared/data from its root.
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 class CharTokenizer:
@@ -100,13 +101,15 @@ def main():
     starts = np.arange(min(256, (len(val_data) - 1) // args.seq_len)) * args.seq_len
     val_loss = np.mean([loss_fn(model, *windows(val_data, batch)).item()
                         for batch in np.array_split(starts, 8)])
-    save_loss_curve(losses, args.out / "shakespeare_char.png", "Character-level Mamba2, tinyshakespeare",
+    save_loss_curve(losses, args.out / "shakespeare_char.png",
+                    "Character-level Mamba2, tinyshakespeare",
                     extra={"validation": [(args.steps, val_loss)]})
     print(f"wall time {time.perf_counter() - start:.0f}s")
     print("-" * 40)
     print(sample(model, tokenizer, args.prompt, args.max_tokens, args.temp, args.seed))
     print("-" * 40)
-    print(f"shakespeare_char validation loss: {val_loss:.3f} nats, {val_loss / math.log(2):.3f} bits/char")
+    print(f"shakespeare_char validation loss: {val_loss:.3f} nats, "
+          f"{val_loss / math.log(2):.3f} bits/char")
 
 
 if __name__ == "__main__":
