@@ -44,13 +44,13 @@ def train(model, loss_fn, next_batch, args, log_every=25):
     warmup = max(1, args.steps // 20)
     schedule = optim.join_schedules(
         [optim.linear_schedule(0.0, args.lr, warmup),
-         optim.cosine_decay(args.lr, args.steps - warmup, args.lr / 10)], [warmup])
+         optim.cosine_decay(args.lr, max(1, args.steps - warmup), args.lr / 10)], [warmup])
     optimizer = optim.AdamW(learning_rate=schedule, weight_decay=0.01)
     loss_and_grad = nn.value_and_grad(model, loss_fn)
 
     def step(*batch):
         loss, grads = loss_and_grad(model, *batch)
-        # Clipping keeps the occasional spike (a large Δ early in training) from undoing progress.
+        # Clipping keeps one large gradient, common in the first steps, from undoing progress.
         grads, _ = optim.clip_grad_norm(grads, 1.0)
         optimizer.update(model, grads)
         return loss
