@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
@@ -87,12 +88,11 @@ def save_loss_curve(losses, path, title, extra=None):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     window = max(1, len(losses) // 50)
-    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
-              for i in range(len(losses))]
+    smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
     fig, ax = plt.subplots(figsize=(7, 4))
-    steps = range(1, len(losses) + 1)
+    steps = np.arange(1, len(losses) + 1)
     ax.plot(steps, losses, alpha=0.3, color="tab:blue", label="train loss")
-    ax.plot(steps, smooth, color="tab:blue", label=f"running mean ({window} steps)")
+    ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"running mean ({window} steps)")
     for label, points in (extra or {}).items():
         ax.plot(*zip(*points), "o-", label=label)
     ax.set(xlabel="step", ylabel="cross-entropy (nats)", title=title)
