@@ -25,6 +25,10 @@ class CheckpointError(ValueError):
 FLOAT32_PARAMETERS = ("A_log", "D", "dt_bias", "norm.weight", "norm_f.weight")
 
 
+# Weight files in order of preference: transformers safetensors, Mistral's, then torch's.
+WEIGHT_PATTERNS = ("model*.safetensors", "consolidated*.safetensors", "pytorch_model*.bin")
+
+
 def keeps_float32(name):
     return name.endswith(FLOAT32_PARAMETERS)
 
@@ -43,7 +47,7 @@ def weight_files(path):
             if missing:
                 raise CheckpointError(f"{path / missing[0]}: shard listed in {index_name} is missing")
             return [path / s for s in shards]
-    for pattern in ("model*.safetensors", "consolidated*.safetensors", "pytorch_model*.bin"):
+    for pattern in WEIGHT_PATTERNS:
         files = sorted(path.glob(pattern))
         if files:
             return files
@@ -163,11 +167,15 @@ def load_torch_bin(file):
 def to_model_names(weights, config: ModelConfig):
     """Rename and reshape foreign tensors to this package's parameters.
 
-    Original checkpoints name the embedding `backbone.embedding`; torch stores the depthwise conv
-    kernel as (C, 1, K) where MLX uses (C, K, 1); a tied head is dropped.
+    Original checkpoints name the embedding `backbone.embedding`; Mistral's consolidated files
+    put every name under `model.` (mistral_inference wraps mamba_ssm's model as `self.model`);
+    torch stores the depthwise conv kernel as (C, 1, K) where MLX uses (C, K, 1); a tied head is
+    dropped.
     """
     renamed = {}
     for name, value in weights.items():
+        if name.startswith(("model.backbone.", "model.lm_head.")):
+            name = name[len("model."):]
         name = name.replace("backbone.embedding.", "backbone.embeddings.")
         if name.endswith("conv1d.weight") and value.ndim == 3 and value.shape[1] == 1:
             value = value.swapaxes(1, 2)

@@ -86,15 +86,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config):
         """Parse any supported flavour; unknown or contradictory fields raise ConfigError."""
-        if "model_type" in config and "dim" not in config:
-            return _from_transformers(config)
-        if "d_model" in config or "ssm_cfg" in config:
-            return _from_state_spaces(config)
-        if "dim" in config and "n_layers" in config:
-            return _from_mistral(config)
-        raise ConfigError(
-            "unrecognised config: expected a transformers config ('model_type'), a state-spaces "
-            "config ('d_model', 'ssm_cfg') or a Mistral params.json ('dim', 'n_layers')")
+        parse = {"transformers": _from_transformers, "state-spaces": _from_state_spaces,
+                 "mistral": _from_mistral}[config_format(config)]
+        return parse(config)
 
     def to_dict(self):
         """The transformers form of this config (model_type mamba, mamba2 or falcon_mamba)."""
@@ -121,8 +115,10 @@ class ModelConfig:
         if self.arch == "mamba1":
             config["time_step_rank"] = self.dt_rank
         else:
+            # time_step_rank is unused by Mamba2, but transformers writes it and mlx-lm needs it.
             config.update(num_heads=self.n_heads, head_dim=self.head_dim, n_groups=self.n_groups,
-                          chunk_size=self.chunk_size, time_step_limit=list(self.dt_limit))
+                          chunk_size=self.chunk_size, time_step_limit=list(self.dt_limit),
+                          time_step_rank=math.ceil(self.d_model / 16))
         if self.mixer_rms_eps is not None:
             config["mixer_rms_eps"] = self.mixer_rms_eps
         if self.quantization is not None:
@@ -130,21 +126,42 @@ class ModelConfig:
         return config
 
 
-def load_config(path):
-    """The ModelConfig of a checkpoint directory (config.json, or Mistral's params.json)."""
+def config_format(config):
+    """Which flavour a raw config dict is: "transformers", "state-spaces" or "mistral"."""
+    if "model_type" in config and "dim" not in config:
+        return "transformers"
+    if "d_model" in config or "ssm_cfg" in config:
+        return "state-spaces"
+    if "dim" in config and "n_layers" in config:
+        return "mistral"
+    raise ConfigError(
+        "unrecognised config: expected a transformers config ('model_type'), a state-spaces "
+        "config ('d_model', 'ssm_cfg') or a Mistral params.json ('dim', 'n_layers')")
+
+
+def read_config(path):
+    """(file, raw dict) of a checkpoint directory's config.json, or else Mistral's params.json."""
     path = Path(path)
     for name in ("config.json", "params.json"):
         file = path / name
         if file.is_file():
             try:
                 config = json.loads(file.read_text())
-            except json.JSONDecodeError as e:
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{file}: not valid JSON ({e})") from None
-            try:
-                return ModelConfig.from_dict(config)
-            except ConfigError as e:
-                raise ConfigError(f"{file}: {e}") from None
+            if not isinstance(config, dict):
+                raise ConfigError(f"{file}: expected a JSON object")
+            return file, config
     raise ConfigError(f"{path}: no config.json or params.json")
+
+
+def load_config(path):
+    """The ModelConfig of a checkpoint directory (config.json, or Mistral's params.json)."""
+    file, config = read_config(path)
+    try:
+        return ModelConfig.from_dict(config)
+    except ConfigError as e:
+        raise ConfigError(f"{file}: {e}") from None
 
 
 def _as_float(value):
@@ -281,11 +298,18 @@ def _check_ssm_leftovers(ssm):
 
 
 def _from_mistral(config):
-    # Mamba-Codestral's params.json: Mamba2 with the mamba_ssm defaults, untied head.
+    # Mamba-Codestral's params.json (mistral_inference's MambaArgs): dim, n_layers, vocab_size,
+    # n_groups, rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple,
+    # tie_embeddings, model_type "mamba"; every other size is a mamba_ssm Mamba2 default.
+    if config.get("model_type", "mamba") != "mamba":
+        raise ConfigError(f"field 'model_type' is {config['model_type']!r}: only Mistral's Mamba "
+                          "params.json ('mamba') is supported")
+    if not config.get("rms_norm", True):
+        raise ConfigError("field 'rms_norm' is false: LayerNorm models are not supported")
     return ModelConfig(
         arch="mamba2",
-        d_model=config["dim"],
-        n_layer=config["n_layers"],
+        d_model=_require(config, "dim"),
+        n_layer=_require(config, "n_layers"),
         vocab_size=_padded_vocab(_require(config, "vocab_size"),
                                  config.get("pad_vocab_size_multiple", 1)),
         d_state=config.get("d_state", 128),

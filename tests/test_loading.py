@@ -52,7 +52,7 @@ def test_hub_repo_id_goes_through_snapshot_download(checkpoint, monkeypatch):
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_download)
     model, tokenizer = mlx_mamba.load("state-spaces/mamba2-tiny")
     assert calls and calls[0][0] == "state-spaces/mamba2-tiny"
-    assert "*.safetensors" in calls[0][1] and "pytorch_model*.bin" in calls[0][1]
+    assert "model*.safetensors" in calls[0][1] and "pytorch_model*.bin" not in calls[0][1]
     assert model.config.arch == "mamba2" and tokenizer is None
 
 

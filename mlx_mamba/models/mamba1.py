@@ -10,6 +10,14 @@ from ..cache import MambaCache
 from .conv import apply_mask, causal_conv1d
 
 
+def _without_bias(linear, x):
+    """x @ Wᵀ of a Linear or QuantizedLinear; the scan adds dt_proj's bias itself, in float32."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.quantized_matmul(x, linear.weight, linear.scales, linear.get("biases"), True,
+                                   linear.group_size, linear.bits, linear.mode)
+    return x @ linear.weight.T
+
+
 class Mamba1(nn.Module):
     """x (B, T, d_model) -> (B, T, d_model). Parameter names follow the transformers checkpoints."""
 
@@ -35,14 +43,14 @@ class Mamba1(nn.Module):
     def make_cache(self, batch_size=1):
         d_inner, width = self.conv1d.weight.shape[:2]
         return MambaCache.zeros(batch_size, width - 1, d_inner, (d_inner, self.d_state),
-                                self.in_proj.weight.dtype)
+                                self.conv1d.weight.dtype)  # never quantized
 
     def _ssm_inputs(self, x):
         # x (..., E) -> delta (..., E) before bias and softplus, B and C (..., N).
         delta, B, C = mx.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         if self.mixer_rms_eps is not None:
             delta, B, C = (mx.fast.rms_norm(v, None, self.mixer_rms_eps) for v in (delta, B, C))
-        return delta @ self.dt_proj.weight.T, B, C
+        return _without_bias(self.dt_proj, delta), B, C
 
     def __call__(self, x, cache=None, mask=None):
         """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""

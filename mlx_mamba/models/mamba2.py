@@ -52,7 +52,7 @@ class Mamba2(nn.Module):
         channels, width = self.conv1d.weight.shape[:2]
         return MambaCache.zeros(batch_size, width - 1, channels,
                                 (self.n_heads, self.head_dim, self.d_state),
-                                self.in_proj.weight.dtype)
+                                self.conv1d.weight.dtype)  # never quantized
 
     def _split(self, projected, window, mask=None):
         # projected (..., T, F) -> z (..., T, E), x (..., T, H, P), B, C (..., T, G, N), dt (..., T, H)

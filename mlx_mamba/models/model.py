@@ -47,8 +47,10 @@ class Model(nn.Module):
 
     def _run(self, input_ids, mix):
         # The residual stream stays in float32 (residual_in_fp32); mixers run in the weights' dtype.
-        hidden = self.backbone.embeddings(input_ids)
-        dtype = hidden.dtype
+        # The conv is never quantized: its dtype is the model's, whereas a quantized embedding
+        # dequantizes to bfloat16 in the fp4/fp8 modes.
+        dtype = self.backbone.layers[0].mixer.conv1d.weight.dtype
+        hidden = self.backbone.embeddings(input_ids).astype(dtype)
         residual = hidden.astype(mx.float32) if self.config.residual_in_fp32 else hidden
         for i, layer in enumerate(self.backbone.layers):
             residual = residual + mix(layer.mixer, layer.norm(residual).astype(dtype), i)

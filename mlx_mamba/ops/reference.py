@@ -14,6 +14,9 @@ import mlx.nn as nn
 # every block at once, then recurses over the blocks' end states.
 SCAN_BLOCK = 8
 
+# Tokens per segment of the Mamba1 scan (see `selective_scan`).
+SCAN_SEGMENT = 64
+
 LOG2_E = 1.4426950408889634
 
 # Longest SSD chunk of this path. The work within a chunk grows with its length, the work between
@@ -57,58 +60,65 @@ def _shift_blocks(x, first):
 def linear_scan(a, b, initial=None):
     """h_t = a_t * h_{t-1} + b_t along axis 1, h_{-1} = initial (zero when None).
 
-    a, b (B, L, ...) float32, a broadcastable to b. Returns (cumulative a, h), both (B, L, ...).
+    a, b (B, L, ...) float32, a broadcastable to b. Returns h (B, L, ...).
     Blockwise: within blocks of SCAN_BLOCK positions a short loop runs over all blocks at once;
     the blocks' end states are then scanned the same way, recursively, so the work is linear in L
     and the number of graph nodes grows with log L, not L. Only products of decays in [0, 1]
     appear, so strong and weak decay alike stay finite.
     """
-    length = b.shape[1]
     a = mx.broadcast_to(a, b.shape)
-    if length <= SCAN_BLOCK:
-        a_cum, h = _scan_loop(a, b)
-    else:
-        blocks = -(-length // SCAN_BLOCK)
-        pad = blocks * SCAN_BLOCK - length
-        if pad:
-            widths = [(0, 0), (0, pad)] + [(0, 0)] * (b.ndim - 2)
-            a = mx.pad(a, widths, constant_values=1.0)
-            b = mx.pad(b, widths)
-        shape = (b.shape[0], blocks, SCAN_BLOCK) + b.shape[2:]
-        a_in, h_in = _scan_loop(a.reshape(shape), b.reshape(shape), axis=2)
-        a_blocks, h_blocks = linear_scan(a_in[:, :, -1], h_in[:, :, -1])
-        a_carry = _shift_blocks(a_blocks, mx.ones_like(a_blocks[:, 0]))
-        h_carry = _shift_blocks(h_blocks, mx.zeros_like(h_blocks[:, 0]))
-        a_cum = (a_in * mx.expand_dims(a_carry, 2)).reshape(b.shape)[:, :length]
-        h = (h_in + a_in * mx.expand_dims(h_carry, 2)).reshape(b.shape)[:, :length]
     if initial is not None:
-        h = h + a_cum * mx.expand_dims(initial, 1)
-    return a_cum, h
+        # h_0 = a_0 h_{-1} + b_0: the initial state enters with the first input.
+        b = mx.concatenate([b[:, :1] + a[:, :1] * mx.expand_dims(initial, 1), b[:, 1:]], axis=1)
+    length = b.shape[1]
+    if length <= SCAN_BLOCK:
+        return _scan_loop(a, b)[1]
+    blocks = -(-length // SCAN_BLOCK)
+    pad = blocks * SCAN_BLOCK - length
+    if pad:
+        widths = [(0, 0), (0, pad)] + [(0, 0)] * (b.ndim - 2)
+        a = mx.pad(a, widths, constant_values=1.0)
+        b = mx.pad(b, widths)
+    shape = (b.shape[0], blocks, SCAN_BLOCK) + b.shape[2:]
+    a_in, h_in = _scan_loop(a.reshape(shape), b.reshape(shape), axis=2)
+    h_blocks = linear_scan(a_in[:, :, -1], h_in[:, :, -1])
+    h_carry = _shift_blocks(h_blocks, mx.zeros_like(h_blocks[:, 0]))
+    return (h_in + a_in * mx.expand_dims(h_carry, 2)).reshape(b.shape)[:, :length]
 
 
 def _scan_loop(a, b, axis=1):
-    a_cum, h = [mx.take(a, 0, axis)], [mx.take(b, 0, axis)]
+    # (cumulative product of a, h) along `axis` by a plain loop over its (few) positions.
+    at = lambda x, t: x[(slice(None),) * axis + (t,)]  # noqa: E731
+    a_cum, h = [at(a, 0)], [at(b, 0)]
     for t in range(1, a.shape[axis]):
-        a_t = mx.take(a, t, axis)
-        a_cum.append(a_cum[-1] * a_t)
-        h.append(h[-1] * a_t + mx.take(b, t, axis))
+        a_cum.append(a_cum[-1] * at(a, t))
+        h.append(h[-1] * at(a, t) + at(b, t))
     return mx.stack(a_cum, axis), mx.stack(h, axis)
 
 
 def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
                    state=None, return_last_state=False):
-    """Mamba1 scan. u, delta, z (B, L, D); A (D, N); B, C (B, L, N); state (B, D, N)."""
+    """Mamba1 scan. u, delta, z (B, L, D); A (D, N); B, C (B, L, N); state (B, D, N).
+
+    The (B, L, D, N) states exist only SCAN_SEGMENT tokens at a time: each segment is scanned in
+    parallel, contracted with C, and hands its last state to the next, so a long prefill needs
+    memory for one segment rather than for the whole sequence.
+    """
     delta = discretize_dt(delta, delta_bias, delta_softplus)  # (B, L, D)
     A = A.astype(mx.float32)
-    u32 = u.astype(mx.float32)
-    decay = exp(delta[..., None] * A)  # (B, L, D, N)
-    inputs = (delta * u32)[..., None] * B.astype(mx.float32)[:, :, None, :]
+    inputs = delta * u.astype(mx.float32)  # (B, L, D)
+    B, C = B.astype(mx.float32), C.astype(mx.float32)
     if state is not None:
         state = state.astype(mx.float32)
-    _, h = linear_scan(decay, inputs, state)  # (B, L, D, N)
-    y = (h * C.astype(mx.float32)[:, :, None, :]).sum(-1)  # (B, L, D)
-    y = _gate(y, D, u, z).astype(u.dtype)
-    return (y, h[:, -1]) if return_last_state else y
+    ys = []
+    for start in range(0, u.shape[1], SCAN_SEGMENT):
+        part = slice(start, start + SCAN_SEGMENT)
+        decay = exp(delta[:, part, :, None] * A)  # (B, S, D, N)
+        h = linear_scan(decay, inputs[:, part, :, None] * B[:, part, None, :], state)
+        ys.append((h * C[:, part, None, :]).sum(-1))  # (B, S, D)
+        state = h[:, -1]
+    y = _gate(mx.concatenate(ys, axis=1), D, u, z).astype(u.dtype)
+    return (y, state) if return_last_state else y
 
 
 def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -190,7 +200,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     if initial_states is not None:
         initial_states = initial_states.astype(mx.float32).reshape(
             batch, groups, per_group, head_dim, d_state)
-    _, end_states = linear_scan(chunk_decay, chunk_states, initial_states)
+    end_states = linear_scan(chunk_decay, chunk_states, initial_states)
     entering = _shift_blocks(
         end_states,
         initial_states if initial_states is not None else mx.zeros_like(end_states[:, 0]))

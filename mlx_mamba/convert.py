@@ -1,0 +1,330 @@
+"""Convert a Mamba checkpoint of any flavour to MLX safetensors, optionally quantized.
+
+    python convert.py --hf-path state-spaces/mamba-130m --mlx-path mamba-130m-4bit -q
+
+Sources: a local directory or a hub repo id holding a transformers checkpoint (Mamba, Mamba2,
+Falcon-Mamba; single or sharded safetensors), a state-spaces original (config.json with ssm_cfg
+and pytorch_model.bin, read without running pickled code) or Mistral's Mamba-Codestral layout
+(params.json, consolidated.safetensors, tokenizer.model.v3). Every tensor is checked against the
+config before anything is written. The output is built in a hidden directory next to the
+destination and renamed into place at the end: a failure or Ctrl-C leaves nothing behind, and an
+existing directory is never touched.
+"""
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+import mlx.core as mx
+from mlx.utils import tree_flatten
+
+from .checkpoint import CheckpointError
+from .config import ConfigError, config_format, load_config, read_config
+from .loader import TOKENIZER_PATTERNS, build_model, cast, download, load_weights, resolve
+from .quantize import (QuantizationError, bits_per_weight, quantization_params, quantize_model,
+                       unfit_layers)
+
+MAX_SHARD_BYTES = 5 << 30  # as mlx-lm: one model.safetensors up to 5 GiB, else shards + index
+DTYPES = ("float16", "bfloat16", "float32")
+# The tokenizer of every state-spaces model; their original checkpoints ship none.
+STATE_SPACES_TOKENIZER = "EleutherAI/gpt-neox-20b"
+# Copied from the tokenizer's directory when present.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "chat_template.json")
+MISTRAL_TOKENIZER = "tokenizer.model.v3"
+
+
+class ConvertError(ValueError):
+    """A conversion that cannot go ahead; the message names the path or option."""
+
+
+def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits=None,
+            q_group_size=None, q_mode="affine", tokenizer=None, upload_repo=None,
+            max_shard_bytes=MAX_SHARD_BYTES):
+    """Convert `hf_path` (directory or repo id) into the new directory `mlx_path`; returns it."""
+    destination = Path(mlx_path).expanduser()
+    if destination.exists():
+        raise ConvertError(f"{destination}: already exists; choose another --mlx-path "
+                           "(it was left untouched)")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    quantization = quantization_params(q_bits, q_group_size, q_mode) if quantize else None
+
+    source = resolve(hf_path)
+    model = build_model(load_config(source))
+    if quantization and model.config.quantization:
+        raise ConvertError(f"{source}: already quantized ({model.config.quantization})")
+    weights = load_weights(source, model)
+    tokenizer_dir = _tokenizer_source(source, tokenizer)
+
+    dtype = getattr(mx, dtype) if dtype else _stored_dtype(weights)
+    if dtype is not None:
+        weights = cast(weights, dtype)
+    if quantization:
+        weights = _quantize(model, weights, quantization)
+    config = model.config.to_dict()
+    del model  # from here on the weights dict holds the only references: shards free as written
+
+    with _staged(destination) as staging:
+        _write_json(staging / "config.json", config)
+        if (source / "generation_config.json").is_file():  # it carries the eos ids of generation
+            shutil.copyfile(source / "generation_config.json", staging / "generation_config.json")
+        _write_weights(weights, staging, max_shard_bytes)
+        _write_tokenizer(tokenizer_dir, staging)
+        if upload_repo:
+            _write_model_card(staging, upload_repo, hf_path, quantization)
+    print(f"[INFO] Saved to {destination}")
+    if upload_repo:
+        _upload(destination, upload_repo)
+    return destination
+
+
+def _stored_dtype(weights):
+    # The dtype the checkpoint stores its embedding in; None for an already quantized one.
+    stored = weights["backbone.embeddings.weight"].dtype
+    return stored if mx.issubdtype(stored, mx.floating) else None
+
+
+def _quantize(model, weights, quantization):
+    """The parameters of `model` holding `weights`, quantized; lazy until written."""
+    model.load_weights(list(weights.items()))
+    group_size = quantization["group_size"]
+    _report_unfit(unfit_layers(model, group_size), group_size)
+    quantize_model(model, quantization)
+    model.config.quantization = quantization
+    print(f"[INFO] Quantized ({quantization['mode']}, {quantization['bits']} bits, group "
+          f"{group_size}): {bits_per_weight(model):.2f} bits per quantized weight")
+    return dict(tree_flatten(model.parameters()))
+
+
+def _report_unfit(unfit, group_size):
+    # One line per kind of layer ("layers.*.mixer.dt_proj"), not one per layer.
+    kinds = {}
+    for path, size in unfit:
+        kind = ".".join("*" if part.isdigit() else part for part in path.split("."))
+        kinds.setdefault((kind, size), []).append(path)
+    for (kind, size), paths in kinds.items():
+        print(f"[INFO] {kind} ({len(paths)} layer{'s' * (len(paths) > 1)}) stays in full "
+              f"precision: its input size {size} is not a multiple of the group size {group_size}")
+
+
+def _tokenizer_source(source, override):
+    """The directory whose tokenizer goes with the output, or None (with a warning)."""
+    if override is not None:
+        directory = resolve(override, allow_patterns=TOKENIZER_PATTERNS)
+        if not _has_tokenizer(directory):
+            raise ConvertError(f"{directory}: --tokenizer holds no tokenizer files "
+                               f"({', '.join(TOKENIZER_FILES[:2])} or {MISTRAL_TOKENIZER})")
+        return _convertible(directory)
+    if _has_tokenizer(source):
+        return _convertible(source)
+    if config_format(read_config(source)[1]) == "state-spaces":
+        print(f"[INFO] No tokenizer in {source}: fetching {STATE_SPACES_TOKENIZER}'s, which every "
+              "state-spaces model uses (--tokenizer overrides)")
+        return download(STATE_SPACES_TOKENIZER, TOKENIZER_PATTERNS)
+    print(f"[WARNING] No tokenizer in {source}; pass --tokenizer PATH_OR_REPO to add one")
+    return None
+
+
+def _has_tokenizer(directory):
+    return any((directory / name).is_file()
+               for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                            MISTRAL_TOKENIZER))
+
+
+def _convertible(directory):
+    # Checked before any work: transformers reads a sentencepiece model through protobuf.
+    if (not (directory / "tokenizer.json").is_file() and (directory / MISTRAL_TOKENIZER).is_file()
+            and importlib.util.find_spec("google.protobuf") is None):
+        raise ConvertError(f"{directory / MISTRAL_TOKENIZER}: converting it needs protobuf "
+                           "(pip install 'mlx-mamba[mistral]'), or pass --tokenizer")
+    return directory
+
+
+def _write_tokenizer(directory, destination):
+    if directory is None:
+        return
+    copied = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    for name in copied:
+        shutil.copyfile(directory / name, destination / name)
+    if (directory / MISTRAL_TOKENIZER).is_file() and "tokenizer.json" not in copied:
+        _convert_sentencepiece(directory / MISTRAL_TOKENIZER, destination)
+
+
+def _convert_sentencepiece(model_file, destination):
+    """Mistral's sentencepiece tokenizer as a transformers tokenizer.json, as transformers' own
+    Mamba-Codestral conversion does (a Llama tokenizer, legacy=False); the .v3 file is kept too."""
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory() as scratch:
+        shutil.copyfile(model_file, Path(scratch) / "tokenizer.model")
+        _write_json(Path(scratch) / "tokenizer_config.json", {
+            "tokenizer_class": "LlamaTokenizer", "legacy": False, "add_bos_token": True,
+            "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(scratch)
+        except Exception as e:  # sentencepiece and transformers raise many types for a bad file
+            raise ConvertError(f"{model_file}: not a readable sentencepiece model ({e})") from None
+    tokenizer.save_pretrained(destination)
+    shutil.copyfile(model_file, destination / MISTRAL_TOKENIZER)
+
+
+def _write_weights(weights, directory, max_shard_bytes):
+    """model.safetensors, or shards of at most `max_shard_bytes` with model.safetensors.index.json.
+
+    Each tensor is computed (read, cast, quantized) as its shard is written, so memory holds about
+    one shard, not the model.
+    """
+    from tqdm import tqdm
+
+    shards = _make_shards(weights, max_shard_bytes)
+    total = sum(v.nbytes for v in weights.values())
+    weights.clear()
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)])
+    weight_map = {}
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Writing weights") as progress:
+        for i, name in enumerate(names):
+            shard, shards[i] = shards[i], None
+            for value in shard.values():
+                mx.eval(value)
+                progress.update(value.nbytes)
+            mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+            weight_map.update(dict.fromkeys(shard, name))
+            del shard
+    if len(names) > 1:
+        _write_json(directory / "model.safetensors.index.json",
+                    {"metadata": {"total_size": total},
+                     "weight_map": dict(sorted(weight_map.items()))})
+
+
+def _make_shards(weights, max_bytes):
+    # A tensor larger than the limit gets a shard of its own.
+    shards, size = [{}], 0
+    for name, value in weights.items():
+        if shards[-1] and size + value.nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = value
+        size += value.nbytes
+    return shards
+
+
+@contextlib.contextmanager
+def _staged(destination):
+    """A hidden directory next to `destination`, renamed to it when the block succeeds and
+    removed, with any parent directories made for it, when it fails or is interrupted."""
+    made = next((p for p in reversed(destination.absolute().parents) if not p.exists()), None)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
+                                    dir=destination.parent))
+    try:
+        yield staging
+        if destination.exists():  # appeared while we worked: never replace it
+            raise ConvertError(f"{destination}: appeared during the conversion; it was left "
+                               "untouched")
+        umask = os.umask(0)
+        os.umask(umask)
+        staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; give it a normal directory's
+        staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(made or staging, ignore_errors=True)
+        raise
+
+
+def _write_json(file, value):
+    file.write_text(json.dumps(_tag_non_finite(value), indent=2, allow_nan=False) + "\n")
+
+
+def _tag_non_finite(value):
+    # As transformers writes infinity ({"__float__": "Infinity"}), so config.json stays valid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return {"__float__": "NaN" if math.isnan(value) else
+                "Infinity" if value > 0 else "-Infinity"}
+    if isinstance(value, dict):
+        return {k: _tag_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_tag_non_finite(v) for v in value]
+    return value
+
+
+def _write_model_card(directory, repo, hf_path, quantization):
+    quantized = (f", quantized ({quantization['mode']}, {quantization['bits']} bits)"
+                 if quantization else "")
+    (directory / "README.md").write_text(
+        f"---\nlibrary_name: mlx\ntags:\n- mlx\n- mamba\nbase_model: {hf_path}\n---\n\n"
+        f"# {repo}\n\n{hf_path} converted to MLX with mlx-mamba{quantized}.\n\n"
+        f"```python\nimport mlx_mamba\n\nmodel, tokenizer = mlx_mamba.load(\"{repo}\")\n```\n")
+
+
+def _upload(directory, repo):
+    import huggingface_hub
+
+    try:
+        huggingface_hub.create_repo(repo, exist_ok=True)
+        huggingface_hub.upload_folder(folder_path=str(directory), repo_id=repo)
+    except OSError as e:  # every huggingface_hub error is an OSError
+        reason = " ".join(str(e).split())
+        raise ConvertError(f"upload to {repo} failed ({reason}); the converted model is in "
+                           f"{directory}") from None
+    print(f"[INFO] Uploaded to https://huggingface.co/{repo}")
+
+
+def parser():
+    p = argparse.ArgumentParser(
+        prog="convert.py", description="Convert a Mamba or Mamba2 checkpoint to MLX safetensors.")
+    p.add_argument("--hf-path", "--model", required=True,
+                   help="A local directory or a Hugging Face repo id.")
+    p.add_argument("--mlx-path", default="mlx_model",
+                   help="The new directory to write (default: mlx_model).")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="dtype of the unquantized weights (default: as stored). A_log, D, "
+                        "dt_bias and the norms stay float32.")
+    p.add_argument("-q", "--quantize", action="store_true", help="Quantize the projections, "
+                   "embedding and lm_head.")
+    p.add_argument("--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8),
+                   help="Bits per weight (default: 4; 8 for mxfp8).")
+    p.add_argument("--q-group-size", type=int, choices=(16, 32, 64, 128),
+                   help="Group size (default: 64 for affine, 32 for mxfp4/mxfp8, 16 for nvfp4).")
+    p.add_argument("--q-mode", choices=("affine", "mxfp4", "nvfp4", "mxfp8"), default="affine",
+                   help="Quantization mode (default: affine).")
+    p.add_argument("--tokenizer", help="Take the tokenizer from this directory or repo id.")
+    p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo.")
+    return p
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv=None):
+    p = parser()
+    args = p.parse_args(argv)
+    if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine"):
+        p.error("--q-bits, --q-group-size and --q-mode need -q")
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
+    try:
+        convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
+                q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode,
+                tokenizer=args.tokenizer, upload_repo=args.upload_repo)
+    except (ConvertError, ConfigError, CheckpointError, QuantizationError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("error: interrupted; no partial output was left behind", file=sys.stderr)
+        sys.exit(130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,367 @@
+"""Text generation: `generate`, `stream_generate`, `batch_generate`, and the command line
+`python -m mlx_mamba.generate`.
+
+The prompt goes through the parallel forward in chunks (see prompt_cache.prefill), then tokens
+are decoded one at a time with `model.step`, O(1) time and memory per token. The tokenizer can be
+any object with `encode(str) -> list[int]`, `decode(list[int]) -> str` and `eos_token_id`
+(an int, a list of them, or None).
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import mlx.core as mx
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .detokenizer import StreamingDetokenizer
+from .prompt_cache import (PREFILL_STEP_SIZE, PromptCacheError, load_prompt_cache,
+                           make_prompt_cache, prefill, save_prompt_cache)
+from .sample import SamplerError, check_settings, make_logits_processors, make_sampler
+
+
+class GenerationError(ValueError):
+    """A prompt or setting that generation cannot use; the message says which."""
+
+
+@dataclasses.dataclass
+class GenerationResponse:
+    text: str  # new text with this token ("" while a multi-byte character is incomplete)
+    token: int
+    logprobs: mx.array  # (V,) log-softmax of the processed logits (before temperature, filters)
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float  # tokens after the first, per second since the first
+    peak_memory: float  # GB, mx.get_peak_memory(): MLX's buffers (in RAM on the CPU backend)
+    finish_reason: str | None  # "stop" (EOS), "length" (max_tokens) or None while going
+
+
+@dataclasses.dataclass
+class BatchResult:
+    text: str
+    tokens: list  # generated token ids, without the EOS that ended them
+    finish_reason: str
+
+
+def eos_token_ids(tokenizer):
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        return set()
+    return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
+
+
+def encode(model, tokenizer, prompt):
+    """Token ids of `prompt` (a string, or already ids), checked against the model's vocabulary."""
+    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
+    vocab = model.config.vocab_size
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise GenerationError(f"prompt token id {bad[0]} is outside the model's vocabulary "
+                              f"(0..{vocab - 1}): is this the model's tokenizer?")
+    return ids
+
+
+def generate_step(model, cache, next_inputs, histories, sampler, processors, max_tokens, eos):
+    """Decode a batch from `cache`, whose next inputs are `next_inputs` (one id per row).
+
+    histories: each row's tokens so far, for the logits processors. Yields, per step, a list of
+    (row, token, logprobs (V,), finish_reason) for the rows still running; a row finishes at an
+    EOS token or after max_tokens, and leaves the batch (and the cache) at the next step.
+    While one step's tokens are handed out, the next step is already being computed.
+    """
+    rows = list(range(len(next_inputs)))
+    history = [mx.array(h, dtype=mx.int32) for h in histories] if processors else []
+
+    def advance(tokens):  # (b,) -> next tokens (b,), logprobs (b, V)
+        logits = model.step(tokens, cache).astype(mx.float32)
+        if processors:
+            processed = []
+            for i, seen in enumerate(history):
+                row = logits[i:i + 1]
+                for process in processors:
+                    row = process(seen, row)
+                processed.append(row)
+            logits = mx.concatenate(processed)
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        return sampler(logprobs), logprobs
+
+    if max_tokens <= 0:
+        return
+    y, logprobs = advance(mx.array(next_inputs, dtype=mx.int32))
+    mx.async_eval(y, logprobs)
+    for n in range(1, max_tokens + 1):
+        history = [mx.concatenate([seen, y[i:i + 1].astype(mx.int32)])
+                   for i, seen in enumerate(history)]
+        if n < max_tokens:
+            next_y, next_logprobs = advance(y)
+            mx.async_eval(next_y, next_logprobs)
+        tokens = y.tolist()
+        finish = ["stop" if t in eos else "length" if n == max_tokens else None for t in tokens]
+        yield [(row, token, logprobs[i], f) for i, (row, token, f) in
+               enumerate(zip(rows, tokens, finish))]
+        keep = [i for i, f in enumerate(finish) if f is None]
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            index = mx.array(keep)
+            for layer in cache:
+                layer.conv, layer.ssm = layer.conv[index], layer.ssm[index]
+            next_y, next_logprobs = next_y[index], next_logprobs[index]
+            history = [history[i] for i in keep] if processors else []
+            rows = [rows[i] for i in keep]
+        y, logprobs = next_y, next_logprobs
+
+
+def _decoding(tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
+              max_tokens):
+    """(sampler, processors, eos ids) for these settings, which are checked first."""
+    check_settings(temp, top_p, top_k, min_p, repetition_penalty)
+    if not (isinstance(max_tokens, int) and max_tokens >= 0):
+        raise GenerationError(f"max_tokens is {max_tokens!r}: expected an integer >= 0")
+    return (make_sampler(temp, top_p, top_k, min_p, seed),
+            make_logits_processors(repetition_penalty, logits_processors),
+            eos_token_ids(tokenizer))
+
+
+def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p=1.0, top_k=0,
+                    min_p=0.0, repetition_penalty=None, seed=None, logits_processors=None,
+                    prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE, progress=None):
+    """Yield a GenerationResponse per generated token; the last has `finish_reason` set.
+
+    prompt: a string or token ids, appended to `prompt_cache` (a PromptCache, left unchanged)
+    when one is given; it may then be empty. logits_processors: functions
+    (tokens so far (T,), logits (1, V)) -> logits, applied after the repetition penalty.
+    progress(done, total) follows the prompt's prefill.
+    """
+    sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
+                                         repetition_penalty, seed, logits_processors, max_tokens)
+    tokens = encode(model, tokenizer, prompt)
+    if not tokens and prompt_cache is None:
+        raise GenerationError("the prompt is empty")
+    start = time.perf_counter()
+    state = make_prompt_cache(model, tokens, prompt_cache, step_size=prefill_step_size,
+                              progress=progress)
+    detokenizer = StreamingDetokenizer(tokenizer)
+    steps = generate_step(model, state.layers, state.tokens[-1:], [state.tokens], sampler,
+                          processors, max_tokens, eos)
+    for n, [(_, token, logprobs, finish)] in enumerate(steps, 1):
+        now = time.perf_counter()
+        if n == 1:
+            prompt_tps = len(tokens) / (now - start)
+            first = now
+        text = detokenizer.add_token(token) if finish != "stop" else ""
+        if finish:
+            text += detokenizer.finalize()
+        yield GenerationResponse(
+            text=text, token=token, logprobs=logprobs, prompt_tokens=len(tokens),
+            prompt_tps=prompt_tps, generation_tokens=n,
+            generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+
+
+def generate(model, tokenizer, prompt, *, verbose=False, **kwargs):
+    """The generated text. Keyword arguments as `stream_generate` (max_tokens=256, temp=0.0,
+    top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None, seed=None, ...); `verbose` prints
+    the text as it comes and the speeds at the end."""
+    text, response = "", None
+    for response in stream_generate(model, tokenizer, prompt, **kwargs):
+        text += response.text
+        if verbose:
+            print(response.text, end="", flush=True)
+    if verbose:
+        print()
+        if response is not None:
+            print_stats(response.prompt_tokens, response.prompt_tps, response.generation_tokens,
+                        response.generation_tps, response.peak_memory)
+    return text
+
+
+def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p=1.0, top_k=0,
+                   min_p=0.0, repetition_penalty=None, seed=None, verbose=False,
+                   logits_processors=None, prefill_step_size=PREFILL_STEP_SIZE):
+    """A BatchResult (`.text`, `.tokens`, `.finish_reason`) per prompt, decoded together.
+
+    Prompts of different lengths are left-padded and masked, so each gets exactly the tokens it
+    gets alone (with a seed, sampled ones too); finished prompts leave the batch.
+    """
+    sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
+                                         repetition_penalty, seed, logits_processors, max_tokens)
+    rows = [encode(model, tokenizer, p) for p in prompts]
+    empty = [i for i, r in enumerate(rows) if not r]
+    if empty:
+        raise GenerationError(f"prompt {empty[0]} is empty")
+    if not rows:
+        return []
+    start = time.perf_counter()
+    cache = model.make_cache(len(rows))
+    prefill(model, [r[:-1] for r in rows], cache, step_size=prefill_step_size)
+    outputs, finished, first = [[] for _ in rows], ["length"] * len(rows), None
+    steps = generate_step(model, cache, [r[-1] for r in rows], rows, sampler, processors,
+                          max_tokens, eos)
+    for step in steps:
+        first = first or time.perf_counter()
+        for row, token, _, finish in step:
+            if finish != "stop":
+                outputs[row].append(token)
+            finished[row] = finish
+    if verbose and first:
+        prompt_tokens, generated = sum(map(len, rows)), sum(map(len, outputs))
+        # Tokens after each row's first, over the time after the first step.
+        print_stats(prompt_tokens, prompt_tokens / (first - start), generated,
+                    max(generated - len(rows), 0) / (time.perf_counter() - first),
+                    mx.get_peak_memory() / 1e9)
+    return [BatchResult(tokenizer.decode(out), out, f) for out, f in zip(outputs, finished)]
+
+
+def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory,
+                file=None):
+    where = " (MLX buffers in RAM)" if mx.default_device() == mx.cpu else ""
+    print("=" * 10, file=file)
+    print(f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec", file=file)
+    print(f"Generation: {generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"Peak memory: {peak_memory:.3f} GB{where}", file=file, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m mlx_mamba.generate",
+        description="Generate text with a Mamba or Mamba2 model. Streams the text to stdout; "
+                    "speeds and peak memory go to stderr.")
+    parser.add_argument("--model", required=True,
+                        help="a converted, transformers or original directory, or a repo id")
+    parser.add_argument("--prompt", "-p", required=True, help="the prompt text; '-' reads stdin")
+    parser.add_argument("--max-tokens", "-m", type=int, default=256)
+    parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
+    parser.add_argument("--min-p", type=float, default=0.0)
+    parser.add_argument("--repetition-penalty", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--tokenizer", default=None,
+                        help="a directory or repo id with the tokenizer, for models shipped "
+                             "without one (e.g. EleutherAI/gpt-neox-20b for state-spaces models)")
+    parser.add_argument("--ignore-chat-template", action="store_true",
+                        help="feed the prompt as is, even if the tokenizer has a chat template")
+    parser.add_argument("--save-prompt-cache", metavar="FILE", default=None,
+                        help="save the state after the prompt to FILE (safetensors)")
+    parser.add_argument("--prompt-cache-file", metavar="FILE", default=None,
+                        help="continue from a saved prompt cache; --prompt is appended as is")
+    parser.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP_SIZE,
+                        help="prompt tokens per parallel forward")
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print the model, the backend and the prompt as fed")
+    return parser
+
+
+def _load(args):
+    from .loader import load, load_tokenizer, resolve
+
+    try:
+        model, tokenizer = load(args.model)
+    except OSError as e:  # hub errors do not always name the repo
+        raise GenerationError(e if args.model in str(e) else f"{args.model}: {e}") from None
+    if args.tokenizer:
+        tokenizer = load_tokenizer(resolve(args.tokenizer))
+        if tokenizer is None:
+            raise GenerationError(f"{args.tokenizer}: no tokenizer.json or tokenizer_config.json")
+    if tokenizer is None:
+        raise GenerationError(f"{args.model}: no tokenizer in the model directory (original "
+                              "state-spaces checkpoints ship none): pass --tokenizer "
+                              "PATH_OR_REPO, e.g. --tokenizer EleutherAI/gpt-neox-20b")
+    return model, tokenizer
+
+
+def _prompt_ids(args, model, tokenizer, text):
+    """The prompt's token ids: through the chat template when the tokenizer has one, unless
+    told otherwise or continuing a cached prompt (then the text is appended as is)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template and not args.ignore_chat_template and not args.prompt_cache_file:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": text}],
+                                             tokenize=False, add_generation_prompt=True)
+        return encode(model, tokenizer, tokenizer.encode(text, add_special_tokens=False)), text
+    return encode(model, tokenizer, text), text
+
+
+def _progress_bar(total_tokens, step_size):
+    """A progress callback drawing a bar on stderr, for prompts longer than one chunk."""
+    if total_tokens <= step_size:
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_tokens, unit="tok", desc="Prompt", file=sys.stderr, leave=False)
+
+    def update(done, total):
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    return update
+
+
+def run(args):
+    check_settings(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    if args.max_tokens < 0 or args.prefill_step_size <= 0:
+        raise GenerationError("--max-tokens must be >= 0 and --prefill-step-size > 0")
+    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if not text and not args.prompt_cache_file:
+        raise GenerationError("the prompt is empty" + (" (nothing on stdin)" if args.prompt == "-"
+                                                        else ""))
+    start = time.perf_counter()
+    model, tokenizer = _load(args)
+    previous = load_prompt_cache(args.prompt_cache_file, model) if args.prompt_cache_file else None
+    ids, fed_text = _prompt_ids(args, model, tokenizer, text)
+    if not ids and previous is None:
+        raise GenerationError("the prompt encodes to no tokens")
+    if args.verbose:
+        print(f"Model {args.model} ({model.config.model_type}, {model.config.n_layer} layers) "
+              f"loaded in {time.perf_counter() - start:.1f} s on {mx.default_device()}; "
+              f"prompt as fed:\n{fed_text}\n" + "=" * 10, file=sys.stderr)
+
+    start = time.perf_counter()
+    state = make_prompt_cache(model, ids, previous, step_size=args.prefill_step_size,
+                              progress=_progress_bar(len(ids), args.prefill_step_size))
+    prompt_seconds = time.perf_counter() - start
+    if args.save_prompt_cache:
+        save_prompt_cache(args.save_prompt_cache, state, model, args.model)
+        print(f"Saved the prompt cache ({len(state.tokens)} tokens) to {args.save_prompt_cache}",
+              file=sys.stderr)
+
+    response = None
+    start = time.perf_counter()
+    for response in stream_generate(
+            model, tokenizer, [], max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
+            top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+            seed=args.seed, prompt_cache=state):
+        if response.generation_tokens == 1:
+            # The prompt's last token goes through the first decoding step: prompt time.
+            prompt_seconds += time.perf_counter() - start
+        print(response.text, end="", flush=True)
+    print(flush=True)
+    print_stats(len(ids), len(ids) / prompt_seconds, response.generation_tokens if response else 0,
+                response.generation_tps if response else 0.0, mx.get_peak_memory() / 1e9,
+                file=sys.stderr)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ConfigError, CheckpointError, PromptCacheError, SamplerError, GenerationError,
+            OSError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""A prompt's state: built by prefill, kept in a file and resumed.
+
+A Mamba's whole context is a few MB of constant-size state. A PromptCache holds the state after
+every one of its tokens but the last, which is still to be fed: the next run feeds it first,
+so resuming needs no stored logits and continues exactly where an uninterrupted run would.
+Files are safetensors: per layer `layers.{i}.conv` and `layers.{i}.ssm`, the token ids as
+`tokens`, and metadata naming the model and its configuration.
+"""
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+
+import mlx.core as mx
+
+from .cache import MambaCache
+
+PREFILL_STEP_SIZE = 2048  # prompt tokens per parallel forward: bounds memory for any length
+FORMAT = "mlx_mamba.prompt_cache"
+VERSION = "1"
+# Config fields that do not change what the state means.
+NOT_STATE = ("bos_token_id", "eos_token_id", "pad_token_id", "quantization")
+
+
+class PromptCacheError(ValueError):
+    """A prompt cache file that cannot be used with this model; the message names the file."""
+
+
+@dataclasses.dataclass
+class PromptCache:
+    layers: list  # a MambaCache per layer, batch 1: the state after tokens[:-1]
+    tokens: list  # every token of the prompt; the last one is not fed yet
+
+    def copy(self):
+        """New layer objects over the same (immutable) arrays: decoding the copy leaves this one."""
+        return PromptCache([MambaCache(c.conv, c.ssm) for c in self.layers], list(self.tokens))
+
+
+def prefill(model, rows, cache, *, step_size=PREFILL_STEP_SIZE, progress=None):
+    """Feed token rows (lists of any lengths, left-padded here) into `cache` (batch len(rows)).
+
+    Runs the parallel forward `step_size` positions at a time and evaluates only the cache
+    between chunks (the logits are never computed), so memory does not grow with the prompt.
+    progress(done, total) is called after each chunk.
+    """
+    width = max(map(len, rows))
+    ids = mx.array([[0] * (width - len(r)) + list(r) for r in rows])  # (B, width)
+    mask = None  # (B, width): 0 on the left padding, which must reach neither conv nor state
+    if any(len(r) < width for r in rows):
+        mask = mx.array([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    for start in range(0, width, step_size):
+        end = min(start + step_size, width)
+        model(ids[:, start:end], cache, None if mask is None else mask[:, start:end])
+        mx.eval([layer.state for layer in cache])
+        if progress:
+            progress(end, width)
+
+
+def make_prompt_cache(model, tokens, previous=None, *, step_size=PREFILL_STEP_SIZE, progress=None):
+    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged)."""
+    result = previous.copy() if previous else PromptCache(model.make_cache(1), [])
+    if not tokens:
+        return result
+    feed = result.tokens[-1:] + list(tokens[:-1])
+    if feed:
+        prefill(model, [feed], result.layers, step_size=step_size, progress=progress)
+    result.tokens += list(tokens)
+    return result
+
+
+def state_config(config):
+    """The config fields that give the state its meaning, as a JSON-ready dict."""
+    fields = dataclasses.asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()
+            if k not in NOT_STATE}
+
+
+def config_hash(config):
+    text = json.dumps(state_config(config), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def save_prompt_cache(file, prompt_cache, model, model_name=""):
+    """Write `prompt_cache` (made with `model`) to the safetensors `file`."""
+    arrays = {"tokens": mx.array(prompt_cache.tokens, dtype=mx.int32)}
+    for i, layer in enumerate(prompt_cache.layers):
+        arrays[f"layers.{i}.conv"], arrays[f"layers.{i}.ssm"] = layer.conv, layer.ssm
+    metadata = {"format": FORMAT, "version": VERSION, "model": str(model_name),
+                "config": json.dumps(state_config(model.config), sort_keys=True),
+                "config_hash": config_hash(model.config),
+                "token_count": str(len(prompt_cache.tokens))}
+    file = Path(file)
+    # Written beside the target and renamed: never a half-written cache under the final name.
+    partial = file.with_name(file.name + ".partial.safetensors")
+    mx.save_safetensors(str(partial), arrays, metadata=metadata)
+    partial.replace(file)
+
+
+def load_prompt_cache(file, model):
+    """The PromptCache in `file`; PromptCacheError if it is unreadable or from another model."""
+    file = Path(file)
+    if not file.is_file():
+        raise PromptCacheError(f"{file}: no such prompt cache file")
+    try:
+        arrays, metadata = mx.load(str(file), return_metadata=True)
+    except Exception as e:  # MLX raises bare RuntimeError/ValueError for damaged files
+        raise PromptCacheError(f"{file}: not a readable safetensors file ({e})") from None
+    if metadata.get("format") != FORMAT:
+        raise PromptCacheError(f"{file}: not an mlx-mamba prompt cache (no '{FORMAT}' metadata)")
+    if metadata.get("version") != VERSION:
+        raise PromptCacheError(f"{file}: prompt cache version {metadata.get('version')!r}; this "
+                               f"mlx-mamba reads version {VERSION}")
+    if metadata.get("config_hash") != config_hash(model.config):
+        raise PromptCacheError(f"{file}: made by a model of another configuration "
+                               f"({_differences(metadata.get('config'), model.config)})")
+    fresh = model.make_cache(1)
+    if set(arrays) != {"tokens"} | {f"layers.{i}.{n}" for i in range(len(fresh))
+                                    for n in ("conv", "ssm")}:
+        raise PromptCacheError(f"{file}: damaged prompt cache (unexpected or missing tensors)")
+    layers = []
+    for i, expected in enumerate(fresh):
+        conv, ssm = arrays[f"layers.{i}.conv"], arrays[f"layers.{i}.ssm"]
+        if conv.shape != expected.conv.shape or ssm.shape != expected.ssm.shape:
+            raise PromptCacheError(f"{file}: layer {i} holds state of shapes {conv.shape} and "
+                                   f"{ssm.shape}; this model needs {expected.conv.shape} and "
+                                   f"{expected.ssm.shape}")
+        layers.append(MambaCache(conv.astype(expected.conv.dtype), ssm.astype(mx.float32)))
+    tokens = arrays["tokens"].tolist()
+    if not tokens or str(len(tokens)) != metadata.get("token_count"):
+        raise PromptCacheError(f"{file}: damaged prompt cache (token count does not match)")
+    return PromptCache(layers, tokens)
+
+
+def _differences(saved_json, config):
+    try:
+        saved = json.loads(saved_json)
+    except (TypeError, json.JSONDecodeError):
+        return "its recorded config is unreadable"
+    ours = state_config(config)
+    diffs = [f"{k} {saved.get(k)!r} there, {ours[k]!r} here"
+             for k in ours if saved.get(k) != ours[k]]
+    return "; ".join(diffs) or "config hash differs"

@@ -1,0 +1,85 @@
+"""Which layers are quantized, decided by one predicate at convert and at load time.
+
+Quantized: the projections (in_proj, out_proj, x_proj, dt_proj), the embedding and the untied
+lm_head, which together hold nearly all the parameters. Never quantized: the depthwise conv (K=4
+taps per channel: nothing to group), the norms, A_log, D and dt_bias (tiny, and the recurrence
+exp(Δ·A) amplifies their errors). A layer whose input size is not a multiple of the group size
+stays in full precision; Mamba1's dt_proj, whose input is dt_rank wide (48 for mamba-130m), is the
+usual case.
+"""
+
+import mlx.nn as nn
+
+QUANTIZED_LAYERS = ("in_proj", "out_proj", "x_proj", "dt_proj", "embeddings", "lm_head")
+
+# mode -> (default group size, default bits), as mlx-lm 0.32's convert; the float modes allow
+# only their own pair.
+MODE_DEFAULTS = {"affine": (64, 4), "mxfp4": (32, 4), "nvfp4": (16, 4), "mxfp8": (32, 8)}
+AFFINE_BITS = (2, 3, 4, 5, 6, 8)
+AFFINE_GROUP_SIZES = (32, 64, 128)
+
+
+class QuantizationError(ValueError):
+    """Quantization settings that MLX cannot apply; the message names the setting."""
+
+
+def quantization_params(bits=None, group_size=None, mode="affine"):
+    """The {"group_size", "bits", "mode"} entry of config.json, defaults filled in and checked."""
+    if mode not in MODE_DEFAULTS:
+        raise QuantizationError(f"--q-mode {mode!r}: expected one of {', '.join(MODE_DEFAULTS)}")
+    default_group, default_bits = MODE_DEFAULTS[mode]
+    group_size, bits = group_size or default_group, bits or default_bits
+    if mode == "affine":
+        if bits not in AFFINE_BITS:
+            raise QuantizationError(f"--q-bits {bits}: affine quantization takes one of "
+                                    f"{', '.join(map(str, AFFINE_BITS))}")
+        if group_size not in AFFINE_GROUP_SIZES:
+            raise QuantizationError(f"--q-group-size {group_size}: affine quantization takes one "
+                                    f"of {', '.join(map(str, AFFINE_GROUP_SIZES))}")
+    elif (group_size, bits) != (default_group, default_bits):
+        raise QuantizationError(
+            f"--q-mode {mode} needs --q-group-size {default_group} and --q-bits {default_bits} "
+            f"(got {group_size} and {bits})")
+    return {"group_size": group_size, "bits": bits, "mode": mode}
+
+
+def is_quantizable(path, module):
+    """Whether the layer at `path` is of a kind this package quantizes (whatever the group)."""
+    return path.rsplit(".", 1)[-1] in QUANTIZED_LAYERS and hasattr(module, "to_quantized")
+
+
+def fits_group(module, group_size):
+    return module.weight.shape[-1] % group_size == 0
+
+
+def should_quantize(path, module, group_size):
+    return is_quantizable(path, module) and fits_group(module, group_size)
+
+
+def quantize_model(model: nn.Module, quantization: dict) -> None:
+    """Quantize `model` in place as `quantization` ({"group_size", "bits", "mode"}) says.
+
+    Used on a model holding real weights (convert.py) and on a fresh model before quantized
+    weights are loaded into it (`load`): both pick the same layers.
+    """
+    group_size = quantization["group_size"]
+    nn.quantize(model, group_size, quantization["bits"], mode=quantization.get("mode", "affine"),
+                class_predicate=lambda path, module: should_quantize(path, module, group_size))
+
+
+def unfit_layers(model: nn.Module, group_size):
+    """[(path, input size)] of the quantizable layers that stay in full precision."""
+    return [(path, module.weight.shape[-1]) for path, module in model.named_modules()
+            if is_quantizable(path, module) and not fits_group(module, group_size)]
+
+
+def bits_per_weight(model: nn.Module):
+    """Average stored bits per parameter of the quantized layers, scales and biases included."""
+    stored = count = 0
+    for _, module in model.named_modules():
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+            stored += sum(v.nbytes for k, v in module.parameters().items()
+                          if k in ("weight", "scales", "biases"))
+            count += module.weight.size * 32 // module.bits
+    return 8 * stored / count if count else None
+

@@ -1,0 +1,110 @@
+"""Choosing the next token: samplers (logits -> token ids) and logits processors.
+
+A sampler maps logits (B, V) to token ids (B,). A logits processor maps (tokens so far (T,),
+logits (1, V)) to logits (1, V), the signature mlx-lm uses, so its processors work here too.
+The filters follow transformers' order: temperature, then top-k, top-p, min-p.
+"""
+
+import math
+
+import mlx.core as mx
+
+
+class SamplerError(ValueError):
+    """A sampling setting out of its range; the message names the setting."""
+
+
+def check_settings(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None):
+    """Raise SamplerError naming the first setting outside its range."""
+    if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp >= 0):
+        raise SamplerError(f"temp is {temp!r}: expected a number >= 0 (0 is greedy)")
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise SamplerError(f"top_p is {top_p!r}: expected a number in (0, 1]")
+    if not (isinstance(top_k, int) and top_k >= 0):
+        raise SamplerError(f"top_k is {top_k!r}: expected an integer >= 0 (0 keeps every token)")
+    if not (isinstance(min_p, (int, float)) and 0 <= min_p <= 1):
+        raise SamplerError(f"min_p is {min_p!r}: expected a number in [0, 1]")
+    if repetition_penalty is not None and not (
+            isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
+            and repetition_penalty > 0):
+        raise SamplerError(f"repetition_penalty is {repetition_penalty!r}: expected a number > 0")
+
+
+def apply_top_k(logits, k):
+    """Keep the k largest logits per row (exactly k; ties broken arbitrarily), -inf elsewhere."""
+    if k >= logits.shape[-1]:
+        return logits
+    dropped = mx.argpartition(-logits, k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logits, dropped, mx.array(-mx.inf, logits.dtype), axis=-1)
+
+
+def apply_top_p(logits, p):
+    """Keep the smallest set of most likely tokens whose mass reaches p, -inf elsewhere."""
+    order = mx.argsort(-logits, axis=-1)
+    probs = mx.softmax(mx.take_along_axis(logits, order, axis=-1), axis=-1)
+    keep_sorted = (mx.cumsum(probs, axis=-1) - probs) < p  # the mass before a token is short of p
+    keep = mx.put_along_axis(mx.zeros(logits.shape, mx.bool_), order, keep_sorted, axis=-1)
+    return mx.where(keep, logits, -mx.inf)
+
+
+def apply_min_p(logits, p):
+    """Keep the tokens at least p times as likely as the most likely one, -inf elsewhere."""
+    threshold = logits.max(axis=-1, keepdims=True) + math.log(p)
+    return mx.where(logits >= threshold, logits, -mx.inf)
+
+
+def greedy(logits):
+    return mx.argmax(logits, axis=-1)
+
+
+def make_sampler(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None):
+    """A sampler (B, V) -> (B,): greedy at temp 0, else a draw from softmax(logits / temp) after
+    the top-k, top-p and min-p filters.
+
+    With a seed each call draws one noise vector from its own key stream and shares it across the
+    rows of the batch: a prompt then gets the same tokens alone or in any batch. Without one,
+    rows draw independently from MLX's global generator.
+    """
+    check_settings(temp, top_p, top_k, min_p)
+    if temp == 0:
+        return greedy
+    key = mx.random.key(seed) if seed is not None else None
+
+    def sample(logits):
+        nonlocal key
+        logits = logits.astype(mx.float32) / temp
+        if top_k:
+            logits = apply_top_k(logits, top_k)
+        if top_p < 1:
+            logits = apply_top_p(logits, top_p)
+        if min_p > 0:
+            logits = apply_min_p(logits, min_p)
+        if key is None:
+            noise = mx.random.gumbel(logits.shape)
+        else:
+            key, draw = mx.random.split(key)
+            noise = mx.random.gumbel((1, logits.shape[-1]), key=draw)
+        return mx.argmax(logits + noise, axis=-1)  # Gumbel-max: a draw from softmax(logits)
+
+    return sample
+
+
+def make_repetition_penalty(penalty, context_size=None):
+    """The CTRL paper's penalty, as transformers applies it: the logits of tokens already seen
+    (the last `context_size` of them, or all) are divided by `penalty` when positive and
+    multiplied by it when negative."""
+    check_settings(repetition_penalty=penalty)
+
+    def process(tokens, logits):
+        seen = (tokens[-context_size:] if context_size else tokens)[None]  # (1, T)
+        values = mx.take_along_axis(logits, seen, axis=-1)
+        values = mx.where(values < 0, values * penalty, values / penalty)
+        return mx.put_along_axis(logits, seen, values, axis=-1)
+
+    return process
+
+
+def make_logits_processors(repetition_penalty=None, logits_processors=None):
+    """The repetition penalty (when set) followed by the caller's own processors."""
+    processors = [make_repetition_penalty(repetition_penalty)] if repetition_penalty else []
+    return processors + list(logits_processors or [])
