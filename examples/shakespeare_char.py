@@ -2,11 +2,12 @@
 
 The model is the library's `Model` with a small config; the vocabulary is the file's distinct
 characters. Validation loss is reported in nats and in bits per character (bpc), the unit the
-character-level literature uses. Sampling runs the recurrent form: the prompt is read in
-parallel into a cache, then one `model.step` per new character at constant cost.
+character-level literature uses. Sampling uses the library's `generate`, which runs the
+recurrent form: the prompt is read in parallel into a cache, then one `model.step` per new
+character at constant cost. Any tokenizer with encode, decode and eos_token_id will do.
 
     python examples/shakespeare_char.py
-    python examples/shakespeare_char.py --steps 2000 --d-model 128 --layers 4   # better, slower
+    python examples/shakespeare_char.py --steps 2000 --d-model 128 --layers 4   # larger, longer
 """
 
 import math
@@ -18,14 +19,14 @@ import mlx.nn as nn
 import numpy as np
 
 from common import count_parameters, parser, save_loss_curve, train
-from mlx_mamba import Model, ModelConfig
+from mlx_mamba import Model, ModelConfig, generate
 
 # The repository's shared data folder sits next to the checkout: ../shared/data from its root.
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
 
 
 class CharTokenizer:
-    """The tokenizer interface the library's generation expects: encode, decode, eos_token_id."""
+    """One id per distinct character, with the interface `generate` expects."""
 
     eos_token_id = None  # plain text has no end-of-sequence character
 
@@ -38,19 +39,6 @@ class CharTokenizer:
 
     def decode(self, ids):
         return "".join(self.chars[i] for i in ids)
-
-
-def sample(model, tokenizer, prompt, max_tokens, temp, seed):
-    """Continue `prompt` by `max_tokens` characters drawn at temperature `temp`."""
-    mx.random.seed(seed)
-    cache = model.make_cache(1)
-    logits = model(mx.array([tokenizer.encode(prompt)]), cache=cache)[:, -1]
-    out = []
-    for _ in range(max_tokens):
-        token = mx.random.categorical(logits / temp) if temp > 0 else logits.argmax(axis=-1)
-        out.append(token.item())
-        logits = model.step(token, cache)
-    return prompt + tokenizer.decode(out)
 
 
 def main():
@@ -71,6 +59,9 @@ def main():
 
     text = args.data.read_text()
     tokenizer = CharTokenizer(text)
+    unknown = set(args.prompt) - set(tokenizer.chars)
+    if unknown:
+        p.error(f"--prompt has characters that are not in the text: {''.join(sorted(unknown))!r}")
     data = np.array(tokenizer.encode(text), dtype=np.int32)
     split = int(0.9 * len(data))  # the last 10% of the plays is held out
     train_data, val_data = data[:split], data[split:]
@@ -106,7 +97,9 @@ def main():
                     extra={"validation": [(args.steps, val_loss)]})
     print(f"wall time {time.perf_counter() - start:.0f}s")
     print("-" * 40)
-    print(sample(model, tokenizer, args.prompt, args.max_tokens, args.temp, args.seed))
+    text = generate(model, tokenizer, args.prompt, max_tokens=args.max_tokens, temp=args.temp,
+                    seed=args.seed)
+    print(args.prompt + text)
     print("-" * 40)
     print(f"shakespeare_char validation loss: {val_loss:.3f} nats, "
           f"{val_loss / math.log(2):.3f} bits/char")
