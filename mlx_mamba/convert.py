@@ -74,18 +74,30 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
     config = model.config.to_dict()
     del model  # from here on the weights dict holds the only references: shards free as written
 
-    with _staged(destination) as staging:
-        _write_json(staging / "config.json", config)
+    def extras(staging):
         if (source / "generation_config.json").is_file():  # it carries the eos ids of generation
             shutil.copyfile(source / "generation_config.json", staging / "generation_config.json")
-        _write_weights(weights, staging, max_shard_bytes)
-        _write_tokenizer(tokenizer_dir, staging)
         if upload_repo:
             _write_model_card(staging, upload_repo, hf_path, quantization)
+
+    save_model(destination, weights, config, tokenizer_dir, max_shard_bytes, extras)
     print(f"[INFO] Saved to {destination}")
     if upload_repo:
         _upload(destination, upload_repo)
     return destination
+
+
+def save_model(destination, weights, config, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES,
+               extras=None):
+    """Write a model directory that `load` reads, atomically: config.json (a dict), the weights
+    (sharded above `max_shard_bytes`), the tokenizer files of `tokenizer_dir`, and whatever
+    `extras(staging_directory)` adds. `destination` must not exist; a failure leaves nothing."""
+    with _staged(Path(destination)) as staging:
+        _write_json(staging / "config.json", config)
+        _write_weights(weights, staging, max_shard_bytes)
+        _write_tokenizer(tokenizer_dir, staging)
+        if extras is not None:
+            extras(staging)
 
 
 def _stored_dtype(weights):

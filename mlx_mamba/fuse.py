@@ -3,12 +3,11 @@
     python -m mlx_mamba.fuse --model M --adapter-path adapters --save-path fused [--de-quantize]
 
 OUT gets config.json (the transformers form, with a `quantization` entry while the model stays
-quantized), model.safetensors (transformers tensor names and layouts) and the tokenizer files.
+quantized), model.safetensors (transformers tensor names; written by convert.py's writer, so sharded and
+atomic the same way) and the tokenizer files. OUT must not exist yet.
 """
 
 import argparse
-import json
-import shutil
 import sys
 from pathlib import Path
 
@@ -18,12 +17,11 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .convert import ConvertError
+from .convert import save_model as save_model_directory
 from .loader import load_model, resolve
-from .tuner.adapters import AdapterError, load_adapters, replace_atomically
+from .tuner.adapters import AdapterError, load_adapters
 from .tuner.lora import LoRALinear, dense_weight, fuse_linear
-
-TOKENIZER_FILES = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-                   "merges.txt", "*.model", "*.model.v3", "*.tiktoken", "chat_template*"]
 
 
 def _replace_modules(model, replacement):
@@ -63,22 +61,8 @@ def dequantize_model(model):
 
 
 def save_model(model, source, save_path):
-    """config.json, model.safetensors and the tokenizer files of `source` into `save_path`."""
-    save_path = Path(save_path)
-    save_path.mkdir(parents=True, exist_ok=True)
-    weights = {}
-    for name, value in tree_flatten(model.parameters()):
-        if name.endswith("conv1d.weight"):
-            value = value.swapaxes(1, 2)  # MLX (C, K, 1) -> transformers (C, 1, K)
-        weights[name] = value
-    replace_atomically(save_path / "model.safetensors",
-                       lambda f: mx.save_safetensors(str(f), weights, metadata={"format": "mlx"}))
-    replace_atomically(save_path / "config.json",
-                       lambda f: f.write_text(json.dumps(model.config.to_dict(), indent=2)))
-    for pattern in TOKENIZER_FILES:
-        for file in Path(source).glob(pattern):
-            if file.is_file():
-                shutil.copy2(file, save_path / file.name)
+    """The model as a new directory `save_path` with the tokenizer files of `source`."""
+    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config.to_dict(), Path(source))
 
 
 def main(argv=None):
@@ -101,7 +85,7 @@ def main(argv=None):
         if args.de_quantize:
             dequantize_model(model)
         save_model(model, source, args.save_path)
-    except (AdapterError, CheckpointError, ConfigError, OSError) as e:
+    except (AdapterError, CheckpointError, ConfigError, ConvertError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"Saved the fused model to {args.save_path}")
