@@ -7,8 +7,8 @@ def causal_conv1d(x, weight, bias=None, window=None):
     """x (B, T, C); weight (C, K, 1) (MLX layout); bias (C,); window (B, K-1, C) earlier inputs.
 
     Returns (y (B, T, C), new window (B, K-1, C)). Without a window the sequence starts from zeros.
-    The kernel is applied as K shifted multiply-adds: K is tiny (4), and this is faster on every
-    backend than a grouped convolution with one channel per group.
+    The kernel is applied as K shifted multiply-adds: K is tiny (4), and on MLX's CPU backend this
+    took a third of the time of a grouped convolution with one channel per group.
     """
     width = weight.shape[1]
     if window is None:
