@@ -22,7 +22,8 @@ class CheckpointError(ValueError):
 
 
 # Parameters that stay float32 whatever dtype the rest of the model uses.
-FLOAT32_PARAMETERS = ("A_log", "D", "dt_bias", "norm.weight", "norm_f.weight")
+FLOAT32_PARAMETERS = ("A_log", "D", "dt_bias", "norm.weight", "norm_f.weight", "router.weight",
+                      "score_bias")
 
 
 # Weight files in order of preference: transformers safetensors, Mistral's, then torch's.
@@ -172,6 +173,10 @@ def to_model_names(weights, config: ModelConfig):
     torch stores the depthwise conv kernel as (C, 1, K) where MLX uses (C, K, 1); a tied head is
     dropped.
     """
+    if config.family:
+        from .families import MODULES
+
+        weights = MODULES[config.family].to_model_names(weights, config)
     renamed = {}
     for name, value in weights.items():
         if name.startswith(("model.backbone.", "model.lm_head.")):
@@ -183,6 +188,16 @@ def to_model_names(weights, config: ModelConfig):
     if config.tie_embeddings:
         renamed.pop("lm_head.weight", None)
     return renamed
+
+
+def to_checkpoint_names(weights, config: ModelConfig):
+    """The names a model's tensors have in its family's transformers checkpoints (the inverse of
+    `to_model_names` for converted models; pure Mamba models already use them)."""
+    if not config.family:
+        return weights
+    from .families import MODULES
+
+    return MODULES[config.family].to_checkpoint_names(weights, config)
 
 
 def check_weights(weights, expected):

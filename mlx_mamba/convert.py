@@ -26,7 +26,7 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import CheckpointError
+from .checkpoint import CheckpointError, to_checkpoint_names
 from .config import ConfigError, config_format, load_config, read_config
 from .loader import TOKENIZER_PATTERNS, build_model, cast, download, load_weights, resolve
 from .quantize import (QuantizationError, bits_per_weight, quantization_params, quantize_model,
@@ -71,7 +71,7 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
         weights = cast(weights, dtype)
     if quantization:
         weights = _quantize(model, weights, quantization)
-    config = model.config.to_dict()
+    config = model.config
     del model  # from here on the weights dict holds the only references: shards free as written
 
     def extras(staging):
@@ -89,12 +89,12 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
 
 def save_model(destination, weights, config, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES,
                extras=None):
-    """Write a model directory that `load` reads, atomically: config.json (a dict), the weights
-    (sharded above `max_shard_bytes`), the tokenizer files of `tokenizer_dir`, and whatever
+    """Write a model directory that `load` reads, atomically: config.json (from the ModelConfig
+    `config`), the weights under their checkpoint names (sharded above `max_shard_bytes`), the tokenizer files of `tokenizer_dir`, and whatever
     `extras(staging_directory)` adds. `destination` must not exist; a failure leaves nothing."""
     with _staged(Path(destination)) as staging:
-        _write_json(staging / "config.json", config)
-        _write_weights(weights, staging, max_shard_bytes)
+        _write_json(staging / "config.json", config.to_dict())
+        _write_weights(to_checkpoint_names(weights, config), staging, max_shard_bytes)
         _write_tokenizer(tokenizer_dir, staging)
         if extras is not None:
             extras(staging)

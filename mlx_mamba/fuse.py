@@ -62,7 +62,7 @@ def dequantize_model(model):
 
 def save_model(model, source, save_path):
     """The model as a new directory `save_path` with the tokenizer files of `source`."""
-    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config.to_dict(), Path(source))
+    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config, Path(source))
 
 
 def main(argv=None):

@@ -108,7 +108,8 @@ def generate_step(model, cache, next_inputs, histories, sampler, processors, max
         if len(keep) < len(rows):
             index = mx.array(keep)
             for layer in cache:
-                layer.conv, layer.ssm = layer.conv[index], layer.ssm[index]
+                if layer is not None:
+                    layer.keep(index)
             next_y, next_logprobs = next_y[index], next_logprobs[index]
             history = [history[i] for i in keep] if processors else []
             rows = [rows[i] for i in keep]

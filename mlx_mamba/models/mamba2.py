@@ -27,9 +27,10 @@ class Mamba2(nn.Module):
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=1,
                  chunk_size=256, dt_limit=(0.0, math.inf), conv_bias=True, bias=False,
-                 norm_eps=1e-5):
+                 norm_eps=1e-5, d_inner=None):
+        """d_inner: the SSM width H * P, by default expand * d_model (Nemotron-H sets it)."""
         super().__init__()
-        d_inner = expand * d_model
+        d_inner = d_inner or expand * d_model
         if d_inner % head_dim or (d_inner // head_dim) % n_groups:
             raise ValueError(f"expand * d_model ({d_inner}) must split into heads of {head_dim} "
                              f"whose count divides into {n_groups} groups")
