@@ -200,11 +200,13 @@ def to_checkpoint_names(weights, config: ModelConfig):
     return MODULES[config.family].to_checkpoint_names(weights, config)
 
 
-def check_weights(weights, expected):
-    """Every expected tensor present with its shape, nothing else. expected: {name: shape}."""
+def check_weights(weights, expected, config=None):
+    """Every expected tensor present with its shape, nothing else. expected: {name: shape}.
+    With the model's `config`, a message names a missing tensor as the checkpoint does."""
     for name, shape in expected.items():
         if name not in weights:
-            raise CheckpointError(f"missing tensor {name!r} (expected shape {tuple(shape)})")
+            raise CheckpointError(f"missing tensor {_checkpoint_name(name, shape, config)!r} "
+                                  f"(expected shape {tuple(shape)})")
         if tuple(weights[name].shape) != tuple(shape):
             raise CheckpointError(f"tensor {name!r} has shape {tuple(weights[name].shape)}, "
                                   f"the config implies {tuple(shape)}")
@@ -212,3 +214,10 @@ def check_weights(weights, expected):
     if unexpected:
         raise CheckpointError(f"unexpected tensor {unexpected[0]!r}: the config has no such "
                               "parameter")
+
+
+def _checkpoint_name(name, shape, config):
+    # A lazy placeholder is renamed (and split or unstacked) like the real tensor; never evaluated.
+    if config is None or not config.family:
+        return name
+    return next(iter(to_checkpoint_names({name: mx.zeros(shape)}, config)))

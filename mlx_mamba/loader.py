@@ -83,7 +83,8 @@ def load_weights(path, model):
     (names and shapes) before anything is done with them. Safetensors stay lazy until used."""
     weights = to_model_names(read_weights(path), model.config)
     try:
-        check_weights(weights, {k: v.shape for k, v in tree_flatten(model.parameters())})
+        check_weights(weights, {k: v.shape for k, v in tree_flatten(model.parameters())},
+                      model.config)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return weights

@@ -78,7 +78,9 @@ def join_rows(weights, parts, packed):
         groups.setdefault((match.group(1), match.group(3)), {})[match.group(2)] = value
     for (prefix, suffix), halves in groups.items():
         axis = 0 if halves[parts[0]].ndim < 3 else -2
-        result[f"{prefix}{packed}.{suffix}"] = mx.concatenate([halves[p] for p in parts], axis)
+        # (A lone half only comes from naming one tensor in a message.)
+        result[f"{prefix}{packed}.{suffix}"] = mx.concatenate(
+            [halves[p] for p in parts if p in halves], axis)
     return result
 
 

@@ -23,6 +23,9 @@ def mamba2_fields(config):
     heads = get(config, "mamba_n_heads", 128)
     head_dim = config.get("mamba_d_head", "auto")
     head_dim = max(expand * hidden // heads, 1) if head_dim == "auto" else get(config, "mamba_d_head")
+    if heads * head_dim != expand * hidden:
+        raise ConfigError(f"fields 'mamba_n_heads' * 'mamba_d_head' ({heads} * {head_dim}) must "
+                          f"equal 'mamba_expand' * 'hidden_size' ({expand} * {hidden})")
     return dict(d_model=hidden, expand=expand, inner_size=heads * head_dim, head_dim=head_dim,
                 d_state=get(config, "mamba_d_state", 256), d_conv=get(config, "mamba_d_conv", 4),
                 n_groups=get(config, "mamba_n_groups", 1),
