@@ -126,7 +126,7 @@ def _transformers_with(weights_dir, source, tmp_path):
 
 
 @pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba"])
-@pytest.mark.parametrize("mode", ["affine", "mxfp8"])
+@pytest.mark.parametrize("mode", ["affine", "mxfp4", "nvfp4", "mxfp8"])
 def test_quantized_equals_transformers_on_the_dequantized_weights(flavour, mode, checkpoint,
                                                                   tmp_path):
     source, _ = checkpoint(flavour)
