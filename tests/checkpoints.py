@@ -39,6 +39,18 @@ HYBRIDS = {
         ssm_state_size=8, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=12, moe_shared_expert_intermediate_size=10, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, time_step_min=0.001, time_step_limit=(0.001, float("inf")))),
+    "falcon_h1": ("FalconH1ForCausalLM", dict(
+        HYBRID_COMMON, **HYBRID_MAMBA, num_hidden_layers=3, intermediate_size=24, mamba_d_ssm=64,
+        mamba_rms_norm=True, embedding_multiplier=1.7, lm_head_multiplier=0.6,
+        mlp_multipliers=[0.8, 1.3], ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5],
+        ssm_in_multiplier=1.4, ssm_out_multiplier=0.8, attention_in_multiplier=0.6,
+        attention_out_multiplier=1.5, key_multiplier=0.7,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # Falcon-H1's other gate option (no norm), and a Mamba width that is not expand * hidden.
+    "falcon_h1_no_norm": ("FalconH1ForCausalLM", dict(
+        HYBRID_COMMON, **dict(HYBRID_MAMBA, mamba_n_heads=6), num_hidden_layers=2,
+        intermediate_size=24, mamba_d_ssm=96, mamba_rms_norm=False,
+        ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5])),
 }
 
 # flavour -> (transformers class, config, layout); layout "hf" is save_pretrained,

@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 import mlx_mamba
 from checkpoints import HYBRIDS
-from mlx_mamba.cache import KVCache, MambaCache
+from mlx_mamba.cache import KVCache, LayerCaches, MambaCache
 from mlx_mamba.convert import convert, save_model
 from mlx_mamba.fuse import dequantize_model
 from mlx_mamba.generate import batch_generate, stream_generate
@@ -53,11 +53,12 @@ def hybrid(request, checkpoint):
 
 
 def test_caches_follow_the_layer_kinds(hybrid):
-    flavour, _, reference, model = hybrid
-    kinds = {MambaCache: "mamba2", KVCache: "attention", type(None): ("mlp", "moe")}
+    _, _, _, model = hybrid
+    kinds = {MambaCache: ("mamba1", "mamba2"), KVCache: ("attention",),
+             LayerCaches: ("parallel",), type(None): ("mlp", "moe")}
     for i, cache in enumerate(model.make_cache(2)):
         assert model.config.layer_type(i) in kinds[type(cache)]
-    assert "attention" in model.config.layer_types and "mamba2" in model.config.layer_types
+    assert {"attention", "parallel"} & set(model.config.layer_types)
 
 
 def test_whole_forward_equals_cache_equals_step(hybrid):
@@ -68,7 +69,8 @@ def test_whole_forward_equals_cache_equals_step(hybrid):
     pieces = [model(ids[:, a:b], cache) for a, b in ((0, 5), (5, 16), (16, 25))]
     pieces += [model.step(ids[:, t], cache)[:, None] for t in range(25, 29)]
     assert relative_error(mx.concatenate(pieces, axis=1), whole) < 1e-5
-    assert all(c.length == 29 for c in cache if isinstance(c, KVCache))
+    kv = [c.attention if isinstance(c, LayerCaches) else c for c in cache]
+    assert all(c.length == 29 for c in kv if isinstance(c, KVCache))
 
 
 def test_greedy_generation_equals_transformers(hybrid):
@@ -125,7 +127,7 @@ def _transformers_with(weights_dir, source, tmp_path):
     return transformers.AutoModelForCausalLM.from_pretrained(target).eval()
 
 
-@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba"])
+@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "falcon_h1"])
 @pytest.mark.parametrize("mode", ["affine", "mxfp4", "nvfp4", "mxfp8"])
 def test_quantized_equals_transformers_on_the_dequantized_weights(flavour, mode, checkpoint,
                                                                   tmp_path):
@@ -186,6 +188,9 @@ def _edited(source, tmp_path, edit_config=None, drop=None):
     ("granite_moe", None, "block_sparse_moe.input_linear", "block_sparse_moe.input_linear"),
     ("bamba", lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
      None, "rope_type"),
+    ("falcon_h1", lambda c: c.update(ssm_multipliers=[1.0, 2.0]), None, "ssm_multipliers"),
+    ("falcon_h1", lambda c: c.update(mamba_d_ssm=48), None, "mamba_d_ssm"),
+    ("falcon_h1", lambda c: c.update(key_multiplier="big"), None, "key_multiplier"),
 ])
 def test_bad_hybrid_checkpoints_get_one_error_line(flavour, edit, drop, message, checkpoint,
                                                    tmp_path):

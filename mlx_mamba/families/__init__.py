@@ -122,7 +122,8 @@ def layer_kinds(names, aliases, field):
     return tuple(kinds)
 
 
-from . import bamba, granitemoehybrid, nemotron_h  # noqa: E402
+from . import bamba, falcon_h1, granitemoehybrid, nemotron_h  # noqa: E402
 
-MODULES = {"bamba": bamba, "granitemoehybrid": granitemoehybrid, "nemotron_h": nemotron_h}
+MODULES = {"bamba": bamba, "falcon_h1": falcon_h1, "granitemoehybrid": granitemoehybrid,
+           "nemotron_h": nemotron_h}
 FAMILIES = {name: module.read_config for name, module in MODULES.items()}

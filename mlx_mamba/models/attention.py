@@ -11,13 +11,15 @@ class Attention(nn.Module):
     """x (B, T, d_model) -> (B, T, d_model). q/k/v/o_proj as in the transformers checkpoints.
 
     rope_theta None: no positional encoding (Granite 4.0-H, Nemotron-H); rope_dims: how many
-    leading dims of each head rotate (half the head in Bamba), rotate-half style.
+    leading dims of each head rotate (half the head in Bamba), rotate-half style;
+    key_multiplier scales the keys (Falcon-H1's µP).
     """
 
     def __init__(self, d_model, n_heads, n_kv_heads, head_dim, bias=False, scale=None,
-                 rope_theta=None, rope_dims=0):
+                 rope_theta=None, rope_dims=0, key_multiplier=1.0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.key_multiplier = key_multiplier
         self.scale = head_dim ** -0.5 if scale is None else scale
         self.rope_theta, self.rope_dims = rope_theta, rope_dims or head_dim
         self.q_proj = nn.Linear(d_model, n_heads * head_dim, bias=bias)
@@ -47,6 +49,8 @@ class Attention(nn.Module):
         start = (cache.positions if cache is not None else 0) - pads
         q = self._rope(self._heads(self.q_proj, x, self.n_heads), start)
         k = self._rope(self._heads(self.k_proj, x, self.n_kv_heads), start)
+        if self.key_multiplier != 1.0:
+            k = k * self.key_multiplier
         v = self._heads(self.v_proj, x, self.n_kv_heads)
         past = 0 if cache is None else cache.length
         if cache is not None:

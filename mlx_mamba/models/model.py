@@ -14,6 +14,7 @@ from .mamba1 import Mamba1
 from .mamba2 import Mamba2
 from .mlp import MLP
 from .moe import MoE
+from .parallel import ParallelMixer
 
 
 def make_layer(config: ModelConfig, kind):
@@ -23,12 +24,16 @@ def make_layer(config: ModelConfig, kind):
                       c.mixer_rms_eps)
     if kind == "mamba2":
         return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
-                      c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.norm_eps, c.d_inner)
+                      c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.norm_eps, c.d_inner,
+                      c.mamba_gate_norm, c.ssm_multipliers or None)
     if kind == "attention":
         return Attention(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim, c.attn_bias,
-                         c.attn_scale, c.rope_theta, c.rope_dims)
+                         c.attn_scale, c.rope_theta, c.rope_dims, c.key_multiplier)
+    if kind == "parallel":
+        return ParallelMixer(make_layer(c, "mamba2"), make_layer(c, "attention"),
+                             c.parallel_multipliers)
     if kind == "mlp":
-        return MLP(c.d_model, c.mlp_size, c.mlp_activation, c.mlp_bias)
+        return MLP(c.d_model, c.mlp_size, c.mlp_activation, c.mlp_bias, c.mlp_multipliers)
     return MoE(c.d_model, c.n_experts, c.top_k, c.expert_size, c.mlp_activation,
                c.shared_expert_size, c.router, c.router_groups, c.router_topk_groups,
                c.router_normalize, c.router_scale, c.expert_latent_size, c.mlp_bias)
@@ -76,8 +81,10 @@ class Model(nn.Module):
         # The dtype the layers compute in: that of the first Mamba conv, which is never
         # quantized (a quantized embedding dequantizes to bfloat16 in the fp4/fp8 modes) nor
         # kept in float32 like the norms.
-        return next(layer.mixer.conv1d.weight.dtype for layer in self.backbone.layers
-                    if "conv1d" in layer.mixer)
+        for layer in self.backbone.layers:
+            mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
+            if "conv1d" in mamba:
+                return mamba.conv1d.weight.dtype
 
     def _run(self, input_ids, mix):
         c = self.config
@@ -94,7 +101,7 @@ class Model(nn.Module):
         hidden = self.backbone.norm_f(residual).astype(dtype)
         logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
             else self.lm_head(hidden)
-        return logits / c.logits_divisor if c.logits_divisor != 1.0 else logits
+        return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
 
     def _add(self, residual, branch):
         scale = self.config.residual_multiplier
@@ -133,13 +140,6 @@ def _check_inputs(ids, cache, mask, ndim, layers):
         raise ValueError(f"the cache must be the list of {layers} layer caches that "
                          "model.make_cache() returns")
     for layer in cache:
-        batch = _cache_batch(layer)
-        if batch is not None and batch != shape[0]:
-            raise ValueError(f"the cache holds {batch} sequences, the input has {shape[0]}: "
-                             "make the cache with model.make_cache(batch_size)")
-
-
-def _cache_batch(layer):
-    if layer is None:
-        return None
-    return layer.positions.shape[0] if hasattr(layer, "positions") else layer.conv.shape[0]
+        if layer is not None and layer.batch_size != shape[0]:
+            raise ValueError(f"the cache holds {layer.batch_size} sequences, the input has "
+                             f"{shape[0]}: make the cache with model.make_cache(batch_size)")
