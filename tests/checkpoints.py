@@ -46,6 +46,18 @@ HYBRIDS = {
         ssm_in_multiplier=1.4, ssm_out_multiplier=0.8, attention_in_multiplier=0.6,
         attention_out_multiplier=1.5, key_multiplier=0.7,
         rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # Zamba2: two shared blocks taking turns over three hybrid layers, each invocation with its
+    # own adapters (on q, k, v too), RoPE in the shared attention.
+    "zamba2": ("Zamba2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"],
+        mamba_d_state=8, n_mamba_heads=4, mamba_ngroups=2, chunk_size=8, intermediate_size=24,
+        num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True,
+        time_step_min=0.001)),
+    "zamba2_plain": ("Zamba2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        layers_block_type=["hybrid", "mamba", "hybrid"], mamba_d_state=8, n_mamba_heads=2,
+        chunk_size=8, intermediate_size=24, num_mem_blocks=1, adapter_rank=4)),
     # Falcon-H1's other gate option (no norm), and a Mamba width that is not expand * hidden.
     "falcon_h1_no_norm": ("FalconH1ForCausalLM", dict(
         HYBRID_COMMON, **dict(HYBRID_MAMBA, mamba_n_heads=6), num_hidden_layers=2,

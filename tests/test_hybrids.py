@@ -55,10 +55,10 @@ def hybrid(request, checkpoint):
 def test_caches_follow_the_layer_kinds(hybrid):
     _, _, _, model = hybrid
     kinds = {MambaCache: ("mamba1", "mamba2"), KVCache: ("attention",),
-             LayerCaches: ("parallel",), type(None): ("mlp", "moe")}
+             LayerCaches: ("parallel", "hybrid"), type(None): ("mlp", "moe")}
     for i, cache in enumerate(model.make_cache(2)):
         assert model.config.layer_type(i) in kinds[type(cache)]
-    assert {"attention", "parallel"} & set(model.config.layer_types)
+    assert {"attention", "parallel", "hybrid"} & set(model.config.layer_types)
 
 
 def test_whole_forward_equals_cache_equals_step(hybrid):
@@ -127,7 +127,7 @@ def _transformers_with(weights_dir, source, tmp_path):
     return transformers.AutoModelForCausalLM.from_pretrained(target).eval()
 
 
-@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "falcon_h1"])
+@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "falcon_h1", "zamba2"])
 @pytest.mark.parametrize("mode", ["affine", "mxfp4", "nvfp4", "mxfp8"])
 def test_quantized_equals_transformers_on_the_dequantized_weights(flavour, mode, checkpoint,
                                                                   tmp_path):
@@ -191,7 +191,13 @@ def _edited(source, tmp_path, edit_config=None, drop=None):
     ("falcon_h1", lambda c: c.update(ssm_multipliers=[1.0, 2.0]), None, "ssm_multipliers"),
     ("falcon_h1", lambda c: c.update(mamba_d_ssm=48), None, "mamba_d_ssm"),
     ("falcon_h1", lambda c: c.update(key_multiplier="big"), None, "key_multiplier"),
+    ("zamba2", lambda c: c.update(num_key_value_heads=2), None, "num_key_value_heads"),
+    ("zamba2", lambda c: c.update(layers_block_type=["mamba", "shared"] * 3), None,
+     "layers_block_type.*shared"),
+    ("zamba2", None, "linear_q_adapter_list.2.", "linear_q_adapter_list.2"),
 ])
+
+
 def test_bad_hybrid_checkpoints_get_one_error_line(flavour, edit, drop, message, checkpoint,
                                                    tmp_path):
     source = _edited(checkpoint(flavour)[0], tmp_path, edit, drop)
@@ -201,3 +207,25 @@ def test_bad_hybrid_checkpoints_get_one_error_line(flavour, edit, drop, message,
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_zamba2_blocks_are_shared_in_memory_and_on_disk(checkpoint, tmp_path):
+    source, _ = checkpoint("zamba2")
+    model = mlx_mamba.load(source)[0]
+    names = [n for n, _ in tree_flatten(model.parameters())]
+    assert sum(n.endswith("self_attn.q_proj.weight") for n in names) == 2  # two blocks, 3 uses
+    assert sum(n.endswith("adapters.q.down.weight") for n in names) == 3  # one per invocation
+    written = mx.load(str(convert(source, tmp_path / "out") / "model.safetensors"))
+    assert sum(n.endswith("self_attn.q_proj.weight") for n in written) == 2
+
+
+def test_zamba2_block_copies_that_differ_are_refused(checkpoint, tmp_path):
+    # A checkpoint storing a block again at a later invocation, with other values, is not a
+    # model with shared blocks: refused rather than silently using the first copy.
+    source = _edited(checkpoint("zamba2")[0], tmp_path)
+    weights = dict(mx.load(str(source / "model.safetensors")))
+    first = "model.layers.1.shared_transformer.self_attn.q_proj.weight"
+    weights[first.replace("layers.1.", "layers.4.")] = weights[first] + 1
+    mx.save_safetensors(str(source / "model.safetensors"), weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.4.shared_transformer.*not shared"):
+        mlx_mamba.load(source)

@@ -122,8 +122,8 @@ def layer_kinds(names, aliases, field):
     return tuple(kinds)
 
 
-from . import bamba, falcon_h1, granitemoehybrid, nemotron_h  # noqa: E402
+from . import bamba, falcon_h1, granitemoehybrid, nemotron_h, zamba2  # noqa: E402
 
 MODULES = {"bamba": bamba, "falcon_h1": falcon_h1, "granitemoehybrid": granitemoehybrid,
-           "nemotron_h": nemotron_h}
+           "nemotron_h": nemotron_h, "zamba2": zamba2}
 FAMILIES = {name: module.read_config for name, module in MODULES.items()}

@@ -8,8 +8,8 @@ def relu2(x):
     return mx.square(nn.relu(x))
 
 
-ACTIVATIONS = {"silu": nn.silu, "relu2": relu2}
-GATED = {"silu": True, "relu2": False}
+ACTIVATIONS = {"silu": nn.silu, "gelu": nn.gelu, "relu2": relu2}
+GATED = {"silu": True, "gelu": True, "relu2": False}
 
 
 class MLP(nn.Module):
@@ -25,14 +25,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(d_model, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, d_model, bias=bias)
 
-    def __call__(self, x, cache=None, mask=None):
+    def __call__(self, x, cache=None, mask=None, extra=None):
+        """extra: (gate, up) terms added to those projections (Zamba2's adapters), or None."""
         act = ACTIVATIONS[self.activation]
         if "gate_proj" not in self:
             return self.down_proj(act(self.up_proj(x)))
-        gate = self.gate_proj(x)
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if extra is not None:
+            gate, up = gate + extra[0], up + extra[1]
         if self.gate_multiplier != 1.0:
             gate = gate * self.gate_multiplier
-        y = self.down_proj(act(gate) * self.up_proj(x))
+        y = self.down_proj(act(gate) * up)
         return y * self.down_multiplier if self.down_multiplier != 1.0 else y
 
     def step(self, x, cache=None):
