@@ -72,3 +72,9 @@ def test_chunked_prefill_over_caches_equals_each_row_alone(model, step_size):
     model(mx.array(histories), cache)
     prefill(model, rows, cache, step_size=step_size)
     assert_rows_match(model, cache, [run_alone(model, h, r)[1] for h, r in zip(histories, rows)])
+
+
+def test_a_mask_of_another_shape_is_named(model):
+    message = r"mask has shape \(2, 3\); expected \(batch, length\) = \(2, 4\)"
+    with pytest.raises(ValueError, match=message):
+        model(mx.zeros((2, 4), dtype=mx.int32), mask=mx.ones((2, 3)))

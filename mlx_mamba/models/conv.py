@@ -17,6 +17,9 @@ def causal_conv1d(x, weight, bias=None, window=None, mask=None):
         window = mx.zeros((x.shape[0], width - 1, x.shape[2]), dtype=x.dtype)
     padded = mx.concatenate([window.astype(x.dtype), x], axis=1)  # (B, T+K-1, C)
     if mask is not None:
+        if tuple(mask.shape) != x.shape[:2]:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (batch, length) = "
+                             f"{x.shape[:2]}, those of the input")
         padded = _window_over_padding(padded, mask, width - 1)
     length = x.shape[1]
     taps = weight[:, :, 0].T  # (K, C)
