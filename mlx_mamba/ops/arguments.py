@@ -76,9 +76,10 @@ def check(op, arguments):
                        for v in arguments.values()])
     try:
         hash(described)
-    except TypeError:  # a list or a numpy array somewhere: checked without remembering
-        return _check(op, tuple(arguments), described)
-    _check_remembered(op, tuple(arguments), described)
+    except TypeError:  # a list or a numpy array somewhere: checked, not remembered
+        _check(op, tuple(arguments), described)
+    else:
+        _check_remembered(op, tuple(arguments), described)
 
 
 @functools.lru_cache(maxsize=1024)
