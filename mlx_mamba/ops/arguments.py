@@ -65,6 +65,9 @@ class _Array(NamedTuple):
     shape: tuple
     dtype: mx.Dtype
 
+    def __repr__(self):
+        return f"an mx.array of shape {self.shape}"
+
 
 def check(op, arguments):
     """Raise OpArgumentError naming the first bad argument of `op`; `arguments` maps every
