@@ -7,7 +7,8 @@ import mlx.nn as nn
 
 from .. import ops
 from ..cache import MambaCache
-from .conv import apply_mask, causal_conv1d
+from ..ops.reference import discretize_dt
+from .conv import causal_conv1d
 
 
 def gated_rms_norm(y, z, weight, groups, eps, before_gate=False):
@@ -72,9 +73,8 @@ class Mamba2(nn.Module):
         # projected (..., T, F) -> z (..., T, E), x (..., T, H, P), B, C (..., T, G, N), dt (..., T, H)
         bc = self.n_groups * self.d_state
         z, xBC, dt = mx.split(projected, [self.d_inner, 2 * self.d_inner + 2 * bc], axis=-1)
-        xBC, window = causal_conv1d(apply_mask(xBC, mask), self.conv1d.weight,
-                                    self.conv1d.get("bias"), window)
-        x, B, C = mx.split(apply_mask(nn.silu(xBC), mask), [self.d_inner, self.d_inner + bc], axis=-1)
+        xBC, window = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.get("bias"), window, mask)
+        x, B, C = mx.split(nn.silu(xBC), [self.d_inner, self.d_inner + bc], axis=-1)
         lead = x.shape[:-1]
         return (z, x.reshape(*lead, self.n_heads, self.head_dim),
                 B.reshape(*lead, self.n_groups, self.d_state),
@@ -94,11 +94,17 @@ class Mamba2(nn.Module):
                                             self.gate_norm == "before_gate"))
 
     def __call__(self, x, cache=None, mask=None):
-        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
+        """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
+        were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
         z, x, B, C, dt, window = self._split(self._project(x), cache.conv if cache else None, mask)
+        bias, softplus, limit = self.dt_bias, True, self.dt_limit
+        if mask is not None:
+            # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
+            dt = discretize_dt(dt, bias, softplus, limit) * mask[..., None].astype(mx.float32)
+            bias, softplus, limit = None, False, (0.0, math.inf)
         y, state = ops.ssd(
             x, dt, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.chunk_size, self.D,
-            None, self.dt_bias, True, self.dt_limit, cache.ssm if cache else None, True)
+            None, bias, softplus, limit, cache.ssm if cache else None, True)
         if cache is not None:
             cache.conv, cache.ssm = window, state
         return self._output(y, z)
