@@ -23,7 +23,8 @@ from mlx_mamba.cache import KVCache, LayerCaches, MambaCache
 from mlx_mamba.convert import convert, save_model
 from mlx_mamba.fuse import dequantize_model
 from mlx_mamba.generate import batch_generate, stream_generate
-from mlx_mamba.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from mlx_mamba.prompt_cache import (load_prompt_cache, make_prompt_cache, prefill,
+                                    save_prompt_cache)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(HYBRIDS)
@@ -92,6 +93,23 @@ def test_padded_batch_equals_each_row_alone(hybrid):
     for prompt, result in zip(prompts, together):
         alone = [r.token for r in stream_generate(model, IdTokenizer(), prompt, max_tokens=6)]
         assert result.tokens == alone
+
+
+def test_left_padding_over_a_cache_that_holds_state_is_exact(hybrid):
+    # Rows share a cache that already holds 4 tokens each, then get 1, 6 and 3 more (padded to
+    # 6): every row's next logits equal those of the row run alone.
+    _, _, _, model = hybrid
+    prefixes = [IDS[r, :4].tolist() for r in range(3)]
+    tails = [IDS[0, 4:5].tolist(), IDS[1, 4:10].tolist(), IDS[2, 4:7].tolist()]
+    cache = model.make_cache(3)
+    prefill(model, prefixes, cache, step_size=3)
+    prefill(model, tails, cache, step_size=4)
+    batched = model.step(mx.array([int(IDS[r, 20]) for r in range(3)]), cache)
+    for r in range(3):
+        alone = model.make_cache(1)
+        prefill(model, [prefixes[r] + tails[r]], alone)
+        expected = model.step(mx.array([int(IDS[r, 20])]), alone)
+        assert relative_error(batched[r:r + 1], expected) < 1e-5
 
 
 def test_saved_prompt_cache_resumes_exactly(hybrid, tmp_path):

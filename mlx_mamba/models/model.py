@@ -165,7 +165,8 @@ def _check_inputs(ids, cache, mask, ndim, layers):
     if not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"token ids of dtype {ids.dtype}: expected integers")
     if mask is not None and tuple(mask.shape) != shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected the ids' shape {shape}")
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (batch, length) = "
+                         f"{shape}, those of the ids")
     if cache is None:
         return
     if not isinstance(cache, (list, tuple)) or len(cache) != layers:
