@@ -3,11 +3,11 @@
 import warnings
 
 from . import ops
-from .cache import MambaCache
+from .cache import Mamba3Cache, MambaCache
 from .config import ModelConfig
 from .generate import batch_generate, generate, stream_generate
 from .loader import load
-from .models import Mamba1, Mamba2, Model
+from .models import Mamba1, Mamba2, Mamba3, Model
 
 __version__ = "0.1.0"
 

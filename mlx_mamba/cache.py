@@ -52,6 +52,52 @@ class MambaCache:
         self.ssm = arrays["ssm"].astype(mx.float32)
 
 
+class Mamba3Cache:
+    """A Mamba-3 layer's state, in the official layout: angle (B, H, S), the rotation angles
+    accumulated so far (mod 2π); ssm (B, H, P, N); k (B, R, H, N) and v (B, H, P), the last
+    token's key (B after norm, bias and rotation) and raw x, which the trapezoid's next step
+    needs. All float32; zero at a sequence's start (the first token has no predecessor)."""
+
+    def __init__(self, angle, ssm, k, v):
+        self.angle, self.ssm, self.k, self.v = angle, ssm, k, v
+
+    @classmethod
+    def zeros(cls, batch_size, heads, head_dim, d_state, rank, angles):
+        zeros = lambda *shape: mx.zeros((batch_size, *shape), dtype=mx.float32)  # noqa: E731
+        return cls(zeros(heads, angles), zeros(heads, head_dim, d_state),
+                   zeros(rank, heads, d_state), zeros(heads, head_dim))
+
+    @property
+    def batch_size(self):
+        return self.ssm.shape[0]
+
+    @property
+    def state(self):
+        return [self.angle, self.ssm, self.k, self.v]
+
+    @state.setter
+    def state(self, arrays):
+        self.angle, self.ssm, self.k, self.v = arrays
+
+    def keep(self, rows):
+        self.state = [a[rows] for a in self.state]
+
+    def copy(self):
+        return Mamba3Cache(*self.state)
+
+    def arrays(self):
+        return dict(zip(("angle", "ssm", "k", "v"), self.state))
+
+    def restore(self, arrays):
+        """Take saved `arrays` in place of this (fresh, batch 1) cache's, checking their shapes."""
+        _check_names(arrays, {"angle", "ssm", "k", "v"})
+        for name, fresh in self.arrays().items():
+            if arrays[name].shape != fresh.shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, this model needs "
+                                 f"{fresh.shape}")
+        self.state = [arrays[name].astype(mx.float32) for name in ("angle", "ssm", "k", "v")]
+
+
 class KVCache:
     """An attention layer's keys and values, (B, H_kv, S, head_dim), grown `STEP` positions at a
     time rather than per token. `length` positions are filled. `valid` (B, S) marks the keys
