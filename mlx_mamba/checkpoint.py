@@ -23,7 +23,7 @@ class CheckpointError(ValueError):
 
 # Parameters that stay float32 whatever dtype the rest of the model uses.
 FLOAT32_PARAMETERS = ("A_log", "D", "dt_bias", "norm.weight", "norm_f.weight", "router.weight",
-                      "score_bias")
+                      "score_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o")
 
 
 # Weight files in order of preference: transformers safetensors, Mistral's, then torch's.

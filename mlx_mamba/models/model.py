@@ -13,6 +13,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
+from .mamba3 import Mamba3
 from .mlp import MLP
 from .moe import MoE
 from .parallel import ParallelMixer
@@ -28,6 +29,10 @@ def make_layer(config: ModelConfig, kind):
         return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
                       c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.gate_norm_eps or c.norm_eps,
                       c.d_inner, c.mamba_gate_norm, c.ssm_multipliers or None)
+    if kind == "mamba3":
+        return Mamba3(c.d_model, c.d_state, c.expand, c.head_dim, c.n_groups, c.rope_fraction,
+                      A_floor=c.A_floor, is_outproj_norm=c.is_outproj_norm, is_mimo=c.is_mimo,
+                      mimo_rank=c.mimo_rank, chunk_size=c.chunk_size)
     if kind == "attention":
         return Attention(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim, c.attn_bias,
                          c.attn_scale, c.rope_theta, c.rope_dims, c.key_multiplier)
@@ -108,6 +113,15 @@ class Model(nn.Module):
             mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
             if "conv1d" in mamba:
                 return mamba.conv1d.weight.dtype
+        # No conv (Mamba-3): the dtype of the first projection, or of an affine-quantized one's
+        # scales; with float quantization modes, what the (then quantized) embedding gives.
+        for layer in self.backbone.layers:
+            projection = layer.mixer.get("out_proj")
+            if projection is not None:
+                dtype = projection.get("scales", projection.weight).dtype
+                if mx.issubdtype(dtype, mx.floating):
+                    return dtype
+        return self.backbone.embeddings(mx.zeros((1,), mx.int32)).dtype
 
     def _run(self, input_ids, cache, mask, step):
         c = self.config

@@ -21,7 +21,7 @@ CONFIG_FILE = "adapter_config.json"
 
 # The projections that LoRA adapts when no keys are given.
 DEFAULT_KEYS = {"mamba1": ["in_proj", "x_proj", "dt_proj", "out_proj"],
-                "mamba2": ["in_proj", "out_proj"]}
+                "mamba2": ["in_proj", "out_proj"], "mamba3": ["in_proj", "out_proj"]}
 # The SSM's own parameters, trained by full fine-tuning and optionally next to LoRA.
 SSM_PARAMETERS = ["A_log", "D", "dt_bias"]
 
