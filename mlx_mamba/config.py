@@ -246,8 +246,8 @@ def parameter_count(config):
         "mamba1": 2 * E * D + E * K + (config.dt_rank + 2 * N) * E + config.dt_rank * E
                   + E * N + 3 * E + E * D,
         "mamba2": D * (2 * E + 2 * G * N + H) + (E + 2 * G * N) * K + E * D + 3 * H + E,
-        "mamba3": D * (2 * E + 2 * G * N * R + 3 * H + N) + E * D + 2 * H * R * N
-                  + 3 * H * R * config.head_dim + E,
+        "mamba3": D * (2 * E + 2 * G * N * R + 3 * H + N // 2) + E * D + 2 * H * R * N
+                  + (3 * E * R if config.is_mimo else 0) + 2 * N + 2 * H + E,
         "attention": attention,
         "mlp": 3 * D * config.mlp_size,
         "moe": config.n_experts * (3 * D * config.expert_size + D)

@@ -125,8 +125,8 @@ def test_left_padding_gives_the_unpadded_rows(config):
     assert rel_error(out[:1], mixer(u[:1], Mamba3Cache(*[a[:1] for a in cache.state]))) < 1e-5
 
 
-def test_gradients_match_finite_differences():
-    config = dict(is_mimo=True, ngroups=2, rope_fraction=0.5, is_outproj_norm=True)
+@pytest.mark.parametrize("config", [CONFIGS[6], CONFIGS[13]], ids=config_id)
+def test_gradients_match_finite_differences(config):
     mixer, params = make_mixer(config, seed=7)
     u = inputs(7, batch=1, length=11)
     weights = np.random.default_rng(8).normal(size=(1, 11, D_MODEL))

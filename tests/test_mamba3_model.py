@@ -140,9 +140,10 @@ def test_generation_batches_and_prompt_cache(originals, tmp_path):
             assert float(mx.abs(x - y).max()) < 1e-5
 
 
-def test_lora_on_the_projections_trains_and_fuses(originals):
-    model, _ = mlx_mamba.load(originals["siso"][0])
-    apply_adapters(model, {"fine_tune_type": "lora", "num_layers": -1,
+@pytest.mark.parametrize("flavour", list(SSM_CFGS))
+def test_lora_on_the_projections_trains_and_fuses(originals, flavour):
+    model, _ = mlx_mamba.load(originals[flavour][0])
+    apply_adapters(model, {"fine_tune_type": "lora", "num_layers": -1, "train_ssm_params": True,
                            "lora_parameters": {"rank": 4, "scale": 2.0}})
     adapted = {name.split(".")[-1] for name, m in model.named_modules()
                if isinstance(m, LoRALinear)}
@@ -160,7 +161,10 @@ def test_lora_on_the_projections_trains_and_fuses(originals):
 
     _, grads = nn.value_and_grad(model, loss)(model)
     flat = dict(tree_flatten(grads))
-    assert flat and all(float(mx.abs(g).max()) > 0 for g in flat.values())
+    assert all(float(mx.abs(g).max()) > 0 for g in flat.values())
+    ssm = {"D", "dt_bias", "B_bias", "C_bias"} | ({"mimo_x", "mimo_z", "mimo_o"}
+                                                  if flavour == "mimo" else set())
+    assert {n.split("mixer.")[1] for n in flat if "lora" not in n} == ssm
     before = model(ids)
     fuse.fuse_adapters(model)
     assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())

@@ -23,7 +23,7 @@ CONFIG_FILE = "adapter_config.json"
 DEFAULT_KEYS = {"mamba1": ["in_proj", "x_proj", "dt_proj", "out_proj"],
                 "mamba2": ["in_proj", "out_proj"], "mamba3": ["in_proj", "out_proj"]}
 # The SSM's own parameters, trained by full fine-tuning and optionally next to LoRA.
-SSM_PARAMETERS = ["A_log", "D", "dt_bias"]
+SSM_PARAMETERS = ["A_log", "D", "dt_bias", "B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o"]
 
 
 class AdapterError(ValueError):
@@ -72,7 +72,8 @@ def apply_adapters(model, config):
             setattr(mixer, key, cls(getattr(mixer, key), rank, scale, dropout))
         if config.get("train_ssm_params", False):
             mixer.unfreeze(recurse=False, keys=SSM_PARAMETERS)
-            mixer.conv1d.unfreeze()
+            if "conv1d" in mixer:  # Mamba-3 has none
+                mixer.conv1d.unfreeze()
             if "dt_proj" in mixer:  # Mamba1 keeps its dt bias in dt_proj (inside a LoRA layer too)
                 mixer.dt_proj.unfreeze(keys=["bias"])
     return model
