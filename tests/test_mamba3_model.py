@@ -118,7 +118,10 @@ def test_convert_plain_and_quantized(originals, flavour, tmp_path):
     model, _ = mlx_mamba.load(quantized)
     mixer = model.backbone.layers[0].mixer
     assert type(mixer.in_proj).__name__ == type(mixer.out_proj).__name__ == "QuantizedLinear"
-    assert relative_error(model(mx.array(IDS)), expected) < 0.05
+    logits = model(mx.array(IDS))
+    assert relative_error(logits, expected) < 0.1  # 8-bit rounding of every projection
+    fuse.dequantize_model(model)  # the quantized layers compute exactly with their own weights
+    assert relative_error(logits, np.array(model(mx.array(IDS)), np.float64)) < 1e-5
 
 
 def test_generation_batches_and_prompt_cache(originals, tmp_path):
