@@ -536,9 +536,10 @@ def _validate_mamba3(config):
     if config.rope_fraction not in (0.5, 1.0):
         raise ConfigError(f"field 'ssm_cfg.rope_fraction' is {config.rope_fraction!r}: expected "
                           "0.5 or 1.0")
-    if config.d_state % 2:
+    if config.d_state % 2 or config.d_state * config.rope_fraction < 2:
         raise ConfigError(f"field 'ssm_cfg.d_state' is {config.d_state}: Mamba-3 rotates its "
-                          "state in pairs, so it must be even")
+                          f"state in pairs, so it must be even, with at least one pair rotated "
+                          f"(rope_fraction {config.rope_fraction})")
     if not 0 <= config.A_floor < math.inf:
         raise ConfigError(f"field 'ssm_cfg.A_floor' is {config.A_floor!r}: expected a "
                           "non-negative number")

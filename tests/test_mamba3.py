@@ -166,7 +166,7 @@ def test_official_parameter_names_and_shapes():
 
 @pytest.mark.parametrize("kwargs, field", [
     (dict(rope_fraction=0.7), "rope_fraction"), (dict(headdim=7), "headdim"),
-    (dict(ngroups=3), "ngroups"), (dict(d_state=9), "d_state"),
+    (dict(ngroups=3), "ngroups"), (dict(d_state=9), "d_state"), (dict(d_state=2), "d_state"),
     (dict(is_mimo=True, mimo_rank=0), "mimo_rank")])
 def test_bad_settings_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):

@@ -176,6 +176,7 @@ def test_lora_on_the_projections_trains_and_fuses(originals, flavour):
 
 @pytest.mark.parametrize("change, field", [
     (dict(rope_fraction=0.25), "ssm_cfg.rope_fraction"), (dict(d_state=15), "ssm_cfg.d_state"),
+    (dict(d_state=2), "ssm_cfg.d_state"),
     (dict(is_mimo="yes"), "ssm_cfg.is_mimo"), (dict(bias=True), "ssm_cfg.bias"),
     (dict(conv_dim=3), "ssm_cfg.conv_dim"), (dict(A_floor=-1.0), "ssm_cfg.A_floor"),
     (dict(layer="Mamba4"), "ssm_cfg.layer")])

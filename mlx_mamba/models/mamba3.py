@@ -38,8 +38,9 @@ class Mamba3(nn.Module):
         if d_inner % headdim or (d_inner // headdim) % ngroups:
             raise ValueError(f"expand * d_model ({d_inner}) must split into heads of headdim "
                              f"{headdim} whose count divides into ngroups {ngroups}")
-        if d_state % 2 or d_state < 2:
-            raise ValueError(f"d_state is {d_state}: expected an even number (rotated in pairs)")
+        if d_state % 2 or d_state * rope_fraction < 2:
+            raise ValueError(f"d_state is {d_state}: expected an even number (rotated in pairs) "
+                             f"with at least one pair rotated (rope_fraction {rope_fraction})")
         if is_mimo and mimo_rank < 1:
             raise ValueError(f"mimo_rank is {mimo_rank}: expected at least 1")
         self.d_inner, self.d_state, self.headdim, self.ngroups = d_inner, d_state, headdim, ngroups
