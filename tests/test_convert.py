@@ -420,8 +420,8 @@ def unknown_architecture(c, t):
 
 def bad_config_field(c, t):
     d = copy_of(c, "mamba1_original", t)
-    edit_config(d, ssm_cfg={"layer": "Mamba3"})
-    return d, "field 'ssm_cfg.layer' is 'Mamba3'"
+    edit_config(d, ssm_cfg={"layer": "Mamba4"})
+    return d, "field 'ssm_cfg.layer' is 'Mamba4'"
 
 
 def missing_directory(c, t):

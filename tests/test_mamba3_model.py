@@ -114,6 +114,14 @@ def test_convert_plain_and_quantized(originals, flavour, tmp_path):
     model, _ = mlx_mamba.load(plain)
     assert model.config.arch == "mamba3"
     assert relative_error(model(mx.array(IDS)), expected) < 1e-4
+    half, _ = mlx_mamba.load(convert(directory, tmp_path / "bf16", dtype="bfloat16"))
+    mixer = half.backbone.layers[0].mixer
+    assert mixer.in_proj.weight.dtype == mx.bfloat16
+    # The small per-head parameters stay float32, as the official module keeps them.
+    assert {v.dtype for k, v in tree_flatten(mixer.parameters())
+            if k.endswith(("B_bias", "C_bias", "mimo_x", "mimo_z", "mimo_o", "D", "dt_bias"))} \
+        == {mx.float32}
+    assert relative_error(half(mx.array(IDS)).astype(mx.float32), expected) < 0.03
     quantized = convert(directory, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
     model, _ = mlx_mamba.load(quantized)
     mixer = model.backbone.layers[0].mixer
