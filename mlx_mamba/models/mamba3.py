@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import Mamba3Cache
-from ..ops.mamba3 import mamba3_scan, mamba3_step
+from ..ops.mamba3 import mamba3_scan, mamba3_step, wrap, wrapped_cumsum
 from .mamba2 import gated_rms_norm
 
 NORM_EPS = 1e-5  # B_norm, C_norm and the output norm
@@ -110,8 +110,7 @@ class Mamba3(nn.Module):
         A = mx.minimum(-heavy_tail(f32(dd_A)), -self.A_floor)
         # θ_t = θ_{t-1} + π tanh(angles_t) Δ_t: shared angles, each head turning with its own Δ.
         turn = math.pi * mx.tanh(f32(angles))[:, :, None, :] * dt[..., None]
-        angle = cache.angle[:, None] + mx.cumsum(turn, axis=1)
-        angle = angle - 2 * math.pi * mx.floor(angle / (2 * math.pi))
+        angle = wrap(cache.angle[:, None] + wrapped_cumsum(turn))
         cos, sin = mx.cos(angle)[..., None, :], mx.sin(angle)[..., None, :]
         q = self._rotate(self._keys(C, self.C_norm, self.C_bias), cos, sin)
         k = self._rotate(self._keys(B, self.B_norm, self.B_bias), cos, sin)

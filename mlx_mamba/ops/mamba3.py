@@ -9,9 +9,46 @@ SSD with the input weight w_s, except on the diagonal (t = s), whose weight is �
 MIMO layer are summed in the state: within a chunk, (token, rank) pairs are the rows of one matrix.
 """
 
+import math
+
 import mlx.core as mx
 
 from .reference import MAX_SSD_CHUNK, exp, linear_scan, segment_sums
+
+
+TWO_PI = 2 * math.pi
+# 2π as float32 plus the remainder: subtracting the two in turn takes whole turns off an angle
+# without the 1.7e-7 rad per turn that float32's 2π alone would leave (3e-4 after 2000 turns).
+TWO_PI_HIGH = mx.array(TWO_PI, mx.float32).item()
+TWO_PI_LOW = TWO_PI - TWO_PI_HIGH
+
+# Positions per block of `wrapped_cumsum`.
+ANGLE_BLOCK = 8
+
+
+def wrap(angle):
+    """angle mod 2π, in [0, 2π) up to rounding."""
+    turns = mx.floor(angle / TWO_PI)
+    return angle - turns * TWO_PI_HIGH - turns * TWO_PI_LOW
+
+
+def wrapped_cumsum(x):
+    """Cumulative sums along axis 1, mod 2π, of x (b, L, ...) float32.
+
+    Summed blockwise with every partial sum wrapped, as the official kernel wraps its running
+    angle per chunk: a plain cumulative sum grows with L (thousands of radians after a few
+    thousand tokens) and loses float32 precision that wrapping at the end cannot recover.
+    """
+    length = x.shape[1]
+    if length <= ANGLE_BLOCK:
+        return wrap(mx.cumsum(x, axis=1))
+    blocks = -(-length // ANGLE_BLOCK)
+    pad = blocks * ANGLE_BLOCK - length
+    x = mx.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    within = mx.cumsum(x.reshape(x.shape[0], blocks, ANGLE_BLOCK, *x.shape[2:]), axis=2)
+    ends = wrapped_cumsum(wrap(within[:, :, -1]))  # (b, blocks, ...): each block's end angle
+    before = mx.concatenate([mx.zeros_like(ends[:, :1]), ends[:, :-1]], axis=1)
+    return wrap(within + mx.expand_dims(before, 2)).reshape(x.shape)[:, :length]
 
 
 def _fold_previous(state, k, v, weight):
