@@ -73,7 +73,8 @@ def mamba3_scan(q, k, v, dA, dt, trap, chunk_size, initial=None):
         state, k_prev, v_prev = initial
         state = _fold_previous(state, k_prev, v_prev, previous[:, 0])
 
-    chunk = min(chunk_size, MAX_SSD_CHUNK, length)
+    # A chunk's matrices are (l·R)²: MIMO takes l = 64 / R, as the official module recommends.
+    chunk = min(chunk_size, max(MAX_SSD_CHUNK // rank, 1), length)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
     if pad:
