@@ -130,6 +130,10 @@ def test_convert_plain_and_quantized(originals, flavour, tmp_path):
     assert relative_error(logits, expected) < 0.1  # 8-bit rounding of every projection
     fuse.dequantize_model(model)  # the quantized layers compute exactly with their own weights
     assert relative_error(logits, np.array(model(mx.array(IDS)), np.float64)) < 1e-5
+    # mxfp4 leaves no float weight in a layer: the model computes in what the embedding gives.
+    fp4, _ = mlx_mamba.load(convert(directory, tmp_path / "fp4", quantize=True, q_mode="mxfp4"))
+    logits = fp4(mx.array(IDS))
+    assert logits.dtype == mx.bfloat16 and bool(mx.all(mx.isfinite(logits)))
 
 
 def test_generation_batches_and_prompt_cache(originals, tmp_path):

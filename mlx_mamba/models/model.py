@@ -118,6 +118,7 @@ class Model(nn.Module):
         for layer in self.backbone.layers:
             projection = layer.mixer.get("out_proj")
             if projection is not None:
+                projection = projection.get("linear", projection)  # the layer inside a LoRA
                 dtype = projection.get("scales", projection.weight).dtype
                 if mx.issubdtype(dtype, mx.floating):
                     return dtype
