@@ -540,6 +540,12 @@ def _validate_mamba3(config):
         raise ConfigError(f"field 'ssm_cfg.d_state' is {config.d_state}: Mamba-3 rotates its "
                           f"state in pairs, so it must be even, with at least one pair rotated "
                           f"(rope_fraction {config.rope_fraction})")
+    rank = config.mimo_rank if config.is_mimo else 1
+    rows = 2 * config.d_inner + 2 * config.d_state * config.n_groups * rank + 3 * config.n_heads
+    if (rows + config.d_state) * config.d_model >= 2 ** 31:
+        raise ConfigError(f"fields 'ssm_cfg.d_state', 'ngroups', 'mimo_rank', 'expand' "
+                          f"({config.d_state}, {config.n_groups}, {rank}, {config.expand}): "
+                          "Mamba-3's in_proj would exceed MLX's 2**31 elements per array")
     if not 0 <= config.A_floor < math.inf:
         raise ConfigError(f"field 'ssm_cfg.A_floor' is {config.A_floor!r}: expected a "
                           "non-negative number")

@@ -191,7 +191,8 @@ def test_lora_on_the_projections_trains_and_fuses(originals, flavour):
     (dict(d_state=2), "ssm_cfg.d_state"),
     (dict(is_mimo="yes"), "ssm_cfg.is_mimo"), (dict(bias=True), "ssm_cfg.bias"),
     (dict(conv_dim=3), "ssm_cfg.conv_dim"), (dict(A_floor=-1.0), "ssm_cfg.A_floor"),
-    (dict(layer="Mamba4"), "ssm_cfg.layer")])
+    (dict(layer="Mamba4"), "ssm_cfg.layer"),
+    (dict(is_mimo=True, mimo_rank=10 ** 8), "mimo_rank")])
 def test_bad_mamba3_configs_name_the_field(change, field):
     config = {"d_model": D_MODEL, "n_layer": 1, "vocab_size": VOCAB,
               "ssm_cfg": {**SSM_CFGS["siso"], **change}}
