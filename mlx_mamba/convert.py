@@ -11,7 +11,6 @@ destination and renamed into place at the end: a failure or Ctrl-C leaves nothin
 existing directory is never touched.
 """
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -26,11 +25,13 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError, config_format, load_config, read_config
+from .files import check_directory_path, save_safetensors
 from .loader import TOKENIZER_PATTERNS, build_model, cast, download, load_weights, resolve
-from .quantize import (QuantizationError, bits_per_weight, quantization_params, quantize_model,
-                       unfit_layers)
+from .quantize import (MODES, QuantizationError, accepted, bits_per_weight, quantization_params,
+                       quantize_model, unfit_layers)
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm: one model.safetensors up to 5 GiB, else shards + index
 DTYPES = ("float16", "bfloat16", "float32")
@@ -52,12 +53,12 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
             max_shard_bytes=MAX_SHARD_BYTES):
     """Convert `hf_path` (directory or repo id) into the new directory `mlx_path`; returns it."""
     destination = Path(mlx_path).expanduser()
-    if destination.exists():
-        raise ConvertError(f"{destination}: already exists; choose another --mlx-path "
-                           "(it was left untouched)")
+    check_destination(destination, "--mlx-path")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     quantization = quantization_params(q_bits, q_group_size, q_mode) if quantize else None
+    if upload_repo:
+        _check_repo_id(upload_repo)
 
     source = resolve(hf_path)
     model = build_model(load_config(source))
@@ -87,17 +88,34 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
     return destination
 
 
+def check_destination(destination, flag="the destination"):
+    """Raise ConvertError (or NotADirectoryError) unless the new directory `destination` can be
+    made: it does not exist, and no parent of it is a file. Checked before any work."""
+    destination = Path(destination).expanduser()
+    if destination.exists():
+        raise ConvertError(f"{destination}: already exists; choose another {flag} "
+                           "(it was left untouched)")
+    check_directory_path(destination)
+
+
 def save_model(destination, weights, config, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES,
                extras=None):
     """Write a model directory that `load` reads, atomically: config.json (a dict), the weights
     (sharded above `max_shard_bytes`), the tokenizer files of `tokenizer_dir`, and whatever
     `extras(staging_directory)` adds. `destination` must not exist; a failure leaves nothing."""
-    with _staged(Path(destination)) as staging:
-        _write_json(staging / "config.json", config)
-        _write_weights(weights, staging, max_shard_bytes)
-        _write_tokenizer(tokenizer_dir, staging)
-        if extras is not None:
-            extras(staging)
+    destination = Path(destination).expanduser()
+    check_destination(destination)
+    try:
+        with _staged(destination) as staging:
+            _write_json(staging / "config.json", config)
+            _write_weights(weights, staging, max_shard_bytes)
+            _write_tokenizer(tokenizer_dir, staging)
+            if extras is not None:
+                extras(staging)
+    except OSError as e:  # a full disk, most often: name the file, not the hidden staging path
+        reason = f"{Path(e.filename).name}: {e.strerror}" if e.filename and e.strerror else e
+        raise ConvertError(f"{destination}: could not be written ({reason}); nothing was left "
+                           "behind") from None
 
 
 def _stored_dtype(weights):
@@ -210,7 +228,7 @@ def _write_weights(weights, directory, max_shard_bytes):
             for value in shard.values():
                 mx.eval(value)
                 progress.update(value.nbytes)
-            mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+            save_safetensors(directory / name, shard, metadata={"format": "mlx"})
             weight_map.update(dict.fromkeys(shard, name))
             del shard
     if len(names) > 1:
@@ -278,6 +296,16 @@ def _write_model_card(directory, repo, hf_path, quantization):
         f"```python\nimport mlx_mamba\n\nmodel, tokenizer = mlx_mamba.load(\"{repo}\")\n```\n")
 
 
+def _check_repo_id(repo):
+    # Before the conversion, not after it.
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise ConvertError(f"--upload-repo {repo!r}: not a repo id ({e})") from None
+
+
 def _upload(directory, repo):
     import huggingface_hub
 
@@ -291,26 +319,32 @@ def _upload(directory, repo):
     print(f"[INFO] Uploaded to https://huggingface.co/{repo}")
 
 
+def _per_mode(index):
+    # "affine 32|64|128 (default 64), mxfp4 32, ..." for the group sizes (0) or bits (1).
+    return ", ".join(f"{mode} {accepted(values[index])}" + (
+        f" (default {values[index][0]})" if len(values[index]) > 1 else "")
+        for mode, values in MODES.items())
+
+
 def parser():
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="convert.py", description="Convert a Mamba or Mamba2 checkpoint to MLX safetensors.")
     p.add_argument("--hf-path", "--model", required=True,
                    help="A local directory or a Hugging Face repo id.")
-    p.add_argument("--mlx-path", default="mlx_model",
-                   help="The new directory to write (default: mlx_model).")
+    p.add_argument("--mlx-path", default="mlx_model", help="The new directory to write")
     p.add_argument("--dtype", choices=DTYPES,
                    help="dtype of the unquantized weights (default: as stored). A_log, D, "
                         "dt_bias and the norms stay float32.")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the projections, "
                    "embedding and lm_head.")
-    p.add_argument("--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8),
-                   help="Bits per weight (default: 4; 8 for mxfp8).")
-    p.add_argument("--q-group-size", type=int, choices=(16, 32, 64, 128),
-                   help="Group size (default: 64 for affine, 32 for mxfp4/mxfp8, 16 for nvfp4).")
-    p.add_argument("--q-mode", choices=("affine", "mxfp4", "nvfp4", "mxfp8"), default="affine",
-                   help="Quantization mode (default: affine).")
-    p.add_argument("--tokenizer", help="Take the tokenizer from this directory or repo id.")
-    p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo.")
+    p.add_argument("--q-bits", type=int, help=f"Bits per weight, by --q-mode: {_per_mode(1)}.")
+    p.add_argument("--q-group-size", type=int,
+                   help=f"Group size, by --q-mode: {_per_mode(0)}.")
+    p.add_argument("--q-mode", choices=tuple(MODES), default="affine", help="Quantization mode")
+    p.add_argument("--tokenizer", help="Take the tokenizer from this directory or repo id "
+                   "(default: the source's).")
+    p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo "
+                   "(default: no upload).")
     return p
 
 
@@ -329,7 +363,7 @@ def main(argv=None):
                 q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode,
                 tokenizer=args.tokenizer, upload_repo=args.upload_repo)
     except (ConvertError, ConfigError, CheckpointError, QuantizationError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.fail(e)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was left behind", file=sys.stderr)

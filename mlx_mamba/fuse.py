@@ -7,7 +7,6 @@ quantized), model.safetensors (transformers tensor names; written by convert.py'
 atomic the same way) and the tokenizer files. OUT must not exist yet.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -15,9 +14,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .convert import ConvertError
+from .convert import ConvertError, check_destination
 from .convert import save_model as save_model_directory
 from .loader import load_model, resolve
 from .tuner.adapters import AdapterError, load_adapters
@@ -66,16 +66,18 @@ def save_model(model, source, save_path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mlx_mamba.fuse",
-                                     description=__doc__.split("\n")[0])
+    parser = cli.ArgumentParser(prog="python -m mlx_mamba.fuse",
+                                description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
     parser.add_argument("--adapter-path", default="adapters",
                         help="directory with adapters.safetensors and adapter_config.json")
-    parser.add_argument("--save-path", default="fused_model", help="output directory")
+    parser.add_argument("--save-path", default="fused_model",
+                        help="the new output directory (it must not exist)")
     parser.add_argument("--de-quantize", action="store_true",
                         help="save a float model (drops the config's quantization entry)")
     args = parser.parse_args(argv)
     try:
+        check_destination(args.save_path, "--save-path")
         source = resolve(args.model)
         print("Loading pretrained model", flush=True)
         model = load_model(source)
@@ -86,7 +88,7 @@ def main(argv=None):
             dequantize_model(model)
         save_model(model, source, args.save_path)
     except (AdapterError, CheckpointError, ConfigError, ConvertError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.fail(e)
         return 1
     print(f"Saved the fused model to {args.save_path}")
     return 0

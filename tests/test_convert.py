@@ -483,9 +483,12 @@ def test_interrupted_run_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"], "--q-mode mxfp4 needs --q-group-size 32"),
-    (["-q", "--q-bits", "8", "--q-mode", "nvfp4"], "--q-mode nvfp4 needs --q-group-size 16"),
-    (["-q", "--q-group-size", "16"], "--q-group-size 16: affine quantization takes one of"),
+    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"], "--q-group-size 64: --q-mode mxfp4 takes 32"),
+    (["-q", "--q-bits", "8", "--q-mode", "nvfp4"], "--q-bits 8: --q-mode nvfp4 takes 4"),
+    (["-q", "--q-group-size", "16"], "--q-group-size 16: --q-mode affine takes 32|64|128"),
+    (["-q", "--q-group-size", "48"], "--q-group-size 48: --q-mode affine takes 32|64|128"),
+    (["-q", "--q-bits", "7"], "--q-bits 7: --q-mode affine takes 2|3|4|5|6|8"),
+    (["-q", "--q-mode", "mxfp8", "--q-bits", "4"], "--q-bits 4: --q-mode mxfp8 takes 8"),
 ])
 def test_bad_quantization_flags(flags, message, checkpoint, tmp_path, capsys):
     err = fails_cleanly(["--hf-path", checkpoint("mamba2")[0], "--mlx-path", tmp_path / "out",

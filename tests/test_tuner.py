@@ -296,7 +296,9 @@ def test_missing_files_are_clear_errors(tiny_model, text_data, tmp_path, capsys)
          "none/adapter_config.json: adapter config not found"),
         (["--train", "--data", text_data, "--resume-adapter-file", tmp_path / "no.safetensors"],
          "no.safetensors: adapter file not found"),
-        (["--train", "--data", tmp_path / "nodata"], "nodata/train.jsonl: not found"),
+        (["--train", "--data", tmp_path / "nodata"], "nodata: does not exist"),
+        (["--train", "--data", text_data / "train.jsonl"], "train.jsonl: is not a directory"),
+        (["--train", "--data", tmp_path], "train.jsonl: not found"),
         (["--train", "--data", text_data, "--num-layers", 5], "num_layers 5: the model has 2"),
     ]:
         code, _, err = run_cli(lora, ["--model", model, "--iters", 1, *args], capsys)
@@ -314,8 +316,7 @@ def test_interrupted_save_keeps_the_last_checkpoint(tiny_model, tmp_path, monkey
     perturb_trainable(model)
 
     def crash(file, weights, **kwargs):
-        with open(file, "wb") as f:
-            f.write(b"half a file")
+        file.write(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(adapters_module.mx, "save_safetensors", crash)

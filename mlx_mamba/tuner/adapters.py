@@ -7,13 +7,14 @@ adapted model for resuming, testing and fusing.
 """
 
 import json
-import os
+import math
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from ..files import replace_atomically, save_safetensors
 from .lora import DoRALinear, LoRALinear
 
 ADAPTER_FILE = "adapters.safetensors"
@@ -30,6 +31,44 @@ class AdapterError(ValueError):
     """Adapter files or settings that do not fit; the message names the file or setting."""
 
 
+def _is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_adapter_config(config):
+    """Raise AdapterError naming the first field of an adapter config of the wrong type or range
+    (whether num_layers fits the model is checked when adapting it)."""
+    if not isinstance(config, dict):
+        raise AdapterError(f"the adapter config is a {type(config).__name__}: expected an object")
+    kind = config.get("fine_tune_type", "lora")
+    if kind not in ("lora", "dora", "full"):
+        raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
+    num_layers = config.get("num_layers", 16)
+    if not (_is_int(num_layers) and (num_layers == -1 or num_layers >= 1)):
+        raise AdapterError(f"num_layers {num_layers!r}: expected a positive integer, or -1 for all")
+    if not isinstance(config.get("train_ssm_params", False), bool):
+        raise AdapterError(f"train_ssm_params {config['train_ssm_params']!r}: expected true or "
+                           "false")
+    lora = config.get("lora_parameters", {})
+    if not isinstance(lora, dict):
+        raise AdapterError(f"lora_parameters {lora!r}: expected an object")
+    rank, scale = lora.get("rank", 8), lora.get("scale", 20.0)
+    dropout, keys = lora.get("dropout", 0.0), lora.get("keys")
+    if not (_is_int(rank) and rank >= 1):
+        raise AdapterError(f"lora_parameters.rank {rank!r}: expected a positive integer")
+    if not _is_number(scale):
+        raise AdapterError(f"lora_parameters.scale {scale!r}: expected a finite number")
+    if not (_is_number(dropout) and 0.0 <= dropout < 1.0):
+        raise AdapterError(f"lora_parameters.dropout {dropout!r}: expected a probability in "
+                           "[0, 1)")
+    if keys is not None and not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+        raise AdapterError(f"lora_parameters.keys {keys!r}: expected a list of projection names")
+
+
 def adapted_layers(model, num_layers):
     layers = model.backbone.layers
     if num_layers == -1:
@@ -42,9 +81,8 @@ def adapted_layers(model, num_layers):
 
 def apply_adapters(model, config):
     """Freeze `model` and make the parameters that `config` trains trainable, in place."""
+    check_adapter_config(config)
     kind = config.get("fine_tune_type", "lora")
-    if kind not in ("lora", "dora", "full"):
-        raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
     model.freeze()
     layers = adapted_layers(model, config.get("num_layers", min(16, model.config.n_layer)))
     if kind == "full":
@@ -57,18 +95,14 @@ def apply_adapters(model, config):
     lora = config.get("lora_parameters", {})
     keys = lora.get("keys") or DEFAULT_KEYS[model.config.arch]
     rank, scale, dropout = lora.get("rank", 8), lora.get("scale", 20.0), lora.get("dropout", 0.0)
-    if not isinstance(rank, int) or rank < 1:
-        raise AdapterError(f"LoRA rank {rank!r}: expected a positive integer")
-    if not 0.0 <= dropout < 1.0:
-        raise AdapterError(f"LoRA dropout {dropout!r}: expected a probability in [0, 1)")
     cls = DoRALinear if kind == "dora" else LoRALinear
     for layer in layers:
         mixer = layer.mixer
         for key in keys:
             if key not in mixer:
                 known = ", ".join(DEFAULT_KEYS[model.config.arch])
-                raise AdapterError(f"LoRA key {key!r}: a {model.config.arch} mixer has no such "
-                                   f"projection (it has {known})")
+                raise AdapterError(f"lora_parameters.keys: a {model.config.arch} mixer has no "
+                                   f"projection {key!r} (it has {known})")
             setattr(mixer, key, cls(getattr(mixer, key), rank, scale, dropout))
         if config.get("train_ssm_params", False):
             mixer.unfreeze(recurse=False, keys=SSM_PARAMETERS)
@@ -88,7 +122,7 @@ def load_adapter_weights(model, file):
     if not file.is_file():
         raise AdapterError(f"{file}: adapter file not found")
     try:
-        weights = mx.load(str(file))
+        weights = mx.load(str(file), format="safetensors")
     except Exception as e:  # MLX raises bare RuntimeError/ValueError on a damaged file
         raise AdapterError(f"{file}: not a readable safetensors file ({e})") from None
     expected = trainable_weights(model)
@@ -111,29 +145,18 @@ def read_adapter_config(adapter_path):
     if not file.is_file():
         raise AdapterError(f"{file}: adapter config not found")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise AdapterError(f"{file}: not valid JSON ({e})") from None
+        config = json.loads(file.read_text(encoding="utf-8"))
+        check_adapter_config(config)
+    except (AdapterError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise AdapterError(f"{file}: {e}" if isinstance(e, AdapterError) else
+                           f"{file}: not valid JSON ({e})") from None
+    return config
 
 
 def load_adapters(model, adapter_path):
     """Adapt `model` as saved in `adapter_path` and load the adapter weights, in place."""
     apply_adapters(model, read_adapter_config(adapter_path))
     return load_adapter_weights(model, Path(adapter_path) / ADAPTER_FILE)
-
-
-def replace_atomically(path, write):
-    """Call write(temporary path), then move the result over `path`: an interrupted write never
-    leaves a damaged `path` behind. The temporary name keeps the suffix (MLX appends one)."""
-    path = Path(path)
-    temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
-    try:
-        write(temporary)
-        with open(temporary, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 def save_adapters(model, adapter_path, config, iteration=None):
@@ -148,5 +171,5 @@ def save_adapters(model, adapter_path, config, iteration=None):
     if iteration is not None:
         files.append(adapter_path / f"{iteration:07d}_{ADAPTER_FILE}")
     for file in files:
-        replace_atomically(file, lambda f: mx.save_safetensors(str(f), weights))
+        replace_atomically(file, lambda f: save_safetensors(f, weights))
     return files

@@ -8,11 +8,16 @@ process would make on the whole batch, however the batch is split.
 """
 
 import functools
+import math
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+
+
+class TrainingError(ValueError):
+    """Training that cannot go on (its loss is no longer finite); the message says when."""
 
 
 def loss_terms(model, batch):
@@ -90,7 +95,8 @@ def train(model, optimizer, train_batches, *, iters, val_batches=(), steps_per_e
     train_batches: an iterator of `Batch`es (the whole batch; each rank takes its rows), of which
     each step uses `grad_accumulation_steps`. val_batches: a sequence of batches, evaluated
     before training, every `steps_per_eval` steps and at the end. save(iteration): called every
-    `save_every` steps on rank 0. Progress goes to `log` on rank 0.
+    `save_every` steps on rank 0. Progress goes to `log` on rank 0. Raises TrainingError when the
+    loss stops being finite: the weights are then useless and no later save happens.
     """
     world = world or mx.distributed.init()
     log = log if world.rank() == 0 else (lambda *args, **kwargs: None)
@@ -130,6 +136,10 @@ def train(model, optimizer, train_batches, *, iters, val_batches=(), steps_per_e
     for iteration in range(1, iters + 1):
         start = time.perf_counter()
         loss, weighted, tokens = step()
+        if not math.isfinite(loss):
+            raise TrainingError(f"the training loss is {loss} at iteration {iteration}: training "
+                                "diverged (is the learning rate too high?); nothing from this "
+                                "iteration on is saved")
         window["seconds"] += time.perf_counter() - start
         window["loss"] += loss
         window["weighted"] += weighted
