@@ -105,17 +105,12 @@ def save_model(destination, weights, config, tokenizer_dir=None, max_shard_bytes
     `extras(staging_directory)` adds. `destination` must not exist; a failure leaves nothing."""
     destination = Path(destination).expanduser()
     check_destination(destination)
-    try:
-        with _staged(destination) as staging:
-            _write_json(staging / "config.json", config)
-            _write_weights(weights, staging, max_shard_bytes)
-            _write_tokenizer(tokenizer_dir, staging)
-            if extras is not None:
-                extras(staging)
-    except OSError as e:  # a full disk, most often: name the file, not the hidden staging path
-        reason = f"{Path(e.filename).name}: {e.strerror}" if e.filename and e.strerror else e
-        raise ConvertError(f"{destination}: could not be written ({reason}); nothing was left "
-                           "behind") from None
+    with _staged(destination) as staging:
+        _write_json(staging / "config.json", config)
+        _write_weights(weights, staging, max_shard_bytes)
+        _write_tokenizer(tokenizer_dir, staging)
+        if extras is not None:
+            extras(staging)
 
 
 def _stored_dtype(weights):
@@ -252,22 +247,30 @@ def _make_shards(weights, max_bytes):
 @contextlib.contextmanager
 def _staged(destination):
     """A hidden directory next to `destination`, renamed to it when the block succeeds and
-    removed, with any parent directories made for it, when it fails or is interrupted."""
+    removed, with any parent directories made for it, when it fails or is interrupted. A failed
+    write (a full disk, ...) becomes a ConvertError naming the file by its final path."""
     made = next((p for p in reversed(destination.absolute().parents) if not p.exists()), None)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
-                                    dir=destination.parent))
+    staging = None
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
+                                        dir=destination.parent))
         yield staging
         if destination.exists():  # appeared while we worked: never replace it
-            raise ConvertError(f"{destination}: appeared during the conversion; it was left "
+            raise ConvertError(f"{destination}: appeared while it was being written; it was left "
                                "untouched")
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; give it a normal directory's
         staging.rename(destination)
-    except BaseException:
-        shutil.rmtree(made or staging, ignore_errors=True)
+    except BaseException as e:
+        if made or staging:
+            shutil.rmtree(made or staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            file = Path(e.filename) if e.filename and staging else destination
+            if staging in file.parents:
+                file = destination / file.relative_to(staging)
+            raise ConvertError(f"{file}: {e.strerror or e}; nothing was left behind") from None
         raise
 
 

@@ -20,7 +20,7 @@ def save_safetensors(file, arrays, metadata=None):
 
 def replace_atomically(path, write):
     """Call write(temporary path), then move the result over `path`: a failed or interrupted write
-    never leaves a damaged `path`, nor the temporary file, behind."""
+    never leaves a damaged `path`, nor the temporary file, behind. An OSError names `path`."""
     path = Path(path)
     temporary = path.with_name(f".tmp-{os.getpid()}-{path.name}")
     try:
@@ -28,6 +28,10 @@ def replace_atomically(path, write):
         with open(temporary, "rb") as f:
             os.fsync(f.fileno())
         os.replace(temporary, path)
+    except OSError as e:
+        if str(e.filename) != str(temporary):
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -38,5 +42,6 @@ def check_directory_path(directory):
     directory = Path(directory)
     existing = next(p for p in (directory, *directory.absolute().parents) if p.exists())
     if not existing.is_dir():
-        raise NotADirectoryError(f"{directory}: {existing} is a file, not a directory")
+        where = "" if existing == directory.absolute() else f" {existing}"
+        raise NotADirectoryError(f"{directory}:{where} is a file, not a directory")
 

@@ -98,8 +98,8 @@ def apply_adapters(model, config):
     cls = DoRALinear if kind == "dora" else LoRALinear
     for layer in layers:
         mixer = layer.mixer
-        for key in keys:
-            if key not in mixer:
+        for key in dict.fromkeys(keys):  # each once
+            if not isinstance(mixer.get(key), (nn.Linear, nn.QuantizedLinear)):
                 known = ", ".join(DEFAULT_KEYS[model.config.arch])
                 raise AdapterError(f"lora_parameters.keys: a {model.config.arch} mixer has no "
                                    f"projection {key!r} (it has {known})")
