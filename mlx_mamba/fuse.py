@@ -62,10 +62,11 @@ def dequantize_model(model):
 
 def save_model(model, source, save_path):
     """The model as a new directory `save_path` with the tokenizer files of `source`."""
-    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config.to_dict(), Path(source))
+    save_model_directory(save_path, dict(tree_flatten(model.parameters())),
+                         model.config.to_dict(), Path(source))
 
 
-def main(argv=None):
+def build_parser():
     parser = cli.ArgumentParser(prog="python -m mlx_mamba.fuse",
                                 description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
@@ -75,7 +76,11 @@ def main(argv=None):
                         help="the new output directory (it must not exist)")
     parser.add_argument("--de-quantize", action="store_true",
                         help="save a float model (drops the config's quantization entry)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         check_destination(args.save_path, "--save-path")
         source = resolve(args.model)

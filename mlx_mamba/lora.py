@@ -31,7 +31,7 @@ from .tuner.trainer import TrainingError, evaluate, train
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
 
 
-def parse_args(argv=None):
+def build_parser():
     parser = cli.ArgumentParser(prog="python -m mlx_mamba.lora",
                                 description=__doc__.split("\n")[0])
     add = parser.add_argument
@@ -76,6 +76,11 @@ def parse_args(argv=None):
     add("--resume-adapter-file", help="start from these adapter weights (default: fresh ones)")
     add("--seed", type=cli.integer(0, MAX_SEED), default=0,
         help="seed of the initialization, dropout and data order")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.train or args.test):
         parser.error("nothing to do: pass --train, --test or both")

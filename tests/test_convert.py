@@ -483,7 +483,8 @@ def test_interrupted_run_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"], "--q-group-size 64: --q-mode mxfp4 takes 32"),
+    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"],
+     "--q-group-size 64: --q-mode mxfp4 takes 32"),
     (["-q", "--q-bits", "8", "--q-mode", "nvfp4"], "--q-bits 8: --q-mode nvfp4 takes 4"),
     (["-q", "--q-group-size", "16"], "--q-group-size 16: --q-mode affine takes 32|64|128"),
     (["-q", "--q-group-size", "48"], "--q-group-size 48: --q-mode affine takes 32|64|128"),
