@@ -360,20 +360,25 @@ def test_full_disk_while_saving_adapters(model_dir, data_dir, tmp_path, capsys, 
     assert files_in(adapters) == ["adapter_config.json"]  # no half-written weights
 
 
-def test_tuner_functions_refuse_what_they_cannot_use(loaded, tmp_path):
-    model, tokenizer = loaded
+def test_batches_need_examples_and_a_positive_size():
     with pytest.raises(DataError, match="no examples to make batches of"):
-        next(iterate_batches([], 4))
+        next(iterate_batches([], 4))  # used to loop for ever
     with pytest.raises(DataError, match="batch size 0: expected a positive integer"):
         next(iterate_batches([object()], 0))
+
+
+def test_data_directory_must_exist(loaded, tmp_path):
     with pytest.raises(DataError, match=f"{tmp_path / 'nowhere'}: does not exist"):
-        load_split(tmp_path / "nowhere", "train", tokenizer, 64)
-    for lr, message in ((float("nan"), "learning rate nan"), (-1e-3, "learning rate -0.001"),
-                        (0.0, "learning rate 0.0")):
-        with pytest.raises(ValueError, match=message):
-            make_schedule("constant", lr, 10)
-    with pytest.raises(ValueError, match="minimum learning rate 0.1"):
-        make_schedule("cosine", 1e-3, 10, min_learning_rate=0.1)
+        load_split(tmp_path / "nowhere", "train", loaded[1], 64)
+
+
+@pytest.mark.parametrize("learning_rate, minimum, message", [
+    (float("nan"), 0.0, "learning rate nan"), (-1e-3, 0.0, "learning rate -0.001"),
+    (0.0, 0.0, "learning rate 0.0"), (1e-3, 0.1, "minimum learning rate 0.1"),
+    (1e-3, float("inf"), "minimum learning rate inf")])
+def test_schedules_refuse_learning_rates_that_cannot_train(learning_rate, minimum, message):
+    with pytest.raises(ValueError, match=message):
+        make_schedule("cosine", learning_rate, 10, min_learning_rate=minimum)
 
 
 def test_train_stops_when_the_loss_is_no_longer_finite(model_dir, data_dir):
