@@ -358,7 +358,8 @@ def _interrupt(signum, frame):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine"):
+    if not args.quantize and (args.q_bits is not None or args.q_group_size is not None
+                              or args.q_mode != "affine"):
         p.error("--q-bits, --q-group-size and --q-mode need -q")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
     try:

@@ -22,8 +22,8 @@ from .config import ConfigError, load_config
 from .files import check_directory_path
 from .loader import load_model, load_tokenizer, resolve
 from .sample import MAX_SEED
-from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, load_adapter_weights,
-                             load_adapters, save_adapters)
+from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, check_adapter_config,
+                             load_adapter_weights, load_adapters, save_adapters)
 from .tuner.datasets import DataError, iterate_batches, load_split, warn
 from .tuner.schedules import SCHEDULES, make_schedule
 from .tuner.trainer import TrainingError, evaluate, train
@@ -122,25 +122,27 @@ def run(args, world):
     log = print if rank0 else (lambda *a, **k: None)
     data_warn = warn if rank0 else (lambda message: None)
     mx.random.seed(args.seed)
-    if args.train:  # checked now, not after the training
+    path = resolve(args.model)
+    model_config = load_config(path)
+    if args.train:  # checked now, not after loading the data or training
+        config = adapter_config(args, model_config.n_layer)
+        check_adapter_config(config, model_config.n_layer)
         check_directory_path(args.adapter_path)
     if world.size() > 1:
         log(f"Data-parallel training on {world.size()} processes")
-    path = resolve(args.model)
     tokenizer = load_tokenizer(path)
     if tokenizer is None:
         raise DataError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json) to "
                         "tokenize the data with")
     log("Loading datasets", flush=True)
     splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
-    vocab = load_config(path).vocab_size
-    data = {name: load_split(args.data, name, tokenizer, args.max_seq_length, vocab, data_warn)
+    data = {name: load_split(args.data, name, tokenizer, args.max_seq_length,
+                             model_config.vocab_size, data_warn)
             for name in splits}
     log("Loading pretrained model", flush=True)
     model = load_model(path)
 
     if args.train:
-        config = adapter_config(args, model.config.n_layer)
         apply_adapters(model, config)
         if args.resume_adapter_file:
             log(f"Loading fine-tuned weights from {args.resume_adapter_file}")

@@ -31,7 +31,8 @@ def quantization_params(bits=None, group_size=None, mode="affine"):
     if mode not in MODES:
         raise QuantizationError(f"--q-mode {mode!r}: expected one of {', '.join(MODES)}")
     group_sizes, bit_widths = MODES[mode]
-    group_size, bits = group_size or group_sizes[0], bits or bit_widths[0]
+    group_size = group_sizes[0] if group_size is None else group_size
+    bits = bit_widths[0] if bits is None else bits
     if group_size not in group_sizes:
         raise QuantizationError(f"--q-group-size {group_size}: --q-mode {mode} takes "
                                 f"{accepted(group_sizes)}")

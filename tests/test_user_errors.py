@@ -134,6 +134,7 @@ FLAG_ERRORS = [
     ("lora", [], "nothing to do: pass --train, --test or both"),
     ("fuse", ["--save-path"], "argument --save-path: expected one argument"),
     ("convert", ["--q-bits", "4"], "--q-bits, --q-group-size and --q-mode need -q"),
+    ("convert", ["--q-group-size", "0"], "--q-bits, --q-group-size and --q-mode need -q"),
     ("convert", ["-q", "--q-mode", "int4"], "argument --q-mode: invalid choice: 'int4'"),
     ("convert", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
 ]
@@ -175,6 +176,10 @@ def test_q_group_size_help_and_errors_list_the_sizes_of_the_chosen_mode(checkpoi
     assert files_in(tmp_path) == []
     with pytest.raises(QuantizationError, match="--q-bits 3: --q-mode mxfp4 takes 4"):
         quantization_params(3, None, "mxfp4")
+    with pytest.raises(QuantizationError, match="--q-bits 0: --q-mode affine takes 2|3|4|5|6|8"):
+        quantization_params(0, None, "affine")  # not the default in disguise
+    with pytest.raises(QuantizationError, match="--q-group-size 0: --q-mode nvfp4 takes 16"):
+        quantization_params(None, 0, "nvfp4")
 
 
 # ---- generate --------------------------------------------------------------------------------
@@ -339,6 +344,14 @@ def test_adapter_path_that_cannot_be_a_directory_fails_before_training(model_dir
         assert line.startswith(f"error: {path}: ") and str(tmp_path / "file") in line
         assert line.endswith("is a file, not a directory")
         assert "Training" not in out and "Loading datasets" not in out
+
+
+def test_num_layers_beyond_the_model_fails_before_loading_data(model_dir, data_dir, tmp_path,
+                                                              capsys):
+    line, out = error_line("lora", ["--model", model_dir, "--train", "--data", data_dir,
+                                    "--num-layers", 3, "--adapter-path", tmp_path / "a"], capsys)
+    assert line == "error: num_layers 3: the model has 2 layers (use -1 for all)"
+    assert "Loading datasets" not in out
 
 
 def test_diverging_training_stops_and_saves_nothing(model_dir, data_dir, tmp_path, capsys):

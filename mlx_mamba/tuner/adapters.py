@@ -39,9 +39,9 @@ def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_adapter_config(config):
-    """Raise AdapterError naming the first field of an adapter config of the wrong type or range
-    (whether num_layers fits the model is checked when adapting it)."""
+def check_adapter_config(config, n_layer=None):
+    """Raise AdapterError naming the first field of an adapter config of the wrong type or range,
+    or (given the model's layer count `n_layer`) asking for more layers than the model has."""
     if not isinstance(config, dict):
         raise AdapterError(f"the adapter config is a {type(config).__name__}: expected an object")
     kind = config.get("fine_tune_type", "lora")
@@ -50,6 +50,9 @@ def check_adapter_config(config):
     num_layers = config.get("num_layers", 16)
     if not (_is_int(num_layers) and (num_layers == -1 or num_layers >= 1)):
         raise AdapterError(f"num_layers {num_layers!r}: expected a positive integer, or -1 for all")
+    if n_layer is not None and num_layers > n_layer:
+        raise AdapterError(f"num_layers {num_layers}: the model has {n_layer} layers (use -1 for "
+                           "all)")
     if not isinstance(config.get("train_ssm_params", False), bool):
         raise AdapterError(f"train_ssm_params {config['train_ssm_params']!r}: expected true or "
                            "false")
@@ -71,17 +74,12 @@ def check_adapter_config(config):
 
 def adapted_layers(model, num_layers):
     layers = model.backbone.layers
-    if num_layers == -1:
-        return layers
-    if not 0 < num_layers <= len(layers):
-        raise AdapterError(f"num_layers {num_layers}: the model has {len(layers)} layers "
-                           "(use -1 for all)")
-    return layers[-num_layers:]
+    return layers if num_layers == -1 else layers[-num_layers:]
 
 
 def apply_adapters(model, config):
     """Freeze `model` and make the parameters that `config` trains trainable, in place."""
-    check_adapter_config(config)
+    check_adapter_config(config, model.config.n_layer)
     kind = config.get("fine_tune_type", "lora")
     model.freeze()
     layers = adapted_layers(model, config.get("num_layers", min(16, model.config.n_layer)))
