@@ -29,15 +29,13 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def fail(error):
-    """Print `error` (a ValueError or OSError) as one line on stderr."""
-    print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
-
-
-def error_message(error):
-    # An OSError with a file reads "FILE: reason", without "[Errno N]".
+    """Print `error` (a ValueError or OSError) as one line on stderr; an OSError naming a file
+    reads "FILE: reason", without "[Errno N]"."""
     if isinstance(error, OSError) and error.filename and error.strerror:
-        return f"{error.filename}: {error.strerror}"
-    return " ".join(str(error).split())
+        message = f"{error.filename}: {error.strerror}"
+    else:
+        message = " ".join(str(error).split())
+    print(f"error: {message}", file=sys.stderr, flush=True)
 
 
 def integer(minimum, maximum=None):

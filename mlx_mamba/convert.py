@@ -88,7 +88,7 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
     return destination
 
 
-def check_destination(destination, flag="the destination"):
+def check_destination(destination, flag="output directory"):
     """Raise ConvertError (or NotADirectoryError) unless the new directory `destination` can be
     made: it does not exist, and no parent of it is a file. Checked before any work."""
     destination = Path(destination).expanduser()

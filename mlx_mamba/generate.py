@@ -79,7 +79,7 @@ def encode(model, tokenizer, prompt):
     return ids
 
 
-def check_text(text, what="the prompt"):
+def _check_text(text, what="the prompt"):
     """Raise GenerationError if `text` holds undecodable bytes (surrogate escapes), which no
     tokenizer can encode."""
     try:
@@ -95,7 +95,7 @@ def _check_prompt(tokenizer, prompt, what="the prompt"):
         if tokenizer is None:
             raise GenerationError(f"{what} is text, and there is no tokenizer to encode it: pass "
                                   "token ids, or a tokenizer")
-        return check_text(prompt, what)
+        return _check_text(prompt, what)
     ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt
     if not isinstance(ids, (list, tuple)):
         raise GenerationError(f"{what} has type {type(prompt).__name__}: expected a string or "
@@ -365,10 +365,10 @@ def _progress_bar(total_tokens, step_size):
 def _prompt_text(args):
     """The --prompt text, or stdin's for '-', checked to be text."""
     if args.prompt != "-":
-        check_text(args.prompt, "--prompt")
+        _check_text(args.prompt, "--prompt")
         return args.prompt
     text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
-    check_text(text, "the prompt on stdin")
+    _check_text(text, "the prompt on stdin")
     return text
 
 

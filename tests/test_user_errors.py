@@ -446,9 +446,13 @@ def test_fuse_names_the_wrong_field_of_adapter_config(model_dir, adapters, tmp_p
     assert not (tmp_path / "fused").exists()
 
 
-def test_apply_adapters_refuses_a_config_that_is_not_an_object(loaded):
+def test_apply_adapters_checks_its_config(model_dir):
+    model = mlx_mamba.load(model_dir)[0]
     with pytest.raises(AdapterError, match="the adapter config is a list: expected an object"):
-        apply_adapters(loaded[0], [("num_layers", 2)])
+        apply_adapters(model, [("num_layers", 2)])
+    with pytest.raises(AdapterError, match="num_layers 3: the model has 2 layers"):
+        apply_adapters(model, {"num_layers": 3})
+    apply_adapters(model, {})  # the default number of layers fits a 2-layer model
 
 
 def test_fuse_onto_an_existing_folder_fails_before_loading(model_dir, adapters, tmp_path, capsys):
@@ -497,12 +501,17 @@ def test_convert_checks_the_upload_repo_and_the_output_path_first(checkpoint, tm
 # ---- transformers without PyTorch ------------------------------------------------------------
 
 def test_no_pytorch_banner_but_other_warnings_stay(tmp_path):
+    # Without the variables that silence transformers (mlx_lm, imported by other tests, sets one).
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRANSFORMERS_")}
+
     def run(code):
         # torch made unimportable (and invisible to importlib.util.find_spec)
         return subprocess.run([sys.executable, "-c", "import sys; sys.modules['torch'] = None; "
-                               + code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+                               + code], capture_output=True, text=True, cwd=ROOT, env=env,
+                              timeout=120)
 
-    assert "PyTorch was not found" in run("import transformers").stderr  # the banner exists
+    plain = run("import transformers")
+    assert "PyTorch was not found" in plain.stderr, plain.stderr  # the banner exists
     result = run("import mlx_mamba, transformers; from transformers import AutoTokenizer; "
                  "transformers.logging.get_logger('transformers').warning('still shown')")
     assert result.returncode == 0, result.stderr

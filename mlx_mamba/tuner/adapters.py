@@ -47,7 +47,7 @@ def check_adapter_config(config, n_layer=None):
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora", "full"):
         raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
-    num_layers = config.get("num_layers", 16)
+    num_layers = config.get("num_layers", -1)  # absent: the default, which fits every model
     if not (_is_int(num_layers) and (num_layers == -1 or num_layers >= 1)):
         raise AdapterError(f"num_layers {num_layers!r}: expected a positive integer, or -1 for all")
     if n_layer is not None and num_layers > n_layer:
