@@ -12,7 +12,8 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
 from . import attention_fields, layer_kinds, rename, swapped
 
-NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias", "backbone.layers.{i}.mixer.score_bias"),
+NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias",
+          "backbone.layers.{i}.mixer.score_bias"),
          ("backbone.layers.{i}.mixer.gate.", "backbone.layers.{i}.mixer.router."),
          ("backbone.layers.{i}.mixer.fc1_latent_proj.", "backbone.layers.{i}.mixer.latent_in."),
          ("backbone.layers.{i}.mixer.fc2_latent_proj.", "backbone.layers.{i}.mixer.latent_out.")]
