@@ -1,0 +1,249 @@
+"""Hostile inputs: `.bin` checkpoints whose pickle lies about its tensors, and token ids outside
+the vocabulary. The archives are built by hand, opcode by opcode, the way torch.save lays them
+out (archive/data.pkl, archive/data/KEY), so that each test tells exactly one lie."""
+
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlx_mamba.checkpoint import CheckpointError, load_torch_bin
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _value(x):
+    """The opcodes that push `x` (an int, bool, float, str, tuple, list or None)."""
+    return pickle.dumps(x, protocol=2)[2:-1]  # without PROTO and STOP
+
+
+def _global(module, name):
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def storage(key="0", count=12, storage_type="FloatStorage", location="cpu"):
+    """A persistent id as torch.save writes it: ("storage", type, key, location, elements)."""
+    return (pickle.MARK + _value("storage") + _global("torch", storage_type) + _value(key)
+            + _value(location) + _value(count) + pickle.TUPLE + pickle.BINPERSID)
+
+
+def tensor(offset=0, size=(3, 4), stride=(4, 1), pid=None):
+    """torch._utils._rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())."""
+    return (_global("torch._utils", "_rebuild_tensor_v2") + pickle.MARK
+            + (storage() if pid is None else pid) + _value(offset) + _value(size)
+            + _value(stride) + pickle.NEWFALSE + _global("collections", "OrderedDict")
+            + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.TUPLE + pickle.REDUCE)
+
+
+def state_dict(**items):
+    """An OrderedDict of name -> the opcodes of its value."""
+    body = b"".join(_value(name) + value for name, value in items.items())
+    return (pickle.PROTO + b"\x02" + _global("collections", "OrderedDict") + pickle.EMPTY_TUPLE
+            + pickle.REDUCE + pickle.MARK + body + pickle.SETITEMS + pickle.STOP)
+
+
+ELEVEN = np.arange(12, dtype=np.float32)  # the default storage "0": 12 float32
+
+
+def write_bin(path, pickled, storages=None, compression=zipfile.ZIP_STORED):
+    """A torch zip checkpoint: the pickle and its storages ({key: bytes})."""
+    storages = {"0": ELEVEN.tobytes()} if storages is None else storages
+    with zipfile.ZipFile(path, "w", compression) as archive:
+        archive.writestr("archive/data.pkl", pickled)
+        archive.writestr("archive/byteorder", "little")
+        for key, data in storages.items():
+            archive.writestr(f"archive/data/{key}", data)
+        archive.writestr("archive/version", "3\n")
+    return path
+
+
+def test_hand_built_archive_is_what_torch_reads(tmp_path):
+    """The builder itself: torch loads its output, and so do we, to the same values."""
+    torch = pytest.importorskip("torch")
+    file = write_bin(tmp_path / "ok.bin", state_dict(w=tensor(0, (2, 4), (4, 1)),
+                                                  t=tensor(8, (2, 2), (1, 2))))
+    theirs = torch.load(file, weights_only=True)
+    ours = load_torch_bin(file)
+    assert list(ours) == ["w", "t"]
+    for name in ours:
+        assert np.array_equal(np.array(ours[name]), theirs[name].numpy()), name
+
+
+def _lie(name, pickled, message, storages=None, tensor_named=True):
+    return pytest.param(pickled, storages, message, tensor_named, id=name)
+
+
+# One lie each; the storage "0" really holds 12 float32 unless said otherwise.
+LIES = [
+    _lie("size_beyond_storage", state_dict(w=tensor(0, (4, 4), (4, 1))),
+         "reach element 15 of a storage of 12"),
+    _lie("offset_beyond_storage", state_dict(w=tensor(1000, (8,), (1,))),
+         "reach element 1007 of a storage of 12"),
+    _lie("offset_at_the_end", state_dict(w=tensor(12, (1,), (1,))),
+         "reach element 12 of a storage of 12"),
+    _lie("stride_beyond_storage", state_dict(w=tensor(0, (3, 4), (5, 1))),
+         "reach element 13 of a storage of 12"),
+    # (5 - 1) * 2**62 is 0 in int64 arithmetic: a check in C types would pass it.
+    _lie("stride_wrapping_int64", state_dict(w=tensor(0, (5,), (2**62,))),
+         f"reach element {4 * 2**62} of a storage of 12"),
+    _lie("negative_size", state_dict(w=tensor(0, (-1, 4), (4, 1))), "are not all integers >= 0"),
+    _lie("negative_stride", state_dict(w=tensor(11, (3,), (-1,))), "are not all integers >= 0"),
+    _lie("negative_offset", state_dict(w=tensor(-4, (4,), (1,))), "are not all integers >= 0"),
+    _lie("offset_2_63", state_dict(w=tensor(2**63, (1,), (1,))), "are not all integers >= 0"),
+    _lie("stride_2_63", state_dict(w=tensor(0, (1, 2), (2**63, 1))), "are not all integers >= 0"),
+    _lie("size_2_31", state_dict(w=tensor(0, (2**31,), (0,))), "(sizes below 2**31"),
+    _lie("float_offset", state_dict(w=tensor(0.0, (12,), (1,))), "are not all integers >= 0"),
+    _lie("bool_size", state_dict(w=tensor(0, (True, 12), (12, 1))), "are not all integers >= 0"),
+    _lie("string_stride", state_dict(w=tensor(0, (12,), ("1",))), "are not all integers >= 0"),
+    _lie("none_size", state_dict(w=tensor(0, None, (1,))), "are not tuples"),
+    _lie("list_size", state_dict(w=tensor(0, [12], (1,))), "are not tuples"),
+    _lie("size_stride_lengths_differ", state_dict(w=tensor(0, (3, 4), (4,))),
+         "of the same length"),
+    _lie("too_many_dimensions", state_dict(w=tensor(0, (1,) * 33, (1,) * 33)),
+         "at most 32"),
+    _lie("bytes_not_a_multiple_of_itemsize", state_dict(w=tensor()),
+         "storage 'archive/data/0' holds 46 bytes; the pickle declares 12 FloatStorage "
+         "elements (48 bytes)", storages={"0": ELEVEN.tobytes()[:46]}),
+    _lie("element_count_beyond_bytes", state_dict(w=tensor(pid=storage(count=1000))),
+         "holds 48 bytes; the pickle declares 1000 FloatStorage elements (4000 bytes)"),
+    _lie("element_count_below_bytes", state_dict(w=tensor(0, (2,), (1,), storage(count=2))),
+         "holds 48 bytes; the pickle declares 2 FloatStorage elements (8 bytes)"),
+    _lie("bfloat16_bytes_odd", state_dict(w=tensor(0, (2,), (1,), storage(
+        count=2, storage_type="BFloat16Storage"))), "holds 5 bytes",
+         storages={"0": b"\0" * 5}),
+    _lie("missing_storage_file", state_dict(w=tensor(pid=storage(key="7"))),
+         "its storage 'archive/data/7' is missing from the archive"),
+    _lie("storage_key_not_a_string", state_dict(w=tensor(pid=storage(key=0))),
+         "not a torch storage reference"),
+    _lie("negative_element_count", state_dict(w=tensor(pid=storage(count=-12))),
+         "not a torch storage reference"),
+    _lie("pid_not_a_storage", state_dict(w=tensor(pid=pickle.MARK + _value("module")
+                                                  + _value("0") + pickle.TUPLE
+                                                  + pickle.BINPERSID)),
+         "not a torch storage reference"),
+    _lie("storage_not_a_persistent_id", state_dict(w=tensor(pid=_value(("storage", "0")))),
+         "not a torch storage reference"),
+    _lie("storage_declared_twice", state_dict(
+        w=tensor(0, (4,), (1,)),
+        v=tensor(4, (4,), (1,), storage(count=12, storage_type="IntStorage"))),
+         "storage '0' is declared as 12 IntStorage elements here, 12 FloatStorage before",
+         tensor_named="v"),
+    _lie("unknown_storage_type", state_dict(w=tensor(pid=storage(storage_type="UntypedStorage"))),
+         "refusing to load 'torch.UntypedStorage'", tensor_named=False),
+    _lie("not_a_tensor", state_dict(w=_value(3)), "not a tensor (int)"),
+    _lie("a_bare_storage", state_dict(w=storage()), "not a tensor (_Storage)"),
+    _lie("tensor_name_not_a_string", state_dict().replace(
+        pickle.MARK + pickle.SETITEMS, pickle.MARK + _value(5) + tensor() + pickle.SETITEMS),
+         "a tensor name is 5, not a string", tensor_named=False),
+    _lie("overlapping_views", state_dict(w=tensor(0, (12,), (1,)), v=tensor(1, (11,), (1,))),
+         "the tensors read so far view 92 bytes of storages that hold 48", tensor_named="v"),
+    # 4 GiB from one float: refused before anything is allocated.
+    _lie("broadcast_view", state_dict(w=tensor(0, (2**30,), (0,))),
+         "view 4294967296 bytes of storages that hold 48"),
+    _lie("pickle_sets_attributes_on_a_storage_type",
+         (pickle.PROTO + b"\x02" + _global("torch", "FloatStorage") + _value({"dtype": "O"})
+          + pickle.BUILD + pickle.STOP), "data.pkl does not unpickle", tensor_named=False),
+    _lie("rebuild_with_missing_arguments",
+         (pickle.PROTO + b"\x02" + _global("torch._utils", "_rebuild_tensor_v2")
+          + pickle.EMPTY_TUPLE + pickle.REDUCE + pickle.STOP),
+         "data.pkl does not unpickle (TypeError", tensor_named=False),
+]
+
+
+@pytest.mark.parametrize("pickled, storages, message, tensor_named", LIES)
+def test_lying_header_is_refused(pickled, storages, message, tensor_named, tmp_path):
+    file = write_bin(tmp_path / "pytorch_model.bin", pickled, storages)
+    with pytest.raises(CheckpointError) as refused:
+        load_torch_bin(file)
+    text = str(refused.value)
+    name = tensor_named if isinstance(tensor_named, str) else "w"
+    where = f"{file}: tensor {name!r}: " if tensor_named else f"{file}: "
+    assert text.startswith(where), text
+    assert message in text
+    assert "\n" not in text
+
+
+def _declare_size(file, entry, size):
+    """Patch the uncompressed size that the central directory declares for `entry`."""
+    data = bytearray(file.read_bytes())
+    header = data.rindex(entry.encode()) - 46  # the central directory comes last
+    assert data[header:header + 4] == b"PK\x01\x02"
+    data[header + 24:header + 28] = size.to_bytes(4, "little")
+    file.write_bytes(bytes(data))
+
+
+def test_entry_larger_than_the_file_is_refused_before_reading(tmp_path):
+    count = 1 << 20  # 4 MiB declared for a file of 1 KiB
+    file = write_bin(tmp_path / "x.bin", state_dict(w=tensor(0, (count,), (1,),
+                                                             storage(count=count))))
+    _declare_size(file, "archive/data/0", 4 * count)
+    with pytest.raises(CheckpointError, match=r"x.bin: archive/data/0 claims 4194304 bytes, "
+                                              r"more than the whole file \(\d+\)"):
+        load_torch_bin(file)
+
+
+def test_compressed_entries_are_refused(tmp_path):
+    """A compressed entry could expand far beyond the file (a zip bomb); torch never writes one."""
+    file = write_bin(tmp_path / "x.bin", state_dict(w=tensor()), compression=zipfile.ZIP_DEFLATED)
+    with pytest.raises(CheckpointError, match=r"x.bin: archive/\S+ is compressed"):
+        load_torch_bin(file)
+
+
+def test_damaged_storage_bytes_fail_the_crc(tmp_path):
+    file = write_bin(tmp_path / "x.bin", state_dict(w=tensor()))
+    file.write_bytes(file.read_bytes().replace(ELEVEN.tobytes(), ELEVEN[::-1].tobytes()))
+    with pytest.raises(CheckpointError, match="x.bin: archive/data/0 is damaged .*CRC"):
+        load_torch_bin(file)
+
+
+def test_big_endian_checkpoint_is_refused(tmp_path):
+    file = tmp_path / "x.bin"
+    with zipfile.ZipFile(file, "w") as archive:
+        archive.writestr("archive/data.pkl", state_dict(w=tensor()))
+        archive.writestr("archive/byteorder", "big")
+        archive.writestr("archive/data/0", ELEVEN.byteswap().tobytes())
+    with pytest.raises(CheckpointError, match="x.bin: saved on a big-endian machine"):
+        load_torch_bin(file)
+
+
+def test_tied_tensors_share_one_read(tmp_path):
+    """Identical views (a tied embedding and head) are not overlap: read once, both returned."""
+    file = write_bin(tmp_path / "x.bin", state_dict(embedding=tensor(), head=tensor(),
+                                                    empty=tensor(5, (0, 2**30), (2**62, 1))))
+    loaded = load_torch_bin(file)
+    assert loaded["embedding"] is loaded["head"]
+    assert np.array_equal(np.array(loaded["head"]), ELEVEN.reshape(3, 4))
+    assert loaded["empty"].shape == (0, 2**30)
+
+
+def _original_with_bin(checkpoint, directory, pickled):
+    """An original state-spaces directory (config.json) whose pytorch_model.bin is `pickled`."""
+    directory.mkdir()
+    source = checkpoint("mamba1_original")[0]
+    (directory / "config.json").write_bytes((source / "config.json").read_bytes())
+    write_bin(directory / "pytorch_model.bin", state_dict(**{
+        "backbone.embedding.weight": pickled}))
+    return directory
+
+
+@pytest.mark.parametrize("command", [
+    [str(ROOT / "convert.py"), "--hf-path", "{source}", "--mlx-path", "{out}"],
+    ["-m", "mlx_mamba.generate", "--model", "{source}", "--prompt", "hi"],
+], ids=["convert", "generate"])
+def test_command_lines_refuse_with_one_error_line(command, checkpoint, tmp_path):
+    source = _original_with_bin(checkpoint, tmp_path / "hostile", tensor(1000, (8,), (1,)))
+    out = tmp_path / "out"
+    args = [a.format(source=source, out=out) for a in command]
+    run = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
+                         timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1
+    assert run.stderr.splitlines() == [
+        f"error: {source / 'pytorch_model.bin'}: tensor 'backbone.embedding.weight': size (8,), "
+        "stride (1,) and offset 1000 reach element 1007 of a storage of 12"]
+    assert run.stdout == ""
+    assert not out.exists() and list(tmp_path.iterdir()) == [source]
