@@ -2,17 +2,28 @@
 the vocabulary. The archives are built by hand, opcode by opcode, the way torch.save lays them
 out (archive/data.pkl, archive/data/KEY), so that each test tells exactly one lie."""
 
+import json
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+import mlx.core as mx
 import numpy as np
 import pytest
 
+import mlx_mamba
+from mlx_mamba import lora
 from mlx_mamba.checkpoint import CheckpointError, load_torch_bin
+from mlx_mamba.generate import (GenerationError, batch_generate, generate, main as generate_main,
+                                stream_generate)
+from mlx_mamba.prompt_cache import (PromptCache, PromptCacheError, load_prompt_cache,
+                                    make_prompt_cache, save_prompt_cache)
+from mlx_mamba.token_ids import TokenIdError, check_token_ids
+from mlx_mamba.tuner.datasets import DataError, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,3 +258,192 @@ def test_command_lines_refuse_with_one_error_line(command, checkpoint, tmp_path)
         "stride (1,) and offset 1000 reach element 1007 of a storage of 12"]
     assert run.stdout == ""
     assert not out.exists() and list(tmp_path.iterdir()) == [source]
+
+
+# ---- token ids -------------------------------------------------------------------------------
+
+VOCAB = 100  # the tiny checkpoints'
+
+
+def outside(token, position):
+    return f"token id {token} is outside the model's vocabulary (0..99) at position {position}"
+
+
+@pytest.mark.parametrize("ids", [
+    [3, 0, 99], (3, 0, 99), [np.int64(3), np.uint8(0), 99], np.array([3, 0, 99], np.int32),
+    mx.array([3, 0, 99], dtype=mx.uint16), mx.array([3, 0, 99]), np.array([3, 0, 99])[::1],
+], ids=["list", "tuple", "numpy_scalars", "numpy", "mlx_uint16", "mlx_int32", "numpy_view"])
+def test_token_ids_in_every_accepted_form(ids):
+    checked = check_token_ids(ids, VOCAB)
+    assert checked == [3, 0, 99] and all(type(t) is int for t in checked)
+
+
+@pytest.mark.parametrize("ids, message", [
+    ([1, 100], outside(100, 1)),
+    ([-1], outside(-1, 0)),
+    ([2**63], outside(2**63, 0)),
+    (np.array([5, -3]), outside(-3, 1)),
+    (mx.array([5, 2**31 - 1]), outside(2**31 - 1, 1)),
+    ([1, True], "the token at position 1 is a bool, not an integer id"),
+    ([np.bool_(True)], "the token at position 0 is a bool, not an integer id"),
+    ([1.0], "the token at position 0 is a float, not an integer id"),
+    ([np.float32(1)], "the token at position 0 is a float32"),
+    (["1"], "the token at position 0 is a str"),
+    ([[1, 2]], "the token at position 0 is a list"),
+    ([None], "the token at position 0 is a NoneType"),
+    (np.array([[1, 2]]), "must be a 1-D integer array, not a int64 array of shape (1, 2)"),
+    (np.array([1.0]), "not a float64 array"),
+    (mx.array([True]), "not a mlx.core.bool array"),
+    (mx.array([1.5]), "not a mlx.core.float32 array"),
+    (7, "must be a list of ints or a 1-D integer array, not a int"),
+    (iter([1]), "not a list_iterator"),
+    (None, "not a NoneType"),
+])
+def test_bad_token_ids_are_refused(ids, message):
+    with pytest.raises(TokenIdError) as refused:
+        check_token_ids(ids, VOCAB)
+    assert message in str(refused.value)
+
+
+class CharTokenizer:
+    """Characters as ids (ord - 32): "é" is 201, beyond the tiny vocabulary."""
+
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) - 32 for c in text]
+
+    def decode(self, ids):
+        return "".join(chr(i + 32) for i in ids)
+
+
+@pytest.fixture(scope="module")
+def tiny(checkpoint):
+    return mlx_mamba.load(checkpoint("mamba2")[0])[0]
+
+
+def _bad_cache(model):
+    good = make_prompt_cache(model, [1, 2])
+    return PromptCache(good.layers, [1, 10**6])
+
+
+# Every library entry point that takes token ids: (call, error type, message).
+ENTRY_POINTS = {
+    "generate": (lambda m: generate(m, CharTokenizer(), [1, 100]), GenerationError,
+                 "the prompt: " + outside(100, 1)),
+    "generate_text": (lambda m: generate(m, CharTokenizer(), "café"), GenerationError,
+                      "the prompt: " + outside(201, 3) + ": is this the model's tokenizer?"),
+    "generate_bool": (lambda m: generate(m, CharTokenizer(), [True]), GenerationError,
+                      "the prompt: the token at position 0 is a bool"),
+    "generate_batch_as_one": (lambda m: generate(m, CharTokenizer(), mx.array([[1, 2]])),
+                              GenerationError, "must be a 1-D integer array"),
+    "stream_generate": (lambda m: next(stream_generate(m, CharTokenizer(), np.array([5, -1]))),
+                        GenerationError, "the prompt: " + outside(-1, 1)),
+    "stream_generate_cache": (
+        lambda m: next(stream_generate(m, CharTokenizer(), [3], prompt_cache=_bad_cache(m))),
+        TokenIdError, outside(1000000, 1)),
+    "batch_generate": (lambda m: batch_generate(m, CharTokenizer(), [[1], [2, 2**40]]),
+                       GenerationError, "prompt 1: " + outside(2**40, 1)),
+    "make_prompt_cache": (lambda m: make_prompt_cache(m, [1, 2.0]), TokenIdError,
+                          "the token at position 1 is a float"),
+}
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_checks_token_ids(name, tiny):
+    call, error, message = ENTRY_POINTS[name]
+    with pytest.raises(error) as refused:
+        call(tiny)
+    assert message in str(refused.value)
+
+
+def _rewrite_tokens(file, tokens):
+    """The prompt cache `file` with its `tokens` array replaced (metadata kept)."""
+    arrays, metadata = mx.load(str(file), return_metadata=True)
+    arrays["tokens"] = tokens
+    metadata["token_count"] = str(tokens.size)
+    mx.save_safetensors(str(file), arrays, metadata=metadata)
+    return file
+
+
+@pytest.mark.parametrize("tokens, message", [
+    (mx.array([1, 2, 100], dtype=mx.int32), outside(100, 2)),
+    (mx.array([1, -2, 3], dtype=mx.int32), outside(-2, 1)),
+    (mx.array([1.0, 2.0, 3.0]), "not a mlx.core.float32 array"),
+    (mx.array([[1, 2, 3]]), "of shape (1, 3)"),
+])
+def test_hostile_prompt_cache_tokens_are_refused(tokens, message, tiny, tmp_path):
+    file = tmp_path / "cache.safetensors"
+    save_prompt_cache(file, make_prompt_cache(tiny, [1, 2, 3]), tiny)
+    _rewrite_tokens(file, tokens)
+    with pytest.raises(PromptCacheError) as refused:
+        load_prompt_cache(file, tiny)
+    assert str(refused.value).startswith(f"{file}: damaged prompt cache (")
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize("encode, line, message", [
+    (lambda text: [ord(c) - 32 for c in text], 2, outside(201, 3)),
+    (lambda text: [ord(c) - 110 for c in text], 1, outside(-8, 0)),
+    (lambda text: [float(ord(c) - 32) for c in text], 1, "position 0 is a float"),
+], ids=["beyond", "negative", "float"])
+def test_training_data_token_ids_are_checked(encode, line, message, tmp_path):
+    tokenizer = CharTokenizer()
+    tokenizer.encode = lambda text, add_special_tokens=True: encode(text)
+    (tmp_path / "train.jsonl").write_text('{"text": "fine"}\n{"text": "café"}\n')
+    with pytest.raises(DataError) as refused:
+        load_split(tmp_path, "train", tokenizer, 64, vocab_size=VOCAB)
+    text = str(refused.value)
+    assert text.startswith(f"{tmp_path / 'train.jsonl'}:{line}: ") and message in text
+    assert text.endswith("is the tokenizer the model's own?")
+
+
+# ---- command lines: one error line -------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def word_model(checkpoint, tmp_path_factory):
+    """The tiny Mamba1 (vocabulary 100) with a word-level tokenizer of 150 words "w0".."w149":
+    "w120" encodes to an id that the model does not have."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory = tmp_path_factory.mktemp("words") / "model"
+    shutil.copytree(checkpoint("mamba1")[0], directory)
+    tokenizer = Tokenizer(models.WordLevel({f"w{i}": i for i in range(150)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.save(str(directory / "tokenizer.json"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "w0", "unk_token": "w0"}))
+    return directory
+
+
+def _one_error_line(main, argv, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_generate_cli_refuses_foreign_ids(word_model, capsys):
+    err = _one_error_line(generate_main, ["--model", str(word_model), "--prompt", "w1 w120"],
+                          capsys)
+    assert "the prompt: " + outside(120, 1) in err
+
+
+def test_generate_cli_refuses_a_hostile_prompt_cache(word_model, tmp_path, capsys):
+    model = mlx_mamba.load(word_model)[0]
+    file = tmp_path / "cache.safetensors"
+    save_prompt_cache(file, make_prompt_cache(model, [1, 2]), model)
+    _rewrite_tokens(file, mx.array([1, 2**30], dtype=mx.int32))
+    err = _one_error_line(generate_main, ["--model", str(word_model), "--prompt", "w1",
+                                              "--prompt-cache-file", str(file)], capsys)
+    assert f"{file}: damaged prompt cache (" + outside(2**30, 1) in err
+
+
+def test_lora_cli_refuses_foreign_ids_in_the_data(word_model, tmp_path, capsys):
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.jsonl").write_text('{"text": "w1 w2"}\n{"text": "w3 w120"}\n')
+    err = _one_error_line(lora.main, ["--model", str(word_model), "--train", "--data",
+                                      str(tmp_path), "--iters", "1",
+                                      "--adapter-path", str(tmp_path / "adapters")], capsys)
+    assert f"{tmp_path / 'train.jsonl'}:2: " + outside(120, 1) in err
+    assert not (tmp_path / "adapters").exists()
