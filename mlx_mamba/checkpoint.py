@@ -159,8 +159,8 @@ class _TorchZip:
     """The entries of a torch.save zip, read only once a tensor that needs them is checked.
 
     Memory stays within about twice the file's size: entries must be stored uncompressed (as
-    torch.save writes them) so that none is larger than the file, and tensors that view the
-    same bytes more than once are refused.
+    torch.save writes them) so that none is larger than the file, and the tensors together may
+    not hold more bytes than their storages (overlapping views would multiply the data).
     """
 
     def __init__(self, archive, prefix, file):
@@ -245,7 +245,7 @@ class _TorchZip:
             if self.tensor_bytes > self.storage_bytes:
                 raise CheckpointError(
                     f"{where}: the tensors read so far view {self.tensor_bytes} bytes of "
-                    f"storages that hold {self.storage_bytes}: tensors that overlap are refused")
+                    f"storages that hold {self.storage_bytes}: overlapping views are refused")
             self.tensors[ident] = _to_mlx(_copy_out(storage, offset, size, stride))
         return self.tensors[ident]
 
