@@ -20,6 +20,7 @@ from .detokenizer import StreamingDetokenizer
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCacheError, load_prompt_cache,
                            make_prompt_cache, prefill, save_prompt_cache)
 from .sample import SamplerError, check_settings, make_logits_processors, make_sampler
+from .token_ids import TokenIdError, check_token_ids
 
 
 class GenerationError(ValueError):
@@ -53,15 +54,16 @@ def eos_token_ids(tokenizer):
     return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
 
 
-def encode(model, tokenizer, prompt):
-    """Token ids of `prompt` (a string, or already ids), checked against the model's vocabulary."""
-    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
-    vocab = model.config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise GenerationError(f"prompt token id {bad[0]} is outside the model's vocabulary "
-                              f"(0..{vocab - 1}): is this the model's tokenizer?")
-    return ids
+def encode(model, tokenizer, prompt, name="the prompt"):
+    """Token ids of `prompt`: a string, or already token ids (a list of ints or a 1-D integer
+    array, see `check_token_ids`), checked against the model's vocabulary."""
+    text = isinstance(prompt, str)
+    try:
+        return check_token_ids(tokenizer.encode(prompt) if text else prompt,
+                               model.config.vocab_size)
+    except TokenIdError as e:
+        hint = ": is this the model's tokenizer?" if text else ""
+        raise GenerationError(f"{name}: {e}{hint}") from None
 
 
 def generate_step(model, cache, next_inputs, histories, sampler, processors, max_tokens, eos):
@@ -132,8 +134,9 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
                     prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE, progress=None):
     """Yield a GenerationResponse per generated token; the last has `finish_reason` set.
 
-    prompt: a string or token ids, appended to `prompt_cache` (a PromptCache, left unchanged)
-    when one is given; it may then be empty. logits_processors: functions
+    prompt: a string or token ids (a list of ints or a 1-D integer array; every id is checked
+    against the vocabulary), appended to `prompt_cache` (a PromptCache, left unchanged) when
+    one is given; it may then be empty. logits_processors: functions
     (tokens so far (T,), logits (1, V)) -> logits, applied after the repetition penalty.
     progress(done, total) follows the prompt's prefill.
     """
@@ -190,7 +193,7 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     """
     sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
                                          repetition_penalty, seed, logits_processors, max_tokens)
-    rows = [encode(model, tokenizer, p) for p in prompts]
+    rows = [encode(model, tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise GenerationError(f"prompt {empty[0]} is empty")

@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from .cache import cache_state
+from .token_ids import TokenIdError, check_token_ids
 
 PREFILL_STEP_SIZE = 2048  # prompt tokens per parallel forward: bounds memory for any length
 FORMAT = "mlx_mamba.prompt_cache"
@@ -61,14 +62,21 @@ def prefill(model, rows, cache, *, step_size=PREFILL_STEP_SIZE, progress=None):
 
 
 def make_prompt_cache(model, tokens, previous=None, *, step_size=PREFILL_STEP_SIZE, progress=None):
-    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged)."""
+    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged).
+
+    tokens: a list of ints or a 1-D integer array; TokenIdError if an id (there or in
+    `previous`) is outside the model's vocabulary.
+    """
+    tokens = check_token_ids(tokens, model.config.vocab_size)
+    if previous:
+        check_token_ids(previous.tokens, model.config.vocab_size)
     result = previous.copy() if previous else PromptCache(model.make_cache(1), [])
     if not tokens:
         return result
-    feed = result.tokens[-1:] + list(tokens[:-1])
+    feed = result.tokens[-1:] + tokens[:-1]
     if feed:
         prefill(model, [feed], result.layers, step_size=step_size, progress=progress)
-    result.tokens += list(tokens)
+    result.tokens += tokens
     return result
 
 
@@ -134,7 +142,10 @@ def load_prompt_cache(file, model):
                 layer.restore(by_layer[str(i)])
             except ValueError as e:
                 raise PromptCacheError(f"{file}: layer {i}: {e}") from None
-    tokens = arrays["tokens"].tolist()
+    try:
+        tokens = check_token_ids(arrays["tokens"], model.config.vocab_size)
+    except TokenIdError as e:
+        raise PromptCacheError(f"{file}: damaged prompt cache ({e})") from None
     if not tokens or str(len(tokens)) != metadata.get("token_count"):
         raise PromptCacheError(f"{file}: damaged prompt cache (token count does not match)")
     return PromptCache(layers, tokens)

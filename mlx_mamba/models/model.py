@@ -77,7 +77,9 @@ class Model(nn.Module):
 
     Token ids are not range-checked here: that would force evaluation inside a lazy graph.
     An id outside [0, vocab_size) reads outside the embedding table (garbage or a crash); every
-    entry point that takes ids from a user (generation, the CLIs, the tuner's data) checks them.
+    entry point that takes ids from a user (generation, the CLIs, the tuner's data, prompt cache
+    files) checks them. Check ids of your own with
+    `mlx_mamba.check_token_ids(ids, model.config.vocab_size)`.
     """
 
     def __init__(self, config: ModelConfig):
