@@ -243,13 +243,15 @@ def _original_with_bin(checkpoint, directory, pickled):
 
 
 @pytest.mark.parametrize("command", [
-    [str(ROOT / "convert.py"), "--hf-path", "{source}", "--mlx-path", "{out}"],
-    ["-m", "mlx_mamba.generate", "--model", "{source}", "--prompt", "hi"],
+    [str(ROOT / "convert.py"), "--hf-path", "{source}", "--mlx-path", "{out}",
+     "--tokenizer", "{tokenizer}"],
+    ["-m", "mlx_mamba.generate", "--model", "{source}", "--prompt", "hi",
+     "--tokenizer", "{tokenizer}"],
 ], ids=["convert", "generate"])
-def test_command_lines_refuse_with_one_error_line(command, checkpoint, tmp_path):
+def test_command_lines_refuse_with_one_error_line(command, checkpoint, tokenizer_file, tmp_path):
     source = _original_with_bin(checkpoint, tmp_path / "hostile", tensor(1000, (8,), (1,)))
     out = tmp_path / "out"
-    args = [a.format(source=source, out=out) for a in command]
+    args = [a.format(source=source, out=out, tokenizer=tokenizer_file) for a in command]
     run = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT,
                          timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 1
