@@ -1,7 +1,8 @@
 """Per-layer decoding state. Every cache answers the same operations, so generation, the prompt
 cache and the tuner never ask which kind of layer it belongs to:
-`state` (arrays to evaluate), `keep(rows)` (drop finished batch rows), `copy()`, `arrays()` and
-`restore(arrays)` (save to and load from a file). Layers without state (MLP, MoE) have None."""
+`batch_size`, `state` (arrays to evaluate), `keep(rows)` (drop finished batch rows), `copy()`,
+`arrays()` and `restore(arrays)` (save to and load from a file). Layers without state (MLP, MoE)
+have None."""
 
 import mlx.core as mx
 
@@ -18,6 +19,10 @@ class MambaCache:
     def zeros(cls, batch_size, conv_width, conv_channels, ssm_shape, dtype=mx.float32):
         return cls(mx.zeros((batch_size, conv_width, conv_channels), dtype=dtype),
                    mx.zeros((batch_size, *ssm_shape), dtype=mx.float32))
+
+    @property
+    def batch_size(self):
+        return self.conv.shape[0]
 
     @property
     def state(self):
@@ -101,6 +106,10 @@ class KVCache:
             self.valid = grown(self.valid, (batch, size))
 
     @property
+    def batch_size(self):
+        return self.positions.shape[0]
+
+    @property
     def state(self):
         arrays = [self.positions]
         if self.keys is not None:
@@ -164,3 +173,47 @@ def _check_names(arrays, required, optional=()):
 def cache_state(cache):
     """Every array of a model's per-layer cache list, for mx.eval."""
     return [a for layer in cache if layer is not None for a in layer.state]
+
+
+class LayerCaches:
+    """The caches of a layer made of several stateful parts (Falcon-H1's parallel Mamba and
+    attention), by name; answers the same operations, arrays named `{part}.{array}`."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def __getattr__(self, name):
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
+    @property
+    def batch_size(self):
+        return next(iter(self.parts.values())).batch_size
+
+    @property
+    def state(self):
+        return [a for part in self.parts.values() for a in part.state]
+
+    def keep(self, rows):
+        for part in self.parts.values():
+            part.keep(rows)
+
+    def copy(self):
+        return LayerCaches(**{k: v.copy() for k, v in self.parts.items()})
+
+    def arrays(self):
+        return {f"{k}.{name}": a for k, part in self.parts.items()
+                for name, a in part.arrays().items()}
+
+    def restore(self, arrays):
+        for k, part in self.parts.items():
+            mine = {name[len(k) + 1:]: a for name, a in arrays.items() if name.startswith(k + ".")}
+            try:
+                part.restore(mine)
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+        unknown = [n for n in arrays if n.split(".")[0] not in self.parts]
+        if unknown:
+            raise ValueError(f"unexpected array {unknown[0]!r}")

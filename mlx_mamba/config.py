@@ -7,7 +7,8 @@ family modules in `mlx_mamba/families/`. `to_dict` writes the transformers form,
 convert.py saves and what mlx-lm reads.
 
 A model is one stack of residual layers. `layer_types` names each layer's mixer ("mamba1",
-"mamba2", "attention", "mlp", "moe"); `ffn_types` names the feed-forward that follows it in the
+"mamba2", "attention", "mlp", "moe", "parallel": Mamba2 and attention side by side, or
+"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output); `ffn_types` names the feed-forward that follows it in the
 same layer ("mlp", "moe", or "" for none). Pure Mamba models leave both empty.
 """
 
@@ -75,7 +76,25 @@ class ModelConfig:
     expert_latent_size: int = 0
     embedding_multiplier: float = 1.0
     residual_multiplier: float = 1.0
-    logits_divisor: float = 1.0
+    logits_multiplier: float = 1.0
+    # Falcon-H1's µP: Mamba2 in_proj row factors (z, x, B, C, dt) and its gated-norm variant,
+    # the parallel layer's input/output factors, attention's key factor, the MLP's (gate, down).
+    ssm_multipliers: tuple = ()
+    mamba_gate_norm: str = "after_gate"
+    parallel_multipliers: tuple = (1.0, 1.0, 1.0, 1.0)  # (ssm in, ssm out, attention in, out)
+    key_multiplier: float = 1.0
+    mlp_multipliers: tuple = (1.0, 1.0)
+    # Zamba2: "hybrid" layers invoke one of `shared_blocks` shared transformer blocks, in turn,
+    # each invocation with adapters of rank `adapter_rank` (on q, k, v too with attention_adapters).
+    shared_blocks: int = 0
+    adapter_rank: int = 0
+    attention_adapters: bool = False
+    gate_norm_eps: float | None = None  # the Mamba2 gated norm's eps when not norm_eps
+
+    def shared_block(self, i):
+        """Which shared block hybrid layer i invokes, and which invocation it is."""
+        invocation = sum(self.layer_type(j) == "hybrid" for j in range(i))
+        return invocation % self.shared_blocks, invocation
 
     @property
     def d_inner(self):
@@ -128,7 +147,7 @@ class ModelConfig:
                               f"'num_hidden_layers' says {self.n_layer}")
         if "mamba1" in layers and self.dt_rank <= 0:
             raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive integer")
-        if "mamba2" in layers:
+        if {"mamba2", "parallel", "hybrid"} & set(layers):
             if self.d_inner % self.head_dim:
                 raise ConfigError(
                     f"field 'head_dim' is {self.head_dim}: it must divide the Mamba2 width "
@@ -140,7 +159,7 @@ class ModelConfig:
             lo, hi = self.dt_limit
             if not 0.0 <= lo < hi:
                 raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected 0 <= low < high")
-        if "attention" in layers and self.attn_heads % max(self.attn_kv_heads, 1):
+        if {"attention", "parallel"} & set(layers) and self.attn_heads % max(self.attn_kv_heads, 1):
             raise ConfigError(f"field 'num_key_value_heads' is {self.attn_kv_heads}: it must divide "
                               f"'num_attention_heads' ({self.attn_heads})")
         if "moe" in self.kinds and not 0 < self.top_k <= self.n_experts:
@@ -222,10 +241,15 @@ def parameter_count(config):
         "mlp": 3 * D * config.mlp_size,
         "moe": config.n_experts * (3 * D * config.expert_size + D)
                + 3 * D * config.shared_expert_size,
+        "parallel": 0,
+        "hybrid": 0,
         "": 0,
     }
+    per_kind["parallel"] = per_kind["mamba2"] + per_kind["attention"]
+    per_kind["hybrid"] = per_kind["mamba2"] + D * D + 2 * config.adapter_rank * 8 * D
     layers = sum(per_kind[config.layer_type(i)] + per_kind[config.ffn_type(i)] + 2 * D
                  for i in range(config.n_layer))
+    layers += config.shared_blocks * (per_kind["attention"] * 2 + per_kind["mlp"])
     embedding = config.vocab_size * D * (1 if config.tie_embeddings else 2)
     return {"vocab_size": embedding, "n_layer": layers}
 

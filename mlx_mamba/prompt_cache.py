@@ -121,7 +121,7 @@ def load_prompt_cache(file, model):
     layers = model.make_cache(1)
     by_layer, names = {}, [n for n in arrays if n != "tokens"]
     for name in names:
-        match = re.fullmatch(r"layers\.(\d+)\.(\w+)", name)
+        match = re.fullmatch(r"layers\.(\d+)\.([\w.]+)", name)
         if match:
             by_layer.setdefault(match.group(1), {})[match.group(2)] = arrays[name]
     expected = {str(i) for i, layer in enumerate(layers) if layer is not None}

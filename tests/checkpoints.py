@@ -41,6 +41,30 @@ HYBRIDS = {
         ssm_state_size=8, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2,
         moe_intermediate_size=12, moe_shared_expert_intermediate_size=10, n_group=4, topk_group=2,
         routed_scaling_factor=2.5, time_step_min=0.001, time_step_limit=(0.001, float("inf")))),
+    "falcon_h1": ("FalconH1ForCausalLM", dict(
+        HYBRID_COMMON, **HYBRID_MAMBA, num_hidden_layers=3, intermediate_size=24, mamba_d_ssm=64,
+        mamba_rms_norm=True, embedding_multiplier=1.7, lm_head_multiplier=0.6,
+        mlp_multipliers=[0.8, 1.3], ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5],
+        ssm_in_multiplier=1.4, ssm_out_multiplier=0.8, attention_in_multiplier=0.6,
+        attention_out_multiplier=1.5, key_multiplier=0.7,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # Zamba2: two shared blocks taking turns over three hybrid layers, each invocation with its
+    # own adapters (on q, k, v too), RoPE in the shared attention.
+    "zamba2": ("Zamba2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"],
+        mamba_d_state=8, n_mamba_heads=4, mamba_ngroups=2, chunk_size=8, intermediate_size=24,
+        num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True,
+        time_step_min=0.001)),
+    "zamba2_plain": ("Zamba2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        layers_block_type=["hybrid", "mamba", "hybrid"], mamba_d_state=8, n_mamba_heads=2,
+        chunk_size=8, intermediate_size=24, num_mem_blocks=1, adapter_rank=4)),
+    # Falcon-H1's other gate option (no norm), and a Mamba width that is not expand * hidden.
+    "falcon_h1_no_norm": ("FalconH1ForCausalLM", dict(
+        HYBRID_COMMON, **dict(HYBRID_MAMBA, mamba_n_heads=6), num_hidden_layers=2,
+        intermediate_size=24, mamba_d_ssm=96, mamba_rms_norm=False,
+        ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5])),
     # Layers: Mamba1 + MLP, attention + MoE, Mamba1 + MLP, Mamba1 + MoE.
     "jamba": ("JambaForCausalLM", dict(
         HYBRID_COMMON, num_hidden_layers=4, attn_layer_period=3, attn_layer_offset=1,

@@ -19,12 +19,13 @@ from mlx.utils import tree_flatten
 
 import mlx_mamba
 from checkpoints import HYBRIDS
-from mlx_mamba.cache import KVCache, MambaCache
+from mlx_mamba.cache import KVCache, LayerCaches, MambaCache
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.convert import convert, save_model
 from mlx_mamba.fuse import dequantize_model
 from mlx_mamba.generate import batch_generate, stream_generate
-from mlx_mamba.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
+from mlx_mamba.prompt_cache import (load_prompt_cache, make_prompt_cache, prefill,
+                                    save_prompt_cache)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(HYBRIDS)
@@ -54,12 +55,12 @@ def hybrid(request, checkpoint):
 
 
 def test_caches_follow_the_layer_kinds(hybrid):
-    flavour, _, reference, model = hybrid
-    kinds = {MambaCache: ("mamba1", "mamba2"), KVCache: "attention", type(None): ("mlp", "moe")}
+    _, _, _, model = hybrid
+    kinds = {MambaCache: ("mamba1", "mamba2"), KVCache: ("attention",),
+             LayerCaches: ("parallel", "hybrid"), type(None): ("mlp", "moe")}
     for i, cache in enumerate(model.make_cache(2)):
         assert model.config.layer_type(i) in kinds[type(cache)]
-    assert "attention" in model.config.layer_types
-    assert {"mamba1", "mamba2"} & set(model.config.layer_types)
+    assert {"attention", "parallel", "hybrid"} & set(model.config.layer_types)
 
 
 def test_whole_forward_equals_cache_equals_step(hybrid):
@@ -70,7 +71,8 @@ def test_whole_forward_equals_cache_equals_step(hybrid):
     pieces = [model(ids[:, a:b], cache) for a, b in ((0, 5), (5, 16), (16, 25))]
     pieces += [model.step(ids[:, t], cache)[:, None] for t in range(25, 29)]
     assert relative_error(mx.concatenate(pieces, axis=1), whole) < 1e-5
-    assert all(c.length == 29 for c in cache if isinstance(c, KVCache))
+    kv = [c.attention if isinstance(c, LayerCaches) else c for c in cache]
+    assert all(c.length == 29 for c in kv if isinstance(c, KVCache))
 
 
 def test_greedy_generation_equals_transformers(hybrid):
@@ -92,6 +94,23 @@ def test_padded_batch_equals_each_row_alone(hybrid):
     for prompt, result in zip(prompts, together):
         alone = [r.token for r in stream_generate(model, IdTokenizer(), prompt, max_tokens=6)]
         assert result.tokens == alone
+
+
+def test_left_padding_over_a_cache_that_holds_state_is_exact(hybrid):
+    # Rows share a cache that already holds 4 tokens each, then get 1, 6 and 3 more (padded to
+    # 6): every row's next logits equal those of the row run alone.
+    _, _, _, model = hybrid
+    prefixes = [IDS[r, :4].tolist() for r in range(3)]
+    tails = [IDS[0, 4:5].tolist(), IDS[1, 4:10].tolist(), IDS[2, 4:7].tolist()]
+    cache = model.make_cache(3)
+    prefill(model, prefixes, cache, step_size=3)
+    prefill(model, tails, cache, step_size=4)
+    batched = model.step(mx.array([int(IDS[r, 20]) for r in range(3)]), cache)
+    for r in range(3):
+        alone = model.make_cache(1)
+        prefill(model, [prefixes[r] + tails[r]], alone)
+        expected = model.step(mx.array([int(IDS[r, 20])]), alone)
+        assert relative_error(batched[r:r + 1], expected) < 1e-5
 
 
 def test_saved_prompt_cache_resumes_exactly(hybrid, tmp_path):
@@ -143,7 +162,8 @@ def _transformers_with(weights_dir, source, tmp_path):
     return transformers.AutoModelForCausalLM.from_pretrained(target).eval()
 
 
-@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "jamba"])
+@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "falcon_h1", "zamba2",
+                                     "jamba"])
 @pytest.mark.parametrize("mode", ["affine", "mxfp4", "nvfp4", "mxfp8"])
 def test_quantized_equals_transformers_on_the_dequantized_weights(flavour, mode, checkpoint,
                                                                   tmp_path):
@@ -204,6 +224,13 @@ def _edited(source, tmp_path, edit_config=None, drop=None):
     ("granite_moe", None, "block_sparse_moe.input_linear", "block_sparse_moe.input_linear"),
     ("bamba", lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}),
      None, "rope_type"),
+    ("falcon_h1", lambda c: c.update(ssm_multipliers=[1.0, 2.0]), None, "ssm_multipliers"),
+    ("falcon_h1", lambda c: c.update(mamba_d_ssm=48), None, "mamba_d_ssm"),
+    ("falcon_h1", lambda c: c.update(key_multiplier="big"), None, "key_multiplier"),
+    ("zamba2", lambda c: c.update(num_key_value_heads=2), None, "num_key_value_heads"),
+    ("zamba2", lambda c: c.update(layers_block_type=["mamba", "shared"] * 3), None,
+     "layers_block_type.*shared"),
+    ("zamba2", None, "linear_q_adapter_list.2.", "linear_q_adapter_list.2"),
     ("jamba", lambda c: c.update(attn_layer_period=0), None, "attn_layer_period"),
     ("jamba", lambda c: c.update(expert_layer_offset=2), None, "expert_layer_offset"),
     ("jamba", lambda c: c.update(num_experts_per_tok=5), None, "num_experts_per_tok"),
@@ -214,6 +241,8 @@ def _edited(source, tmp_path, edit_config=None, drop=None):
      r"unexpected tensor 'model\.layers\.[13]\.feed_forward\.experts\.0\..*no mixture-of-experts"),
     ("jamba", None, "mamba.dt_layernorm", "model.layers.0.mamba.dt_layernorm.weight"),
 ])
+
+
 def test_bad_hybrid_checkpoints_get_one_error_line(flavour, edit, drop, message, checkpoint,
                                                    tmp_path):
     source = _edited(checkpoint(flavour)[0], tmp_path, edit, drop)
@@ -223,3 +252,25 @@ def test_bad_hybrid_checkpoints_get_one_error_line(flavour, edit, drop, message,
     assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert re.search(message, lines[0]), lines[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_zamba2_blocks_are_shared_in_memory_and_on_disk(checkpoint, tmp_path):
+    source, _ = checkpoint("zamba2")
+    model = mlx_mamba.load(source)[0]
+    names = [n for n, _ in tree_flatten(model.parameters())]
+    assert sum(n.endswith("self_attn.q_proj.weight") for n in names) == 2  # two blocks, 3 uses
+    assert sum(n.endswith("adapters.q.down.weight") for n in names) == 3  # one per invocation
+    written = mx.load(str(convert(source, tmp_path / "out") / "model.safetensors"))
+    assert sum(n.endswith("self_attn.q_proj.weight") for n in written) == 2
+
+
+def test_zamba2_block_copies_that_differ_are_refused(checkpoint, tmp_path):
+    # A checkpoint storing a block again at a later invocation, with other values, is not a
+    # model with shared blocks: refused rather than silently using the first copy.
+    source = _edited(checkpoint("zamba2")[0], tmp_path)
+    weights = dict(mx.load(str(source / "model.safetensors")))
+    first = "model.layers.1.shared_transformer.self_attn.q_proj.weight"
+    weights[first.replace("layers.1.", "layers.4.")] = weights[first] + 1
+    mx.save_safetensors(str(source / "model.safetensors"), weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.4.shared_transformer.*not shared"):
+        mlx_mamba.load(source)

@@ -161,8 +161,8 @@ def layer_kinds(names, aliases, field):
     return tuple(kinds)
 
 
-from . import bamba, granitemoehybrid, jamba, nemotron_h  # noqa: E402
+from . import bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h, zamba2  # noqa: E402
 
-MODULES = {"bamba": bamba, "granitemoehybrid": granitemoehybrid, "jamba": jamba,
-           "nemotron_h": nemotron_h}
+MODULES = {"bamba": bamba, "falcon_h1": falcon_h1, "granitemoehybrid": granitemoehybrid,
+           "jamba": jamba, "nemotron_h": nemotron_h, "zamba2": zamba2}
 FAMILIES = {name: module.read_config for name, module in MODULES.items()}

@@ -48,7 +48,7 @@ def read_config(config):
         router="softmax",
         embedding_multiplier=get(config, "embedding_multiplier", 1.0, "number"),
         residual_multiplier=get(config, "residual_multiplier", 1.0, "number"),
-        logits_divisor=get(config, "logits_scaling", 1.0, "positive_number"), **fields)
+        logits_multiplier=1 / get(config, "logits_scaling", 1.0, "positive_number"), **fields)
 
 
 def _names(config):

@@ -8,7 +8,8 @@ import mlx.nn as nn
 
 from .. import ops
 from ..cache import MambaCache
-from .conv import apply_mask, causal_conv1d
+from ..ops.reference import discretize_dt
+from .conv import causal_conv1d
 
 
 def _without_bias(linear, x):
@@ -64,16 +65,21 @@ class Mamba1(nn.Module):
         return _without_bias(self.dt_proj, delta), B, C
 
     def __call__(self, x, cache=None, mask=None):
-        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
+        """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
+        were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
         x, z = mx.split(self.in_proj(x), 2, axis=-1)
-        x = apply_mask(x, mask)
         x, window = causal_conv1d(x, self.conv1d.weight, self.conv1d.get("bias"),
-                                  cache.conv if cache else None)
-        x = apply_mask(nn.silu(x), mask)
+                                  cache.conv if cache else None, mask)
+        x = nn.silu(x)
         delta, B, C = self._ssm_inputs(x)
+        bias, softplus = self.dt_proj.bias, True
+        if mask is not None:
+            # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
+            delta = discretize_dt(delta, bias, softplus) * mask[..., None].astype(mx.float32)
+            bias, softplus = None, False
         y, state = ops.selective_scan(
-            x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,
-            self.dt_proj.bias, True, cache.ssm if cache else None, True)
+            x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z, bias, softplus,
+            cache.ssm if cache else None, True)
         if cache is not None:
             cache.conv, cache.ssm = window, state
         return self.out_proj(y)

@@ -8,12 +8,15 @@ say. Pure Mamba models are the stack with Mamba mixers only; the hybrids add lay
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import LayerCaches
 from ..config import ModelConfig
 from .attention import Attention
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
 from .mlp import MLP
 from .moe import MoE
+from .parallel import ParallelMixer
+from .shared_block import InvocationAdapters, SharedBlock
 
 
 def make_layer(config: ModelConfig, kind):
@@ -21,14 +24,18 @@ def make_layer(config: ModelConfig, kind):
     if kind == "mamba1":
         return Mamba1(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, c.conv_bias, c.bias,
                       c.mixer_rms_eps, c.mixer_rms_weights)
-    if kind == "mamba2":
+    if kind in ("mamba2", "hybrid"):
         return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
-                      c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.norm_eps, c.d_inner)
+                      c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.gate_norm_eps or c.norm_eps,
+                      c.d_inner, c.mamba_gate_norm, c.ssm_multipliers or None)
     if kind == "attention":
         return Attention(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim, c.attn_bias,
-                         c.attn_scale, c.rope_theta, c.rope_dims)
+                         c.attn_scale, c.rope_theta, c.rope_dims, c.key_multiplier)
+    if kind == "parallel":
+        return ParallelMixer(make_layer(c, "mamba2"), make_layer(c, "attention"),
+                             c.parallel_multipliers)
     if kind == "mlp":
-        return MLP(c.d_model, c.mlp_size, c.mlp_activation, c.mlp_bias)
+        return MLP(c.d_model, c.mlp_size, c.mlp_activation, c.mlp_bias, c.mlp_multipliers)
     return MoE(c.d_model, c.n_experts, c.top_k, c.expert_size, c.mlp_activation,
                c.shared_expert_size, c.router, c.router_groups, c.router_topk_groups,
                c.router_normalize, c.router_scale, c.expert_latent_size, c.mlp_bias)
@@ -42,6 +49,12 @@ class ResidualBlock(nn.Module):
         if config.ffn_type(index):
             self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
             self.ffn = make_layer(config, config.ffn_type(index))
+        if config.layer_type(index) == "hybrid":  # Zamba2: a shared block feeds the Mamba input
+            c = config
+            self.linear = nn.Linear(c.d_model, c.d_model, bias=False)
+            self.adapters = InvocationAdapters(c.d_model, c.attn_heads * c.attn_head_dim,
+                                               c.attn_kv_heads * c.attn_head_dim, c.mlp_size,
+                                               c.adapter_rank, c.attention_adapters)
 
 
 class Backbone(nn.Module):
@@ -49,6 +62,12 @@ class Backbone(nn.Module):
         super().__init__()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
         self.layers = [ResidualBlock(config, i) for i in range(config.n_layer)]
+        c = config
+        # Held once here and invoked by the hybrid layers: shared in memory and on disk.
+        self.blocks = [SharedBlock(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim,
+                                   c.mlp_size, c.mlp_activation, c.norm_eps, c.rope_theta,
+                                   c.mlp_bias)
+                       for _ in range(c.shared_blocks)]
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
 
 
@@ -69,32 +88,53 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def make_cache(self, batch_size=1):
-        """One cache per layer: MambaCache, KVCache, or None for MLP and MoE layers."""
-        return [layer.mixer.make_cache(batch_size) for layer in self.backbone.layers]
+        """One cache per layer: MambaCache, KVCache, None for MLP and MoE layers, LayerCaches
+        for layers with several stateful parts (Falcon-H1's parallel layer, Zamba2's hybrid)."""
+        caches = []
+        for i, layer in enumerate(self.backbone.layers):
+            cache = layer.mixer.make_cache(batch_size)
+            if "linear" in layer:
+                block = self.backbone.blocks[self.config.shared_block(i)[0]]
+                cache = LayerCaches(mamba=cache,
+                                    attention=block.self_attn.make_cache(batch_size))
+            caches.append(cache)
+        return caches
 
     def _dtype(self):
         # The dtype the layers compute in: that of the first Mamba conv, which is never
         # quantized (a quantized embedding dequantizes to bfloat16 in the fp4/fp8 modes) nor
         # kept in float32 like the norms.
-        return next(layer.mixer.conv1d.weight.dtype for layer in self.backbone.layers
-                    if "conv1d" in layer.mixer)
+        for layer in self.backbone.layers:
+            mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
+            if "conv1d" in mamba:
+                return mamba.conv1d.weight.dtype
 
-    def _run(self, input_ids, mix):
+    def _run(self, input_ids, cache, mask, step):
         c = self.config
         dtype = self._dtype()
-        hidden = self.backbone.embeddings(input_ids).astype(dtype)
+        embedded = self.backbone.embeddings(input_ids).astype(dtype)
         if c.embedding_multiplier != 1.0:
-            hidden = hidden * c.embedding_multiplier
+            embedded = embedded * c.embedding_multiplier
         # The residual stream stays in float32 when the checkpoint says so (residual_in_fp32).
-        residual = hidden.astype(mx.float32) if c.residual_in_fp32 else hidden
+        residual = embedded.astype(mx.float32) if c.residual_in_fp32 else embedded
         for i, layer in enumerate(self.backbone.layers):
-            residual = self._add(residual, mix(layer.mixer, layer.norm(residual).astype(dtype), i))
+            layer_cache = cache[i] if cache is not None else None
+            x = residual
+            if "linear" in layer:
+                block = self.backbone.blocks[c.shared_block(i)[0]]
+                shared = block(mx.concatenate([x.astype(dtype), embedded], axis=-1),
+                               layer.adapters, layer_cache and layer_cache.attention, mask, step)
+                x = x + layer.linear(shared).astype(x.dtype)
+                layer_cache = layer_cache and layer_cache.mamba
+            h = layer.norm(x).astype(dtype)
+            h = layer.mixer.step(h, layer_cache) if step else layer.mixer(h, layer_cache, mask)
+            residual = self._add(residual, h)
             if "ffn" in layer:
                 residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))
         hidden = self.backbone.norm_f(residual).astype(dtype)
         logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
             else self.lm_head(hidden)
-        return logits / c.logits_divisor if c.logits_divisor != 1.0 else logits
+        return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
 
     def _add(self, residual, branch):
         scale = self.config.residual_multiplier
@@ -107,13 +147,12 @@ class Model(nn.Module):
         logits and state of the unpadded row (padding reaches no state, conv or attention).
         """
         _check_inputs(input_ids, cache, mask, 2, self.config.n_layer)
-        return self._run(input_ids, lambda mixer, h, i: mixer(
-            h, cache[i] if cache is not None else None, mask))
+        return self._run(input_ids, cache, mask, step=False)
 
     def step(self, token_ids, cache):
         """token_ids (B,) -> logits (B, V), advancing `cache` by one token."""
         _check_inputs(token_ids, cache, None, 1, self.config.n_layer)
-        return self._run(token_ids, lambda mixer, h, i: mixer.step(h, cache[i]))
+        return self._run(token_ids, cache, None, step=True)
 
 
 def _check_inputs(ids, cache, mask, ndim, layers):
@@ -126,20 +165,14 @@ def _check_inputs(ids, cache, mask, ndim, layers):
     if not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"token ids of dtype {ids.dtype}: expected integers")
     if mask is not None and tuple(mask.shape) != shape:
-        raise ValueError(f"mask of shape {tuple(mask.shape)}: expected the ids' shape {shape}")
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (batch, length) = "
+                         f"{shape}, those of the ids")
     if cache is None:
         return
     if not isinstance(cache, (list, tuple)) or len(cache) != layers:
         raise ValueError(f"the cache must be the list of {layers} layer caches that "
                          "model.make_cache() returns")
     for layer in cache:
-        batch = _cache_batch(layer)
-        if batch is not None and batch != shape[0]:
-            raise ValueError(f"the cache holds {batch} sequences, the input has {shape[0]}: "
-                             "make the cache with model.make_cache(batch_size)")
-
-
-def _cache_batch(layer):
-    if layer is None:
-        return None
-    return layer.positions.shape[0] if hasattr(layer, "positions") else layer.conv.shape[0]
+        if layer is not None and layer.batch_size != shape[0]:
+            raise ValueError(f"the cache holds {layer.batch_size} sequences, the input has "
+                             f"{shape[0]}: make the cache with model.make_cache(batch_size)")
