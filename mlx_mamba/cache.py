@@ -60,8 +60,8 @@ class KVCache:
 
     STEP = 256
 
-    def __init__(self, batch_size, kv_heads, head_dim, dtype=mx.float32):
-        self.shape, self.dtype = (batch_size, kv_heads, 0, head_dim), dtype
+    def __init__(self, batch_size, kv_heads, head_dim):
+        self.shape = (batch_size, kv_heads, 0, head_dim)
         self.keys = self.values = None
         self.length = 0
         self.valid = None
@@ -91,19 +91,21 @@ class KVCache:
                 None if self.valid is None else self.valid[:, :end])
 
     def _grow(self, size, dtype):
+        """Reallocate for `size` positions, keeping the `length` filled ones."""
         _, heads, _, head_dim = self.shape
         batch = self.positions.shape[0]
 
-        def grown(old, shape):
-            fresh = mx.zeros(shape, old.dtype if old is not None else dtype)
-            return fresh if old is None else mx.slice_update(
-                fresh, old[..., :self.length, :] if old.ndim == 4 else old[:, :self.length],
-                mx.array([0]), axes=(2 if old.ndim == 4 else 1,))
+        def resized(old, shape, axis):  # axis: the positions axis
+            fresh = mx.zeros(shape, dtype if old is None else old.dtype)
+            if old is None:
+                return fresh
+            kept = mx.split(old, [self.length], axis=axis)[0]
+            return mx.slice_update(fresh, kept, mx.array([0]), axes=(axis,))
 
-        self.keys = grown(self.keys, (batch, heads, size, head_dim))
-        self.values = grown(self.values, (batch, heads, size, head_dim))
+        self.keys = resized(self.keys, (batch, heads, size, head_dim), 2)
+        self.values = resized(self.values, (batch, heads, size, head_dim), 2)
         if self.valid is not None:
-            self.valid = grown(self.valid, (batch, size))
+            self.valid = resized(self.valid, (batch, size), 1)
 
     @property
     def batch_size(self):
@@ -141,7 +143,8 @@ class KVCache:
         _check_names(arrays, {"positions"}, {"keys", "values", "valid"})
         batch, heads, _, head_dim = self.shape
         if arrays["positions"].shape != (batch,):
-            raise ValueError(f"positions has shape {arrays['positions'].shape}, expected ({batch},)")
+            raise ValueError(f"positions has shape {arrays['positions'].shape}, "
+                             f"expected ({batch},)")
         if ("keys" in arrays) != ("values" in arrays):
             raise ValueError("keys and values must be saved together")
         self.positions = arrays["positions"].astype(mx.int32)
@@ -155,11 +158,11 @@ class KVCache:
             valid = arrays.get("valid")
             if valid is not None and valid.shape != (batch, length):
                 raise ValueError(f"valid has shape {valid.shape}, expected {(batch, length)}")
-            self.update(keys.astype(self.dtype), values.astype(self.dtype), valid)
+            self.update(keys, values.astype(keys.dtype), valid)
             self.positions = arrays["positions"].astype(mx.int32)
         elif "valid" in arrays:
             raise ValueError("valid without keys")
-        if not mx.all(self.positions >= 0).item() or not mx.all(self.positions <= self.length).item():
+        if not mx.all((self.positions >= 0) & (self.positions <= self.length)).item():
             raise ValueError(f"positions {self.positions.tolist()} are outside 0..{self.length}")
 
 

@@ -8,7 +8,8 @@ convert.py saves and what mlx-lm reads.
 
 A model is one stack of residual layers. `layer_types` names each layer's mixer ("mamba1",
 "mamba2", "attention", "mlp", "moe", "parallel": Mamba2 and attention side by side, or
-"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output); `ffn_types` names the feed-forward that follows it in the
+"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output);
+`ffn_types` names the feed-forward that follows it in the
 same layer ("mlp", "moe", or "" for none). Pure Mamba models leave both empty.
 """
 
@@ -146,7 +147,8 @@ class ModelConfig:
             raise ConfigError(f"the layer pattern has {len(self.layer_types)} layers, "
                               f"'num_hidden_layers' says {self.n_layer}")
         if "mamba1" in layers and self.dt_rank <= 0:
-            raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive integer")
+            raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive "
+                              "integer")
         if {"mamba2", "parallel", "hybrid"} & set(layers):
             if self.d_inner % self.head_dim:
                 raise ConfigError(
@@ -158,7 +160,8 @@ class ModelConfig:
                     f"({self.n_heads})")
             lo, hi = self.dt_limit
             if not 0.0 <= lo < hi:
-                raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected 0 <= low < high")
+                raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected "
+                                  "0 <= low < high")
         if {"attention", "parallel"} & set(layers) and self.attn_heads % max(self.attn_kv_heads, 1):
             raise ConfigError(f"field 'num_key_value_heads' is {self.attn_kv_heads}: it must divide "
                               f"'num_attention_heads' ({self.attn_heads})")
@@ -331,7 +334,8 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
     (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool",
     "ids" (token ids: an int, a list of ints or null). The error names the field."""
     label = where + name
-    if name not in config or (config[name] is None and kind not in ("ids",) and default is not REQUIRED):
+    absent = name not in config or (config[name] is None and kind != "ids")
+    if absent and (name not in config or default is not REQUIRED):
         if default is REQUIRED:
             raise ConfigError(f"missing field {label!r}")
         return default

@@ -246,8 +246,9 @@ def build_parser():
     parser.add_argument("--repetition-penalty", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--tokenizer", default=None,
-                        help="a directory or repo id with the tokenizer, for models shipped "
-                             "without one (e.g. EleutherAI/gpt-neox-20b for state-spaces models)")
+                        help="a directory, tokenizer.json file or repo id with the tokenizer, "
+                             "instead of the model's own (state-spaces originals get "
+                             "EleutherAI/gpt-neox-20b's from the hub)")
     parser.add_argument("--ignore-chat-template", action="store_true",
                         help="feed the prompt as is, even if the tokenizer has a chat template")
     parser.add_argument("--save-prompt-cache", metavar="FILE", default=None,
@@ -262,20 +263,17 @@ def build_parser():
 
 
 def _load(args):
-    from .loader import load, load_tokenizer, resolve
+    from .loader import load
 
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
-        raise GenerationError(e if args.model in str(e) else f"{args.model}: {e}") from None
-    if args.tokenizer:
-        tokenizer = load_tokenizer(resolve(args.tokenizer))
-        if tokenizer is None:
-            raise GenerationError(f"{args.tokenizer}: no tokenizer.json or tokenizer_config.json")
+        named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
+        raise GenerationError(e if named else f"{args.model}: {e}") from None
     if tokenizer is None:
-        raise GenerationError(f"{args.model}: no tokenizer in the model directory (original "
-                              "state-spaces checkpoints ship none): pass --tokenizer "
-                              "PATH_OR_REPO, e.g. --tokenizer EleutherAI/gpt-neox-20b")
+        raise GenerationError(f"{args.tokenizer or args.model}: no tokenizer that transformers "
+                              "reads (tokenizer.json or tokenizer_config.json): pass --tokenizer "
+                              "with a directory, a tokenizer.json file or a repo id")
     return model, tokenizer
 
 

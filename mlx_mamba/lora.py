@@ -19,7 +19,7 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .loader import load_model, load_tokenizer, resolve
+from .loader import find_tokenizer, load_model, load_tokenizer, resolve
 from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, load_adapter_weights,
                              load_adapters, save_adapters)
 from .tuner.datasets import DataError, iterate_batches, load_split, warn
@@ -41,6 +41,8 @@ def parse_args(argv=None):
                                      description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--model", required=True, help="model directory or Hugging Face repo id")
+    add("--tokenizer", help="a directory, tokenizer.json file or repo id with the tokenizer, "
+                            "instead of the model's own")
     add("--train", action="store_true",
         help="train adapters (or the model itself with --fine-tune-type full)")
     add("--test", action="store_true", help="report loss and perplexity on DIR/test.jsonl")
@@ -115,13 +117,14 @@ def run(args, world):
     if world.size() > 1:
         log(f"Data-parallel training on {world.size()} processes")
     path = resolve(args.model)
-    tokenizer = load_tokenizer(path)
+    config = load_config(path)
+    tokenizer = load_tokenizer(find_tokenizer(path, args.tokenizer), config.eos_token_id)
     if tokenizer is None:
-        raise DataError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json) to "
-                        "tokenize the data with")
+        raise DataError(f"{args.tokenizer or path}: no tokenizer (tokenizer.json or "
+                        "tokenizer_config.json) to tokenize the data with; pass --tokenizer")
     log("Loading datasets", flush=True)
     splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
-    vocab = load_config(path).vocab_size
+    vocab = config.vocab_size
     data = {name: load_split(args.data, name, tokenizer, args.max_seq_length, vocab, data_warn)
             for name in splits}
     log("Loading pretrained model", flush=True)

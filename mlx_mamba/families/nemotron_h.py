@@ -7,7 +7,8 @@ top-k within the best groups, with a shared expert and an optional latent projec
 from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
 from . import attention_fields, layer_kinds, rename, stack_experts, swapped, unstack_experts
 
-NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias", "backbone.layers.{i}.mixer.score_bias"),
+NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias",
+          "backbone.layers.{i}.mixer.score_bias"),
          ("backbone.layers.{i}.mixer.gate.", "backbone.layers.{i}.mixer.router."),
          ("backbone.layers.{i}.mixer.fc1_latent_proj.", "backbone.layers.{i}.mixer.latent_in."),
          ("backbone.layers.{i}.mixer.fc2_latent_proj.", "backbone.layers.{i}.mixer.latent_out.")]

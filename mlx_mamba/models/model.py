@@ -160,8 +160,8 @@ def _check_inputs(ids, cache, mask, ndim, layers):
     shape = tuple(getattr(ids, "shape", ()))
     if len(shape) != ndim or 0 in shape:
         expected = "(batch, length) with length >= 1" if ndim == 2 else "(batch,)"
-        raise ValueError(f"token ids of shape {shape}: expected {expected}"
-                         + (" (use model.step for one token per row)" if ndim == 2 and len(shape) == 1 else ""))
+        hint = " (model.step takes one token per row)" if ndim == 2 and len(shape) == 1 else ""
+        raise ValueError(f"token ids of shape {shape}: expected {expected}{hint}")
     if not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"token ids of dtype {ids.dtype}: expected integers")
     if mask is not None and tuple(mask.shape) != shape:

@@ -48,7 +48,8 @@ class QuantizedExpertLinear(nn.Module):
     def __call__(self, x, experts, sorted_indices=False):
         return mx.gather_qmm(x[..., None, :], self.weight, self.scales, self.get("biases"),
                              rhs_indices=experts, transpose=True, group_size=self.group_size,
-                             bits=self.bits, mode=self.mode, sorted_indices=sorted_indices)[..., 0, :]
+                             bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_indices)[..., 0, :]
 
 
 class Experts(nn.Module):
@@ -87,7 +88,8 @@ class MoE(nn.Module):
                  latent=0, bias=False):
         super().__init__()
         self.top_k, self.router_kind = top_k, router
-        self.groups, self.topk_groups, self.normalize, self.scale = groups, topk_groups, normalize, scale
+        self.groups, self.topk_groups = groups, topk_groups
+        self.normalize, self.scale = normalize, scale
         self.router = nn.Linear(d_model, n_experts, bias=False)
         if router == "sigmoid":
             self.score_bias = mx.zeros((n_experts,))
