@@ -41,6 +41,7 @@ class ModelConfig:
     bias: bool = False
     norm_eps: float = 1e-5
     mixer_rms_eps: float | None = None  # Falcon-Mamba: weightless RMSNorm on dt, B and C
+    mixer_rms_weights: bool = False  # Jamba: that RMSNorm has weights
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
     bos_token_id: int | None = 0
@@ -67,7 +68,8 @@ class ModelConfig:
     top_k: int = 0
     expert_size: int = 0
     shared_expert_size: int = 0
-    router: str = "softmax"  # "softmax": over the top-k logits; "sigmoid": grouped, with a bias
+    router: str = "softmax"  # expert scores: "softmax" over all experts, or "sigmoid" (grouped,
+    # with a bias); the top-k scores are the weights, renormalised if router_normalize
     router_groups: int = 1
     router_topk_groups: int = 1
     router_normalize: bool = True

@@ -87,8 +87,9 @@ def build_model(config):
 def load_weights(path, model):
     """The tensors of checkpoint `path` under `model`'s names, checked against its parameters
     (names and shapes) before anything is done with them. Safetensors stay lazy until used."""
-    weights = to_model_names(read_weights(path), model.config)
+    weights = read_weights(path)
     try:
+        weights = to_model_names(weights, model.config)
         check_weights(weights, {k: v.shape for k, v in tree_flatten(model.parameters())},
                       model.config)
     except CheckpointError as e:

@@ -23,7 +23,7 @@ def make_layer(config: ModelConfig, kind):
     c = config
     if kind == "mamba1":
         return Mamba1(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, c.conv_bias, c.bias,
-                      c.mixer_rms_eps)
+                      c.mixer_rms_eps, c.mixer_rms_weights)
     if kind in ("mamba2", "hybrid"):
         return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
                       c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.gate_norm_eps or c.norm_eps,
