@@ -274,3 +274,12 @@ def test_zamba2_block_copies_that_differ_are_refused(checkpoint, tmp_path):
     mx.save_safetensors(str(source / "model.safetensors"), weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="layers.4.shared_transformer.*not shared"):
         mlx_mamba.load(source)
+
+
+def test_bfloat16_runs_close_to_float32(hybrid):
+    # Every layer kind runs in bfloat16 on this backend too (MoE included: CPU gather_mm takes
+    # float32 only, so experts compute in float32 there), within bfloat16's rounding.
+    _, directory, _, model = hybrid
+    half = mlx_mamba.load(directory, dtype=mx.bfloat16)[0]
+    ids = mx.array(IDS[:, :12])
+    assert relative_error(half(ids).astype(mx.float32), model(ids)) < 5e-2

@@ -28,8 +28,13 @@ class ExpertLinear(nn.Module):
         self.weight = mx.random.uniform(-bound, bound, (n_experts, out_dims, in_dims))
 
     def __call__(self, x, experts, sorted_indices=False):
-        return mx.gather_mm(x[..., None, :], self.weight.swapaxes(-1, -2), rhs_indices=experts,
-                            sorted_indices=sorted_indices)[..., 0, :]
+        weight, dtype = self.weight, x.dtype
+        if dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX 0.32's CPU gather_mm takes float32 only; Metal and CUDA take every float dtype.
+            x, weight = x.astype(mx.float32), weight.astype(mx.float32)
+        y = mx.gather_mm(x[..., None, :], weight.swapaxes(-1, -2), rhs_indices=experts,
+                         sorted_indices=sorted_indices)[..., 0, :]
+        return y.astype(dtype)
 
     def to_quantized(self, group_size=64, bits=4, mode="affine"):
         return QuantizedExpertLinear(self, group_size, bits, mode)
