@@ -1,11 +1,15 @@
-"""Per-layer decoding state: the last inputs of the causal conv and the SSM state, constant size."""
+"""Per-layer decoding state. Every cache answers the same operations, so generation, the prompt
+cache and the tuner never ask which kind of layer it belongs to:
+`batch_size`, `state` (arrays to evaluate), `keep(rows)` (drop finished batch rows), `copy()`,
+`arrays()` and `restore(arrays)` (save to and load from a file). Layers without state (MLP, MoE)
+have None."""
 
 import mlx.core as mx
 
 
 class MambaCache:
-    """One layer's state. conv (B, K-1, C): the conv's last inputs; ssm: the SSM state in float32,
-    (B, E, N) for Mamba1 and (B, H, P, N) for Mamba2. Updated in place by the layer."""
+    """A Mamba layer's state. conv (B, K-1, C): the conv's last inputs; ssm: the SSM state in
+    float32, (B, E, N) for Mamba1 and (B, H, P, N) for Mamba2. Constant size; updated in place."""
 
     def __init__(self, conv, ssm):
         self.conv = conv
@@ -17,9 +21,202 @@ class MambaCache:
                    mx.zeros((batch_size, *ssm_shape), dtype=mx.float32))
 
     @property
+    def batch_size(self):
+        return self.conv.shape[0]
+
+    @property
     def state(self):
         return [self.conv, self.ssm]
 
     @state.setter
     def state(self, arrays):
         self.conv, self.ssm = arrays
+
+    def keep(self, rows):
+        self.conv, self.ssm = self.conv[rows], self.ssm[rows]
+
+    def copy(self):
+        return MambaCache(self.conv, self.ssm)
+
+    def arrays(self):
+        return {"conv": self.conv, "ssm": self.ssm}
+
+    def restore(self, arrays):
+        """Take saved `arrays` in place of this (fresh, batch 1) cache's, checking their shapes."""
+        _check_names(arrays, {"conv", "ssm"})
+        for name, fresh in self.arrays().items():
+            if arrays[name].shape != fresh.shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, this model needs "
+                                 f"{fresh.shape}")
+        self.conv = arrays["conv"].astype(self.conv.dtype)
+        self.ssm = arrays["ssm"].astype(mx.float32)
+
+
+class KVCache:
+    """An attention layer's keys and values, (B, H_kv, S, head_dim), grown `STEP` positions at a
+    time rather than per token. `length` positions are filled. `valid` (B, S) marks the keys
+    that are real tokens (None while no row was ever padded); `positions` (B,) counts each row's
+    real tokens, which is where its next token's RoPE position starts."""
+
+    STEP = 256
+
+    def __init__(self, batch_size, kv_heads, head_dim):
+        self.shape = (batch_size, kv_heads, 0, head_dim)
+        self.keys = self.values = None
+        self.length = 0
+        self.valid = None
+        self.positions = mx.zeros((batch_size,), dtype=mx.int32)
+
+    def update(self, keys, values, mask=None):
+        """Append (B, H_kv, T, head_dim) keys and values, and mask (B, T) (0 on padding);
+        returns every key and value so far and the key mask (None when all are real).
+        Updates are functional (slice_update), so a `copy` never sees the original's changes."""
+        batch, _, count, _ = keys.shape
+        end = self.length + count
+        if self.keys is None or end > self.keys.shape[2]:
+            self._grow(-(-end // self.STEP) * self.STEP, keys.dtype)
+        start = mx.array([self.length])
+        self.keys = mx.slice_update(self.keys, keys, start, axes=(2,))
+        self.values = mx.slice_update(self.values, values, start, axes=(2,))
+        if mask is not None and self.valid is None:
+            self.valid = mx.broadcast_to(mx.arange(self.keys.shape[2]) < self.length,
+                                         (batch, self.keys.shape[2]))
+        if self.valid is not None:
+            real = mx.ones((batch, count), mx.bool_) if mask is None else mask.astype(mx.bool_)
+            self.valid = mx.slice_update(self.valid, real, start, axes=(1,))
+        self.positions = self.positions + (count if mask is None
+                                           else mask.astype(mx.int32).sum(axis=1))
+        self.length = end
+        return (self.keys[..., :end, :], self.values[..., :end, :],
+                None if self.valid is None else self.valid[:, :end])
+
+    def _grow(self, size, dtype):
+        """Reallocate for `size` positions, keeping the `length` filled ones."""
+        _, heads, _, head_dim = self.shape
+        batch = self.positions.shape[0]
+
+        def resized(old, shape, axis):  # axis: the positions axis
+            fresh = mx.zeros(shape, dtype if old is None else old.dtype)
+            if old is None:
+                return fresh
+            kept = mx.split(old, [self.length], axis=axis)[0]
+            return mx.slice_update(fresh, kept, mx.array([0]), axes=(axis,))
+
+        self.keys = resized(self.keys, (batch, heads, size, head_dim), 2)
+        self.values = resized(self.values, (batch, heads, size, head_dim), 2)
+        if self.valid is not None:
+            self.valid = resized(self.valid, (batch, size), 1)
+
+    @property
+    def batch_size(self):
+        return self.positions.shape[0]
+
+    @property
+    def state(self):
+        arrays = [self.positions]
+        if self.keys is not None:
+            arrays += [self.keys, self.values]
+        return arrays + ([self.valid] if self.valid is not None else [])
+
+    def keep(self, rows):
+        if self.keys is not None:
+            self.keys, self.values = self.keys[rows], self.values[rows]
+        if self.valid is not None:
+            self.valid = self.valid[rows]
+        self.positions = self.positions[rows]
+
+    def copy(self):
+        other = KVCache.__new__(KVCache)
+        other.__dict__.update(self.__dict__)
+        return other  # arrays are immutable: updates replace them, never write into them
+
+    def arrays(self):
+        arrays = {"positions": self.positions}
+        if self.keys is not None:
+            arrays["keys"] = self.keys[..., :self.length, :]
+            arrays["values"] = self.values[..., :self.length, :]
+        if self.valid is not None:
+            arrays["valid"] = self.valid[:, :self.length]
+        return arrays
+
+    def restore(self, arrays):
+        _check_names(arrays, {"positions"}, {"keys", "values", "valid"})
+        batch, heads, _, head_dim = self.shape
+        if arrays["positions"].shape != (batch,):
+            raise ValueError(f"positions has shape {arrays['positions'].shape}, "
+                             f"expected ({batch},)")
+        if ("keys" in arrays) != ("values" in arrays):
+            raise ValueError("keys and values must be saved together")
+        self.positions = arrays["positions"].astype(mx.int32)
+        if "keys" in arrays:
+            keys, values = arrays["keys"], arrays["values"]
+            length = keys.shape[2] if keys.ndim == 4 else -1
+            for name, value in (("keys", keys), ("values", values)):
+                if value.shape != (batch, heads, length, head_dim):
+                    raise ValueError(f"{name} has shape {value.shape}, this model needs "
+                                     f"{(batch, heads, 'S', head_dim)}")
+            valid = arrays.get("valid")
+            if valid is not None and valid.shape != (batch, length):
+                raise ValueError(f"valid has shape {valid.shape}, expected {(batch, length)}")
+            self.update(keys, values.astype(keys.dtype), valid)
+            self.positions = arrays["positions"].astype(mx.int32)
+        elif "valid" in arrays:
+            raise ValueError("valid without keys")
+        if not mx.all((self.positions >= 0) & (self.positions <= self.length)).item():
+            raise ValueError(f"positions {self.positions.tolist()} are outside 0..{self.length}")
+
+
+def _check_names(arrays, required, optional=()):
+    names = set(arrays)
+    if not required <= names or not names <= required | set(optional):
+        raise ValueError(f"holds {sorted(names)}, expected {sorted(required)}"
+                         + (f" and optionally {sorted(optional)}" if optional else ""))
+
+
+def cache_state(cache):
+    """Every array of a model's per-layer cache list, for mx.eval."""
+    return [a for layer in cache if layer is not None for a in layer.state]
+
+
+class LayerCaches:
+    """The caches of a layer made of several stateful parts (Falcon-H1's parallel Mamba and
+    attention), by name; answers the same operations, arrays named `{part}.{array}`."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def __getattr__(self, name):
+        parts = self.__dict__.get("parts", {})
+        if name in parts:
+            return parts[name]
+        raise AttributeError(name)
+
+    @property
+    def batch_size(self):
+        return next(iter(self.parts.values())).batch_size
+
+    @property
+    def state(self):
+        return [a for part in self.parts.values() for a in part.state]
+
+    def keep(self, rows):
+        for part in self.parts.values():
+            part.keep(rows)
+
+    def copy(self):
+        return LayerCaches(**{k: v.copy() for k, v in self.parts.items()})
+
+    def arrays(self):
+        return {f"{k}.{name}": a for k, part in self.parts.items()
+                for name, a in part.arrays().items()}
+
+    def restore(self, arrays):
+        for k, part in self.parts.items():
+            mine = {name[len(k) + 1:]: a for name, a in arrays.items() if name.startswith(k + ".")}
+            try:
+                part.restore(mine)
+            except ValueError as e:
+                raise ValueError(f"{k}: {e}") from None
+        unknown = [n for n in arrays if n.split(".")[0] not in self.parts]
+        if unknown:
+            raise ValueError(f"unexpected array {unknown[0]!r}")

@@ -26,17 +26,16 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import cli
-from .checkpoint import CheckpointError
-from .config import ConfigError, config_format, load_config, read_config
+from .checkpoint import CheckpointError, to_checkpoint_names
+from .config import ConfigError, load_config
 from .files import check_directory_path, save_safetensors
-from .loader import TOKENIZER_PATTERNS, build_model, cast, download, load_weights, resolve
+from .loader import (STATE_SPACES_TOKENIZER, build_model, cast, find_tokenizer, load_tokenizer,
+                     load_weights, resolve)
 from .quantize import (MODES, QuantizationError, accepted, bits_per_weight, quantization_params,
                        quantize_model, unfit_layers)
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm: one model.safetensors up to 5 GiB, else shards + index
 DTYPES = ("float16", "bfloat16", "float32")
-# The tokenizer of every state-spaces model; their original checkpoints ship none.
-STATE_SPACES_TOKENIZER = "EleutherAI/gpt-neox-20b"
 # Copied from the tokenizer's directory when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -65,14 +64,14 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
     if quantization and model.config.quantization:
         raise ConvertError(f"{source}: already quantized ({model.config.quantization})")
     weights = load_weights(source, model)
-    tokenizer_dir = _tokenizer_source(source, tokenizer)
+    tokenizer_source = _tokenizer_source(source, tokenizer)
 
     dtype = getattr(mx, dtype) if dtype else _stored_dtype(weights)
     if dtype is not None:
         weights = cast(weights, dtype)
     if quantization:
         weights = _quantize(model, weights, quantization)
-    config = model.config.to_dict()
+    config = model.config
     del model  # from here on the weights dict holds the only references: shards free as written
 
     def extras(staging):
@@ -81,7 +80,7 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
         if upload_repo:
             _write_model_card(staging, upload_repo, hf_path, quantization)
 
-    save_model(destination, weights, config, tokenizer_dir, max_shard_bytes, extras)
+    save_model(destination, weights, config, tokenizer_source, max_shard_bytes, extras)
     print(f"[INFO] Saved to {destination}")
     if upload_repo:
         _upload(destination, upload_repo)
@@ -98,17 +97,19 @@ def check_destination(destination, flag="output directory"):
     check_directory_path(destination)
 
 
-def save_model(destination, weights, config, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES,
-               extras=None):
-    """Write a model directory that `load` reads, atomically: config.json (a dict), the weights
-    (sharded above `max_shard_bytes`), the tokenizer files of `tokenizer_dir`, and whatever
-    `extras(staging_directory)` adds. `destination` must not exist; a failure leaves nothing."""
+def save_model(destination, weights, config, tokenizer_source=None,
+               max_shard_bytes=MAX_SHARD_BYTES, extras=None):
+    """Write a model directory that `load` reads, atomically: config.json (from the ModelConfig
+    `config`), the weights under their checkpoint names (sharded above `max_shard_bytes`), the
+    tokenizer of `tokenizer_source` (a directory's tokenizer files or a tokenizer.json file), and
+    whatever `extras(staging_directory)` adds. `destination` must not exist; a failure leaves
+    nothing."""
     destination = Path(destination).expanduser()
     check_destination(destination)
     with _staged(destination) as staging:
-        _write_json(staging / "config.json", config)
-        _write_weights(weights, staging, max_shard_bytes)
-        _write_tokenizer(tokenizer_dir, staging)
+        _write_json(staging / "config.json", config.to_dict())
+        _write_weights(to_checkpoint_names(weights, config), staging, max_shard_bytes)
+        _write_tokenizer(tokenizer_source, staging)
         if extras is not None:
             extras(staging)
 
@@ -143,27 +144,19 @@ def _report_unfit(unfit, group_size):
 
 
 def _tokenizer_source(source, override):
-    """The directory whose tokenizer goes with the output, or None (with a warning)."""
-    if override is not None:
-        directory = resolve(override, allow_patterns=TOKENIZER_PATTERNS)
-        if not _has_tokenizer(directory):
-            raise ConvertError(f"{directory}: --tokenizer holds no tokenizer files "
-                               f"({', '.join(TOKENIZER_FILES[:2])} or {MISTRAL_TOKENIZER})")
-        return _convertible(directory)
-    if _has_tokenizer(source):
-        return _convertible(source)
-    if config_format(read_config(source)[1]) == "state-spaces":
-        print(f"[INFO] No tokenizer in {source}: fetching {STATE_SPACES_TOKENIZER}'s, which every "
-              "state-spaces model uses (--tokenizer overrides)")
-        return download(STATE_SPACES_TOKENIZER, TOKENIZER_PATTERNS)
-    print(f"[WARNING] No tokenizer in {source}; pass --tokenizer PATH_OR_REPO to add one")
-    return None
-
-
-def _has_tokenizer(directory):
-    return any((directory / name).is_file()
-               for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                            MISTRAL_TOKENIZER))
+    """The directory or tokenizer.json file whose tokenizer goes with the output, or None (with a
+    warning); checked before any work."""
+    location = find_tokenizer(source, override)
+    if location is None:
+        print(f"[WARNING] No tokenizer in {source}; pass --tokenizer PATH_OR_REPO to add one")
+    elif location.is_file():
+        load_tokenizer(location)  # a damaged file fails now, naming it
+    else:
+        if override is None and location != source:
+            print(f"[INFO] No tokenizer in {source}: using {STATE_SPACES_TOKENIZER}'s, which every "
+                  "state-spaces model uses (--tokenizer overrides)")
+        _convertible(location)
+    return location
 
 
 def _convertible(directory):
@@ -172,17 +165,19 @@ def _convertible(directory):
             and importlib.util.find_spec("google.protobuf") is None):
         raise ConvertError(f"{directory / MISTRAL_TOKENIZER}: converting it needs protobuf "
                            "(pip install 'mlx-mamba[mistral]'), or pass --tokenizer")
-    return directory
 
 
-def _write_tokenizer(directory, destination):
-    if directory is None:
+def _write_tokenizer(source, destination):
+    if source is None:
         return
-    copied = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if source.is_file():  # a bare tokenizer.json, whatever its name
+        shutil.copyfile(source, destination / "tokenizer.json")
+        return
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     for name in copied:
-        shutil.copyfile(directory / name, destination / name)
-    if (directory / MISTRAL_TOKENIZER).is_file() and "tokenizer.json" not in copied:
-        _convert_sentencepiece(directory / MISTRAL_TOKENIZER, destination)
+        shutil.copyfile(source / name, destination / name)
+    if (source / MISTRAL_TOKENIZER).is_file() and "tokenizer.json" not in copied:
+        _convert_sentencepiece(source / MISTRAL_TOKENIZER, destination)
 
 
 def _convert_sentencepiece(model_file, destination):
@@ -344,8 +339,8 @@ def parser():
     p.add_argument("--q-group-size", type=int,
                    help=f"Group size, by --q-mode: {_per_mode(0)}.")
     p.add_argument("--q-mode", choices=tuple(MODES), default="affine", help="Quantization mode")
-    p.add_argument("--tokenizer", help="Take the tokenizer from this directory or repo id "
-                   "(default: the source's).")
+    p.add_argument("--tokenizer", help="Take the tokenizer from this directory, tokenizer.json "
+                   "file or repo id (default: the source's).")
     p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo "
                    "(default: no upload).")
     return p

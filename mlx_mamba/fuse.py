@@ -20,6 +20,7 @@ from .config import ConfigError
 from .convert import ConvertError, check_destination
 from .convert import save_model as save_model_directory
 from .loader import load_model, resolve
+from .models.moe import ExpertLinear, QuantizedExpertLinear
 from .tuner.adapters import AdapterError, load_adapters
 from .tuner.lora import LoRALinear, dense_weight, fuse_linear
 
@@ -43,15 +44,20 @@ def dequantize_model(model):
     def dense(module):
         if isinstance(module, nn.QuantizedLinear):
             bias = module.get("bias")
-            weight = dense_weight(module).astype(module.scales.dtype)
+            weight = dense_weight(module)  # the scales dtype (affine), or bfloat16 (fp modes)
             layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
             layer.update({"weight": weight, **({"bias": bias} if bias is not None else {})})
+            return layer
+        if isinstance(module, QuantizedExpertLinear):
+            layer = ExpertLinear(*module.weight.shape[:1], 1, 1)
+            layer.weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
+                                         module.group_size, module.bits, module.mode)
             return layer
         if isinstance(module, nn.QuantizedEmbedding):
             weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
                                    module.group_size, module.bits, module.mode)
             layer = nn.Embedding(*weight.shape)
-            layer.weight = weight.astype(module.scales.dtype)
+            layer.weight = weight
             return layer
         return None
 
@@ -62,8 +68,8 @@ def dequantize_model(model):
 
 def save_model(model, source, save_path):
     """The model as a new directory `save_path` with the tokenizer files of `source`."""
-    save_model_directory(save_path, dict(tree_flatten(model.parameters())),
-                         model.config.to_dict(), Path(source))
+    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config,
+                         Path(source))
 
 
 def build_parser():

@@ -23,6 +23,7 @@ from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, che
                            load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
 from .sample import (MAX_SEED, SamplerError, check_settings, make_logits_processors,
                      make_sampler)
+from .token_ids import TokenIdError, check_token_ids
 
 
 class GenerationError(ValueError):
@@ -68,15 +69,16 @@ def eos_token_ids(tokenizer):
     return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
 
 
-def encode(model, tokenizer, prompt):
-    """Token ids of `prompt` (a string, or already ids), checked against the model's vocabulary."""
-    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
-    vocab = model.config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise GenerationError(f"prompt token id {bad[0]} is outside the model's vocabulary "
-                              f"(0..{vocab - 1}): is this the model's tokenizer?")
-    return ids
+def encode(model, tokenizer, prompt, name="the prompt"):
+    """Token ids of `prompt`: a string, or already token ids (a list of ints or a 1-D integer
+    array, see `check_token_ids`), checked against the model's vocabulary."""
+    text = isinstance(prompt, str)
+    try:
+        return check_token_ids(tokenizer.encode(prompt) if text else prompt,
+                               model.config.vocab_size)
+    except TokenIdError as e:
+        hint = ": is this the model's tokenizer?" if text else ""
+        raise GenerationError(f"{name}: {e}{hint}") from None
 
 
 def _check_text(text, what="the prompt"):
@@ -150,7 +152,8 @@ def generate_step(model, cache, next_inputs, histories, sampler, processors, max
         if len(keep) < len(rows):
             index = mx.array(keep)
             for layer in cache:
-                layer.conv, layer.ssm = layer.conv[index], layer.ssm[index]
+                if layer is not None:
+                    layer.keep(index)
             next_y, next_logprobs = next_y[index], next_logprobs[index]
             history = [history[i] for i in keep] if processors else []
             rows = [rows[i] for i in keep]
@@ -173,8 +176,9 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
                     prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE, progress=None):
     """Yield a GenerationResponse per generated token; the last has `finish_reason` set.
 
-    prompt: a string or token ids, appended to `prompt_cache` (a PromptCache, left unchanged)
-    when one is given; it may then be empty. logits_processors: functions
+    prompt: a string or token ids (a list of ints or a 1-D integer array; every id is checked
+    against the vocabulary), appended to `prompt_cache` (a PromptCache, left unchanged) when
+    one is given; it may then be empty. logits_processors: functions
     (tokens so far (T,), logits (1, V)) -> logits, applied after the repetition penalty.
     progress(done, total) follows the prompt's prefill.
     """
@@ -240,7 +244,7 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
                               "strings or of token-id lists")
     for i, prompt in enumerate(prompts):
         _check_prompt(tokenizer, prompt, f"prompt {i}")
-    rows = [encode(model, tokenizer, p) for p in prompts]
+    rows = [encode(model, tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise GenerationError(f"prompt {empty[0]} is empty")
@@ -301,8 +305,9 @@ def build_parser():
     add("--seed", type=cli.integer(0, MAX_SEED), default=None,
         help="seed of the sampling (default: unseeded, a different draw each run)")
     add("--tokenizer", default=None,
-        help="a directory or repo id with the tokenizer, for models shipped without one "
-             "(e.g. EleutherAI/gpt-neox-20b for state-spaces models) (default: the model's)")
+        help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
+             "model's own (default: the model's; state-spaces originals get "
+             "EleutherAI/gpt-neox-20b's from the hub)")
     add("--ignore-chat-template", action="store_true",
         help="feed the prompt as is, even if the tokenizer has a chat template")
     add("--save-prompt-cache", metavar="FILE", default=None,
@@ -318,20 +323,17 @@ def build_parser():
 
 
 def _load(args):
-    from .loader import load, load_tokenizer, resolve
+    from .loader import load
 
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
-        raise GenerationError(e if args.model in str(e) else f"{args.model}: {e}") from None
-    if args.tokenizer:
-        tokenizer = load_tokenizer(resolve(args.tokenizer))
-        if tokenizer is None:
-            raise GenerationError(f"{args.tokenizer}: no tokenizer.json or tokenizer_config.json")
+        named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
+        raise GenerationError(e if named else f"{args.model}: {e}") from None
     if tokenizer is None:
-        raise GenerationError(f"{args.model}: no tokenizer in the model directory (original "
-                              "state-spaces checkpoints ship none): pass --tokenizer "
-                              "PATH_OR_REPO, e.g. --tokenizer EleutherAI/gpt-neox-20b")
+        raise GenerationError(f"{args.tokenizer or args.model}: no tokenizer that transformers "
+                              "reads (tokenizer.json or tokenizer_config.json): pass --tokenizer "
+                              "with a directory, a tokenizer.json file or a repo id")
     return model, tokenizer
 
 

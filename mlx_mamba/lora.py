@@ -20,7 +20,7 @@ from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .files import check_directory_path
-from .loader import load_model, load_tokenizer, resolve
+from .loader import find_tokenizer, load_model, load_tokenizer, resolve
 from .sample import MAX_SEED
 from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, check_adapter_config,
                              load_adapter_weights, load_adapters, save_adapters)
@@ -36,6 +36,8 @@ def build_parser():
                                 description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--model", required=True, help="model directory or Hugging Face repo id")
+    add("--tokenizer", help="a directory, tokenizer.json file or repo id with the tokenizer, "
+                            "instead of the model's own")
     add("--train", action="store_true",
         help="train adapters (or the model itself with --fine-tune-type full)")
     add("--test", action="store_true", help="report loss and perplexity on DIR/test.jsonl")
@@ -130,10 +132,10 @@ def run(args, world):
         check_directory_path(args.adapter_path)
     if world.size() > 1:
         log(f"Data-parallel training on {world.size()} processes")
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(find_tokenizer(path, args.tokenizer), model_config.eos_token_id)
     if tokenizer is None:
-        raise DataError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json) to "
-                        "tokenize the data with")
+        raise DataError(f"{args.tokenizer or path}: no tokenizer (tokenizer.json or "
+                        "tokenizer_config.json) to tokenize the data with; pass --tokenizer")
     log("Loading datasets", flush=True)
     splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
     data = {name: load_split(args.data, name, tokenizer, args.max_seq_length,

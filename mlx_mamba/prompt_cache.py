@@ -3,25 +3,28 @@
 A Mamba's whole context is a few MB of constant-size state. A PromptCache holds the state after
 every one of its tokens but the last, which is still to be fed: the next run feeds it first,
 so resuming needs no stored logits and continues exactly where an uninterrupted run would.
-Files are safetensors: per layer `layers.{i}.conv` and `layers.{i}.ssm`, the token ids as
-`tokens`, and metadata naming the model and its configuration.
+Files are safetensors: per layer `layers.{i}.{name}` for each array of its cache (`conv` and `ssm`
+for Mamba layers; `keys`, `values`, `positions` and `valid` for attention layers), the token ids
+as `tokens`, and metadata naming the model and its configuration.
 """
 
 import dataclasses
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import mlx.core as mx
 
-from .cache import MambaCache
+from .cache import cache_state
 from .files import replace_atomically, save_safetensors
+from .token_ids import TokenIdError, check_token_ids
 
 PREFILL_STEP_SIZE = 2048  # prompt tokens per parallel forward: bounds memory for any length
 FORMAT = "mlx_mamba.prompt_cache"
 VERSION = "1"
 # Config fields that do not change what the state means.
-NOT_STATE = ("bos_token_id", "eos_token_id", "pad_token_id", "quantization")
+NOT_STATE = ("bos_token_id", "eos_token_id", "pad_token_id", "quantization", "source_config")
 
 
 class PromptCacheError(ValueError):
@@ -30,12 +33,13 @@ class PromptCacheError(ValueError):
 
 @dataclasses.dataclass
 class PromptCache:
-    layers: list  # a MambaCache per layer, batch 1: the state after tokens[:-1]
+    layers: list  # the model's per-layer caches, batch 1: the state after tokens[:-1]
     tokens: list  # every token of the prompt; the last one is not fed yet
 
     def copy(self):
         """New layer objects over the same (immutable) arrays: decoding the copy leaves this one."""
-        return PromptCache([MambaCache(c.conv, c.ssm) for c in self.layers], list(self.tokens))
+        return PromptCache([c.copy() if c is not None else None for c in self.layers],
+                           list(self.tokens))
 
 
 def prefill(model, rows, cache, *, step_size=PREFILL_STEP_SIZE, progress=None):
@@ -55,25 +59,32 @@ def prefill(model, rows, cache, *, step_size=PREFILL_STEP_SIZE, progress=None):
     for start in range(0, width, step_size):
         end = min(start + step_size, width)
         model(ids[:, start:end], cache, None if mask is None else mask[:, start:end])
-        mx.eval([layer.state for layer in cache])
+        mx.eval(cache_state(cache))
         if progress:
             progress(end, width)
 
 
 def make_prompt_cache(model, tokens, previous=None, *, step_size=PREFILL_STEP_SIZE, progress=None):
-    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged)."""
+    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged).
+
+    tokens: a list of ints or a 1-D integer array; TokenIdError if an id (there or in
+    `previous`) is outside the model's vocabulary.
+    """
     if isinstance(tokens, str):
         raise PromptCacheError("make_prompt_cache takes token ids, not text: encode it first")
     if previous is not None and not isinstance(previous, PromptCache):
         raise PromptCacheError(f"previous has type {type(previous).__name__}: expected a "
                                "PromptCache")
+    tokens = check_token_ids(tokens, model.config.vocab_size)
+    if previous:
+        check_token_ids(previous.tokens, model.config.vocab_size)
     result = previous.copy() if previous else PromptCache(model.make_cache(1), [])
     if not tokens:
         return result
-    feed = result.tokens[-1:] + list(tokens[:-1])
+    feed = result.tokens[-1:] + tokens[:-1]
     if feed:
         prefill(model, [feed], result.layers, step_size=step_size, progress=progress)
-    result.tokens += list(tokens)
+    result.tokens += tokens
     return result
 
 
@@ -105,7 +116,8 @@ def save_prompt_cache(file, prompt_cache, model, model_name=""):
     check_cache_file(file)
     arrays = {"tokens": mx.array(prompt_cache.tokens, dtype=mx.int32)}
     for i, layer in enumerate(prompt_cache.layers):
-        arrays[f"layers.{i}.conv"], arrays[f"layers.{i}.ssm"] = layer.conv, layer.ssm
+        if layer is not None:
+            arrays.update({f"layers.{i}.{k}": v for k, v in layer.arrays().items()})
     metadata = {"format": FORMAT, "version": VERSION, "model": str(model_name),
                 "config": json.dumps(state_config(model.config), sort_keys=True),
                 "config_hash": config_hash(model.config),
@@ -130,19 +142,26 @@ def load_prompt_cache(file, model):
     if metadata.get("config_hash") != config_hash(model.config):
         raise PromptCacheError(f"{file}: made by a model of another configuration "
                                f"({_differences(metadata.get('config'), model.config)})")
-    fresh = model.make_cache(1)
-    if set(arrays) != {"tokens"} | {f"layers.{i}.{n}" for i in range(len(fresh))
-                                    for n in ("conv", "ssm")}:
+    layers = model.make_cache(1)
+    by_layer, names = {}, [n for n in arrays if n != "tokens"]
+    for name in names:
+        match = re.fullmatch(r"layers\.(\d+)\.([\w.]+)", name)
+        if match:
+            by_layer.setdefault(match.group(1), {})[match.group(2)] = arrays[name]
+    expected = {str(i) for i, layer in enumerate(layers) if layer is not None}
+    if "tokens" not in arrays or set(by_layer) != expected or \
+            sum(map(len, by_layer.values())) != len(names):
         raise PromptCacheError(f"{file}: damaged prompt cache (unexpected or missing tensors)")
-    layers = []
-    for i, expected in enumerate(fresh):
-        conv, ssm = arrays[f"layers.{i}.conv"], arrays[f"layers.{i}.ssm"]
-        if conv.shape != expected.conv.shape or ssm.shape != expected.ssm.shape:
-            raise PromptCacheError(f"{file}: layer {i} holds state of shapes {conv.shape} and "
-                                   f"{ssm.shape}; this model needs {expected.conv.shape} and "
-                                   f"{expected.ssm.shape}")
-        layers.append(MambaCache(conv.astype(expected.conv.dtype), ssm.astype(mx.float32)))
-    tokens = arrays["tokens"].tolist()
+    for i, layer in enumerate(layers):
+        if layer is not None:
+            try:
+                layer.restore(by_layer[str(i)])
+            except ValueError as e:
+                raise PromptCacheError(f"{file}: layer {i}: {e}") from None
+    try:
+        tokens = check_token_ids(arrays["tokens"], model.config.vocab_size)
+    except TokenIdError as e:
+        raise PromptCacheError(f"{file}: damaged prompt cache ({e})") from None
     if not tokens or str(len(tokens)) != metadata.get("token_count"):
         raise PromptCacheError(f"{file}: damaged prompt cache (token count does not match)")
     return PromptCache(layers, tokens)

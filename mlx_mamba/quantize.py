@@ -1,16 +1,22 @@
 """Which layers are quantized, decided by one predicate at convert and at load time.
 
-Quantized: the projections (in_proj, out_proj, x_proj, dt_proj), the embedding and the untied
-lm_head, which together hold nearly all the parameters. Never quantized: the depthwise conv (K=4
-taps per channel: nothing to group), the norms, A_log, D and dt_bias (tiny, and the recurrence
-exp(Δ·A) amplifies their errors). A layer whose input size is not a multiple of the group size
+Quantized: the projections (Mamba's in_proj, out_proj, x_proj, dt_proj; attention's q/k/v/o_proj;
+the MLPs' and the experts' gate/up/down_proj; MoE latent projections), the embedding and the
+untied lm_head, which together hold nearly all the parameters. Never quantized: the depthwise conv
+(K=4 taps per channel: nothing to group), the norms, A_log, D and dt_bias (tiny, and the
+recurrence exp(Δ·A) amplifies their errors), and the MoE router and its bias (tiny, and a small
+error there changes which experts a token goes to, a discrete jump rather than noise). A layer whose input size is not a multiple of the group size
 stays in full precision; Mamba1's dt_proj, whose input is dt_rank wide (48 for mamba-130m), is the
 usual case.
 """
 
 import mlx.nn as nn
 
-QUANTIZED_LAYERS = ("in_proj", "out_proj", "x_proj", "dt_proj", "embeddings", "lm_head")
+from .models.moe import QuantizedExpertLinear
+
+QUANTIZED_LAYERS = ("in_proj", "out_proj", "x_proj", "dt_proj", "embeddings", "lm_head",
+                    "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                    "latent_in", "latent_out")
 
 # mode -> (group sizes, bits), the defaults first, as mlx-lm 0.32's convert; the float modes
 # allow only their own pair.
@@ -75,7 +81,7 @@ def bits_per_weight(model: nn.Module):
     """Average stored bits per parameter of the quantized layers, scales and biases included."""
     stored = count = 0
     for _, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedExpertLinear)):
             stored += sum(v.nbytes for k, v in module.parameters().items()
                           if k in ("weight", "scales", "biases"))
             count += module.weight.size * 32 // module.bits

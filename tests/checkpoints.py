@@ -14,6 +14,64 @@ MAMBA1 = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_
 MAMBA2 = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_kernel=4,
               num_heads=4, head_dim=16, chunk_size=8)
 
+# Hybrids with their distinctive features switched on: a non-trivial layer order, grouped-query
+# attention, Mamba2 with n_groups > 1, MoE with shared experts, non-1 multipliers; Jamba's Mamba1
+# with an explicit dt rank (not "auto") and projection biases, attention and experts at periods
+# and offsets that give every pairing of mixer and feed-forward but attention + MLP.
+HYBRID_COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+HYBRID_MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                    mamba_chunk_size=8)
+GRANITE = dict(HYBRID_COMMON, **HYBRID_MAMBA, num_hidden_layers=4,
+               layer_types=["mamba", "attention", "mamba", "attention"], intermediate_size=24,
+               shared_intermediate_size=20, embedding_multiplier=3.0, residual_multiplier=0.7,
+               attention_multiplier=0.3, logits_scaling=2.5)
+HYBRIDS = {
+    "bamba": ("BambaForCausalLM", dict(HYBRID_COMMON, **HYBRID_MAMBA, num_hidden_layers=4,
+                                       attn_layer_indices=[1, 2], intermediate_size=24)),
+    "granite_dense": ("GraniteMoeHybridForCausalLM", dict(GRANITE, num_local_experts=0)),
+    "granite_moe": ("GraniteMoeHybridForCausalLM",
+                    dict(GRANITE, num_local_experts=4, num_experts_per_tok=2)),
+    "granite_rope": ("GraniteMoeHybridForCausalLM",
+                     dict(GRANITE, num_local_experts=0, position_embedding_type="rope")),
+    # time_step_limit starts at time_step_min: where transformers' clamp and NVIDIA's agree.
+    "nemotron_h": ("NemotronHForCausalLM", dict(
+        HYBRID_COMMON, layers_block_type=["linear_attention", "moe", "full_attention", "mlp",
+                                          "linear_attention", "moe"],
+        head_dim=8, intermediate_size=24, mamba_num_heads=4, mamba_head_dim=16, n_groups=2,
+        ssm_state_size=8, chunk_size=8, n_routed_experts=8, num_experts_per_tok=2,
+        moe_intermediate_size=12, moe_shared_expert_intermediate_size=10, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, time_step_min=0.001, time_step_limit=(0.001, float("inf")))),
+    "falcon_h1": ("FalconH1ForCausalLM", dict(
+        HYBRID_COMMON, **HYBRID_MAMBA, num_hidden_layers=3, intermediate_size=24, mamba_d_ssm=64,
+        mamba_rms_norm=True, embedding_multiplier=1.7, lm_head_multiplier=0.6,
+        mlp_multipliers=[0.8, 1.3], ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5],
+        ssm_in_multiplier=1.4, ssm_out_multiplier=0.8, attention_in_multiplier=0.6,
+        attention_out_multiplier=1.5, key_multiplier=0.7,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0})),
+    # Zamba2: two shared blocks taking turns over three hybrid layers, each invocation with its
+    # own adapters (on q, k, v too), RoPE in the shared attention.
+    "zamba2": ("Zamba2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=4,
+        layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"],
+        mamba_d_state=8, n_mamba_heads=4, mamba_ngroups=2, chunk_size=8, intermediate_size=24,
+        num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True,
+        time_step_min=0.001)),
+    "zamba2_plain": ("Zamba2ForCausalLM", dict(
+        hidden_size=32, num_hidden_layers=3, num_attention_heads=2,
+        layers_block_type=["hybrid", "mamba", "hybrid"], mamba_d_state=8, n_mamba_heads=2,
+        chunk_size=8, intermediate_size=24, num_mem_blocks=1, adapter_rank=4)),
+    # Falcon-H1's other gate option (no norm), and a Mamba width that is not expand * hidden.
+    "falcon_h1_no_norm": ("FalconH1ForCausalLM", dict(
+        HYBRID_COMMON, **dict(HYBRID_MAMBA, mamba_n_heads=6), num_hidden_layers=2,
+        intermediate_size=24, mamba_d_ssm=96, mamba_rms_norm=False,
+        ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5])),
+    # Layers: Mamba1 + MLP, attention + MoE, Mamba1 + MLP, Mamba1 + MoE.
+    "jamba": ("JambaForCausalLM", dict(
+        HYBRID_COMMON, num_hidden_layers=4, attn_layer_period=3, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+        intermediate_size=24, mamba_d_state=8, mamba_dt_rank=4, mamba_proj_bias=True)),
+}
+
 # flavour -> (transformers class, config, layout); layout "hf" is save_pretrained,
 # "original" is state-spaces' config.json + pytorch_model.bin.
 FLAVOURS = {
@@ -29,6 +87,7 @@ FLAVOURS = {
                              dict(MAMBA2, vocab_size=VOCAB, n_groups=2, tie_word_embeddings=False),
                              "hf"),
     "mamba1_original": ("MambaForCausalLM", dict(MAMBA1, vocab_size=104), "original"),
+    **{name: (cls, dict(kw, vocab_size=VOCAB), "hf") for name, (cls, kw) in HYBRIDS.items()},
     "mamba2_original": ("Mamba2ForCausalLM",
                         dict(MAMBA2, vocab_size=112, n_groups=1, tie_word_embeddings=True),
                         "original"),
@@ -40,9 +99,7 @@ def build_transformers_model(flavour, seed=0):
     parameter sits at a value (zero bias, unit norm) that would hide a mistake."""
     class_name, config_kwargs, _ = FLAVOURS[flavour]
     cls = getattr(transformers, class_name)
-    config_cls = {"MambaForCausalLM": transformers.MambaConfig,
-                  "FalconMambaForCausalLM": transformers.FalconMambaConfig,
-                  "Mamba2ForCausalLM": transformers.Mamba2Config}[class_name]
+    config_cls = getattr(transformers, class_name.replace("ForCausalLM", "Config"))
     torch.manual_seed(seed)
     model = cls(config_cls(**config_kwargs)).eval()
     with torch.no_grad():
@@ -55,6 +112,9 @@ def build_transformers_model(flavour, seed=0):
                 param.copy_(1.0 + 0.2 * torch.randn_like(param))
             else:
                 param.add_(0.05 * torch.randn_like(param))
+        for name, buffer in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buffer.copy_(0.1 * torch.randn_like(buffer))
     return model
 
 

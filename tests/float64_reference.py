@@ -52,7 +52,7 @@ def ssd(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
         h = np.exp(d * A[:, None, None]) * h + d * x[:, t, :, :, None] * Bh[:, t, :, None, :]
         y[:, t] = (h * Ch[:, t, :, None, :]).sum(-1)
     if D is not None:
-        y = y + D[:, None] * x
+        y = y + (D[:, None] if D.ndim == 1 else D) * x  # D (H,) or (H, P)
     if z is not None:
         y = y * silu(z)
     return y, h

@@ -71,3 +71,41 @@ def test_load_config_names_the_file(tmp_path):
         load_config(tmp_path)
     with pytest.raises(ConfigError, match="no config.json"):
         load_config(tmp_path / "missing")
+
+
+# Wrong types and ranges in config.json: caught where the file is read, naming the field.
+MAMBA2_HF = {"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10,
+             "num_heads": 2, "head_dim": 64, "n_groups": 1}
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"model_type": "mamba", "time_step_rank": "big"}, "time_step_rank"),
+    ({"n_groups": 0}, "n_groups"),
+    ({"head_dim": 0}, "head_dim"),
+    ({"chunk_size": "16"}, "chunk_size"),
+    ({"chunk_size": 1.5}, "chunk_size"),
+    ({"chunk_size": True}, "chunk_size"),
+    ({"time_step_limit": [0.0, 1.0, 2.0]}, "time_step_limit"),
+    ({"time_step_limit": [0.0, "x"]}, "time_step_limit"),
+    ({"quantization": {"group_size": 64, "bits": 7}}, "quantization"),
+    ({"quantization": {"bits": 4}}, "quantization"),
+    ({"quantization": "4bit"}, "quantization"),
+    ({"layer_norm_epsilon": -1}, "layer_norm_epsilon"),
+    ({"tie_word_embeddings": "yes"}, "tie_word_embeddings"),
+    ({"eos_token_id": "</s>"}, "eos_token_id"),
+    ({"hidden_size": None}, "hidden_size"),
+])
+def test_field_types_and_ranges_name_the_field(changes, field):
+    with pytest.raises(ConfigError, match=f"'{field}'"):
+        ModelConfig.from_dict(dict(MAMBA2_HF, **changes))
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"vocab_size": 10**12}, "vocab_size"),
+    ({"num_hidden_layers": 10**6}, "n_layer"),
+    ({"num_hidden_layers": 5000, "hidden_size": 16384, "num_heads": 512}, "n_layer"),
+])
+def test_a_config_too_large_for_any_machine_fails_fast(changes, field):
+    # Checked from the sizes alone, before any array exists: this runs in milliseconds.
+    with pytest.raises(ConfigError, match=f"'{field}'.*(GB|layers)"):
+        ModelConfig.from_dict(dict(MAMBA2_HF, **changes))

@@ -19,7 +19,9 @@ import torch
 
 import mlx_mamba
 from checkpoints import FLAVOURS, VOCAB, write_checkpoint
+from corpus import SHAKESPEARE
 from mlx_mamba import convert as convert_module
+from mlx_mamba.checkpoint import read_weights
 from mlx_mamba.convert import convert, main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +53,10 @@ def leftovers(directory):
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, shared_data):
-    """A directory holding the GPT-NeoX tokenizer, as the hub's EleutherAI/gpt-neox-20b does."""
+def tokenizer_dir(tmp_path_factory, tokenizer_file):
+    """A directory holding a tokenizer.json, as the hub's EleutherAI/gpt-neox-20b does."""
     directory = tmp_path_factory.mktemp("gpt-neox-20b")
-    shutil.copyfile(shared_data / "gpt-neox-20b-tokenizer.json", directory / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
     return directory
 
 
@@ -82,15 +84,15 @@ def codestral(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture
-def codestral_tokenizer(codestral, tmp_path, shared_data):
+def codestral_tokenizer(codestral, tmp_path):
     """The Codestral layout with a sentencepiece tokenizer.model.v3 (BPE, <unk> <s> </s> = 0 1 2,
-    as Mistral's), trained on the shared corpus."""
+    as Mistral's), trained on the repository's Shakespeare excerpt."""
     import sentencepiece
 
     directory = tmp_path / "codestral"
     shutil.copytree(codestral[0], directory)
     sentencepiece.SentencePieceTrainer.train(
-        input=str(shared_data / "tinyshakespeare.txt"), model_prefix=str(directory / "sp"),
+        input=str(SHAKESPEARE), model_prefix=str(directory / "sp"),
         vocab_size=VOCAB, model_type="bpe", input_sentence_size=20000, minloglevel=2,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     (directory / "sp.model").rename(directory / "tokenizer.model.v3")
@@ -114,20 +116,22 @@ def test_every_flavour_converts_to_transformers_logits(flavour, checkpoint, code
     print(f"{flavour}: relative logit error {error:.2e}")
     assert error < TOLERANCE
     config = json.loads((out / "config.json").read_text())
-    assert config["model_type"] in ("mamba", "mamba2", "falcon_mamba")
+    assert config["model_type"] == reference.config.model_type
     assert "quantization" not in config
     # Names are the transformers checkpoint's, the conv kernel in MLX's (C, K, 1) layout.
-    names = set(mx.load(str(out / "model.safetensors")))
-    expected = {n for n in reference.state_dict() if not n.startswith("lm_head.")
+    written = mx.load(str(out / "model.safetensors"))
+    original = FLAVOURS.get(flavour, ("", "", ""))[2] == "original"
+    names = reference.state_dict() if original or flavour == "codestral" else read_weights(source)
+    expected = {n for n in names if not n.startswith("lm_head.")
                 or not config["tie_word_embeddings"]}
-    assert names == expected
-    conv = mx.load(str(out / "model.safetensors"))["backbone.layers.0.mixer.conv1d.weight"]
-    assert conv.shape[1:] == (4, 1)
+    assert set(written) == expected
+    convs = [v for n, v in written.items() if n.endswith("conv1d.weight")]
+    assert convs and all(conv.shape[1:] == (4, 1) for conv in convs)
     assert leftovers(tmp_path) == []
 
 
 def test_original_checkpoint_gets_the_gpt_neox_tokenizer(checkpoint, tokenizer_dir, tmp_path,
-                                                         monkeypatch, shared_data):
+                                                         monkeypatch, tokenizer_file):
     calls = []
 
     def snapshot_download(repo_id, allow_patterns=None, **kwargs):
@@ -143,7 +147,7 @@ def test_original_checkpoint_gets_the_gpt_neox_tokenizer(checkpoint, tokenizer_d
     from tokenizers import Tokenizer
 
     text = "To be, or not to be: that is the question."
-    expected = Tokenizer.from_file(str(shared_data / "gpt-neox-20b-tokenizer.json")).encode(text)
+    expected = Tokenizer.from_file(str(tokenizer_file)).encode(text)
     assert tokenizer.encode(text) == expected.ids
 
 
@@ -165,6 +169,36 @@ def test_tokenizer_option_overrides_the_source(checkpoint, tokenizer_dir, tmp_pa
     convert(source, tmp_path / "out", tokenizer=tokenizer_dir)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == \
         (tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_option_takes_a_tokenizer_json_file(checkpoint, tokenizer_file, tmp_path):
+    source, _ = checkpoint("mamba1_original")
+    convert(source, tmp_path / "out", tokenizer=tokenizer_file)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    _, tokenizer = mlx_mamba.load(tmp_path / "out")
+    assert tokenizer.eos_token_id == 0  # a bare tokenizer.json names none: the config's
+
+
+@pytest.mark.parametrize("name, message", [("missing.json", "no such tokenizer file"),
+                                           ("junk.json", "not a readable tokenizer"),
+                                           ("empty", "holds no tokenizer")])
+def test_bad_tokenizer_option_fails_before_any_output(name, message, checkpoint, tmp_path,
+                                                      capsys):
+    (tmp_path / "junk.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+    err = fails_cleanly(["--hf-path", checkpoint("mamba1_original")[0], "--mlx-path",
+                         tmp_path / "out", "--tokenizer", tmp_path / name], capsys)
+    assert f"{tmp_path / name}: {message}" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_original_checkpoint_offline_says_how_to_pass_a_tokenizer(checkpoint, tmp_path, capsys):
+    # The tests' hub is offline (conftest.py), as a user's may be.
+    source, _ = checkpoint("mamba1_original")
+    err = fails_cleanly(["--hf-path", source, "--mlx-path", tmp_path / "out"], capsys)
+    assert f"{source}: a state-spaces checkpoint ships no tokenizer" in err
+    assert convert_module.STATE_SPACES_TOKENIZER in err and "--tokenizer" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_hub_source_fetches_config_tokenizer_and_one_weight_format(checkpoint, tmp_path,

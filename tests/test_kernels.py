@@ -13,7 +13,7 @@ import pytest
 
 import float64_reference as f64
 from metal_emulator import harness
-from mlx_mamba import ops
+from mlx_mamba import Mamba1, Mamba2, ops
 from mlx_mamba.ops import kernel_ops, kernel_source
 
 pytestmark = pytest.mark.skipif(harness.compiler() is None,
@@ -79,10 +79,18 @@ def test_selective_scan(backend, options):
     assert max(err(y, y_ref), err(last, last_ref), err(y, y64), err(last, last64)) < TOL
 
 
-@pytest.mark.parametrize("shape, options, dt_limit", [
-    (M2, True, (0.05, 1.5)), (M2_WIDE, False, (0.0, math.inf))], ids=["groups-limit", "wide-N"])
-def test_ssd(backend, shape, options, dt_limit):
+def with_D_per_head_dim(x):
+    """Mamba2 inputs with D of shape (H, P), as mamba_ssm allows, in place of (H,)."""
+    return dict(x, D=mx.random.normal(x["x"].shape[2:]))
+
+
+@pytest.mark.parametrize("shape, options, dt_limit, D_per_head_dim", [
+    (M2, True, (0.05, 1.5), False), (M2_WIDE, False, (0.0, math.inf), False),
+    (M2, True, (0.0, math.inf), True)], ids=["groups-limit", "wide-N", "D-per-head-dim"])
+def test_ssd(backend, shape, options, dt_limit, D_per_head_dim):
     x = mamba2_inputs(**shape, options=options, dt_limit=dt_limit)
+    if D_per_head_dim:
+        x = with_D_per_head_dim(x)
     y, last = ops.ssd(**x, chunk_size=16, return_final_states=True, backend=backend)
     y_ref, last_ref = ops.ssd(**x, chunk_size=16, return_final_states=True, backend="reference")
     y64, last64 = f64.ssd(**{k: f64_of(v) if isinstance(v, mx.array) else v for k, v in x.items()})
@@ -98,12 +106,31 @@ def test_steps(backend):
     ref = ops.selective_scan_step(**args, backend="reference")
     assert max(err(g, r) for g, r in zip(got, ref)) < TOL
     x = mamba2_inputs(**M2, dt_limit=(0.05, 1.5))
-    args = dict(state=x["initial_states"], x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0],
-                C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0], dt_bias=x["dt_bias"], dt_softplus=True,
-                dt_limit=x["dt_limit"])
-    got = ops.ssd_step(**args, backend=backend)
-    ref = ops.ssd_step(**args, backend="reference")
-    assert max(err(g, r) for g, r in zip(got, ref)) < TOL
+    for D in (x["D"], with_D_per_head_dim(x)["D"]):
+        args = dict(state=x["initial_states"], x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"],
+                    B=x["B"][:, 0], C=x["C"][:, 0], D=D, z=x["z"][:, 0], dt_bias=x["dt_bias"],
+                    dt_softplus=True, dt_limit=x["dt_limit"])
+        got = ops.ssd_step(**args, backend=backend)
+        ref = ops.ssd_step(**args, backend="reference")
+        assert max(err(g, r) for g, r in zip(got, ref)) < TOL
+
+
+@pytest.mark.parametrize("block", ["mamba1", "mamba2"])
+def test_left_padding_over_a_cache(backend, monkeypatch, block):
+    """The mixers' masked path (Δ = 0 on padding, computed outside the kernel) is exact here too."""
+    monkeypatch.setenv("MLX_MAMBA_BACKEND", backend)
+    mx.random.seed(4)
+    mixer = (Mamba1(16, d_state=4, dt_rank=2) if block == "mamba1"
+             else Mamba2(16, d_state=4, head_dim=8, n_groups=2, chunk_size=4))
+    history, x = mx.random.normal((2, 3, 16)), mx.random.normal((2, 6, 16))
+    pads = 5  # more than the conv window; what the padded positions hold must not matter
+    cache, alone = mixer.make_cache(2), mixer.make_cache(1)
+    mixer(history, cache)
+    mixer(history[1:], alone)
+    y = mixer(x, cache, mask=mx.array([[1] * 6, [0] * pads + [1] * (6 - pads)]))
+    y_alone = mixer(x[1:, pads:], alone)
+    assert max(err(y[1, pads:], y_alone[0]), err(cache.ssm[1], alone.ssm[0]),
+               err(cache.conv[1], alone.conv[0])) < TOL
 
 
 def _grads(fn, inputs, names, weights):
@@ -113,7 +140,7 @@ def _grads(fn, inputs, names, weights):
     return mx.grad(loss, argnums=tuple(range(len(names))))(*(inputs[k] for k in names))
 
 
-@pytest.mark.parametrize("model", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("model", ["mamba1", "mamba2", "mamba2-D-per-head-dim"])
 def test_gradients(backend, model):
     if model == "mamba1":
         x = mamba1_inputs(**M1)
@@ -123,6 +150,8 @@ def test_gradients(backend, model):
         shapes = [(M1["b"], M1["L"], M1["D"]), (M1["b"], M1["D"], M1["N"])]
     else:
         x = mamba2_inputs(**M2, dt_limit=(0.05, 1.5))
+        if model == "mamba2-D-per-head-dim":
+            x = with_D_per_head_dim(x)
         names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
         run = lambda be: lambda **a: ops.ssd(  # noqa: E731
             **a, chunk_size=16, dt_softplus=True, dt_limit=(0.05, 1.5), return_final_states=True, backend=be)

@@ -76,6 +76,23 @@ def test_ssd_matches_float64(length, chunk, optional):
     assert max_error(state, state_ref) < 1e-4 * max(1.0, np.abs(state_ref).max())
 
 
+def test_ssd_with_D_per_head_dim_matches_float64():
+    """D of shape (H, P), as mamba_ssm allows: over a sequence and one step."""
+    inputs = ssd_inputs(np.random.default_rng(4), length=37)
+    inputs["D"] = np.random.default_rng(5).normal(size=(6, 4))
+    args = {k: f32(v) for k, v in inputs.items()}
+    y, state = ops.ssd(**args, chunk_size=16, dt_softplus=True, return_final_states=True)
+    y_ref, state_ref = ref.ssd(**inputs, dt_softplus=True)
+    assert max_error(y, y_ref) < 1e-4 * np.abs(y_ref).max()
+    assert max_error(state, state_ref) < 1e-4 * np.abs(state_ref).max()
+    y, state = ops.ssd_step(
+        args["initial_states"], args["x"][:, 0], args["dt"][:, 0], args["A"], args["B"][:, 0],
+        args["C"][:, 0], args["D"], args["z"][:, 0], args["dt_bias"], True)
+    first = {k: v[:, :1] if k in ("x", "dt", "B", "C", "z") else v for k, v in inputs.items()}
+    y_ref, state_ref = ref.ssd(**first, dt_softplus=True)
+    assert max_error(y, y_ref[:, 0]) < 1e-5 and max_error(state, state_ref) < 1e-5
+
+
 def test_ssd_chunk_size_changes_nothing():
     inputs = {k: f32(v) for k, v in ssd_inputs(np.random.default_rng(3), length=100).items()}
     outputs = [ops.ssd(**inputs, chunk_size=c, dt_softplus=True, return_final_states=True)
@@ -141,9 +158,11 @@ def test_selective_scan_gradients_match_finite_differences():
         inputs, weights, inputs.keys())
 
 
-def test_ssd_gradients_match_finite_differences():
+@pytest.mark.parametrize("D_shape", [(4,), (4, 2)])
+def test_ssd_gradients_match_finite_differences(D_shape):
     rng = np.random.default_rng(8)
     inputs = ssd_inputs(rng, batch=1, length=11, heads=4, head_dim=2, groups=2, d_state=3)
+    inputs["D"] = rng.normal(size=D_shape)
     weights = rng.normal(size=(1, 11, 4, 2)), rng.normal(size=(1, 4, 2, 3))
     _check_gradients(
         lambda **kw: ops.ssd(**kw, chunk_size=4, dt_softplus=True, return_final_states=True),

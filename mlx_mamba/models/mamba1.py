@@ -1,4 +1,5 @@
-"""Mamba1 mixer: selective SSM (Gu & Dao, 2023), with Falcon-Mamba's optional RMSNorm on dt, B, C."""
+"""Mamba1 mixer: selective SSM (Gu & Dao, 2023), with an optional RMSNorm on dt, B and C:
+weightless in Falcon-Mamba, with weights in Jamba."""
 
 import math
 
@@ -7,7 +8,8 @@ import mlx.nn as nn
 
 from .. import ops
 from ..cache import MambaCache
-from .conv import apply_mask, causal_conv1d
+from ..ops.reference import discretize_dt
+from .conv import causal_conv1d
 
 
 def _without_bias(linear, x):
@@ -18,11 +20,15 @@ def _without_bias(linear, x):
     return x @ linear.weight.T
 
 
+# Jamba's names for the RMSNorms on dt, B and C.
+NORMS = ("dt_layernorm", "b_layernorm", "c_layernorm")
+
+
 class Mamba1(nn.Module):
     """x (B, T, d_model) -> (B, T, d_model). Parameter names follow the transformers checkpoints."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True,
-                 bias=False, mixer_rms_eps=None):
+                 bias=False, mixer_rms_eps=None, mixer_rms_weights=False):
         super().__init__()
         d_inner = expand * d_model
         self.d_state = d_state
@@ -39,6 +45,9 @@ class Mamba1(nn.Module):
         dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (d_inner,)))
         self.dt_proj.bias = dt + mx.log(-mx.expm1(-dt))  # softplus⁻¹(dt)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        if mixer_rms_weights:
+            for name, dims in zip(NORMS, (self.dt_rank, d_state, d_state)):
+                setattr(self, name, nn.RMSNorm(dims, eps=mixer_rms_eps))
 
     def make_cache(self, batch_size=1):
         d_inner, width = self.conv1d.weight.shape[:2]
@@ -49,20 +58,28 @@ class Mamba1(nn.Module):
         # x (..., E) -> delta (..., E) before bias and softplus, B and C (..., N).
         delta, B, C = mx.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         if self.mixer_rms_eps is not None:
-            delta, B, C = (mx.fast.rms_norm(v, None, self.mixer_rms_eps) for v in (delta, B, C))
+            weights = [self[name].weight if name in self else None for name in NORMS]
+            # The weights stay float32 (as all norms'); the result keeps the input's dtype.
+            delta, B, C = (mx.fast.rms_norm(v, w, self.mixer_rms_eps).astype(v.dtype)
+                           for v, w in zip((delta, B, C), weights))
         return _without_bias(self.dt_proj, delta), B, C
 
     def __call__(self, x, cache=None, mask=None):
-        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
+        """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
+        were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
         x, z = mx.split(self.in_proj(x), 2, axis=-1)
-        x = apply_mask(x, mask)
         x, window = causal_conv1d(x, self.conv1d.weight, self.conv1d.get("bias"),
-                                  cache.conv if cache else None)
-        x = apply_mask(nn.silu(x), mask)
+                                  cache.conv if cache else None, mask)
+        x = nn.silu(x)
         delta, B, C = self._ssm_inputs(x)
+        bias, softplus = self.dt_proj.bias, True
+        if mask is not None:
+            # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
+            delta = discretize_dt(delta, bias, softplus) * mask[..., None].astype(mx.float32)
+            bias, softplus = None, False
         y, state = ops.selective_scan(
-            x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,
-            self.dt_proj.bias, True, cache.ssm if cache else None, True)
+            x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z, bias, softplus,
+            cache.ssm if cache else None, True)
         if cache is not None:
             cache.conv, cache.ssm = window, state
         return self.out_proj(y)

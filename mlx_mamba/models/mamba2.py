@@ -7,18 +7,23 @@ import mlx.nn as nn
 
 from .. import ops
 from ..cache import MambaCache
-from .conv import apply_mask, causal_conv1d
+from ..ops.reference import discretize_dt
+from .conv import causal_conv1d
 
 
-def gated_rms_norm(y, z, weight, groups, eps):
-    """RMSNorm of y ⊙ silu(z) over each of `groups` contiguous slices of the last axis, times weight.
+def gated_rms_norm(y, z, weight, groups, eps, before_gate=False):
+    """RMSNorm of y ⊙ silu(z) over each of `groups` contiguous slices of the last axis, times weight
+    (before_gate: RMSNorm of y times weight, then ⊙ silu(z), as Falcon-H1 has it).
 
     Normalising per group (not over the whole width) is what mamba_ssm does; it matters for
     checkpoints with n_groups > 1 such as Mamba-Codestral.
     """
-    gated = y.astype(mx.float32) * nn.silu(z.astype(mx.float32))
+    gate = nn.silu(z.astype(mx.float32))
+    gated = y.astype(mx.float32) if before_gate else y.astype(mx.float32) * gate
     grouped = gated.reshape(*gated.shape[:-1], groups, -1)
     normed = mx.fast.rms_norm(grouped, None, eps).reshape(gated.shape)
+    if before_gate:
+        return (weight * normed * gate).astype(y.dtype)
     return weight * normed.astype(y.dtype)
 
 
@@ -27,9 +32,12 @@ class Mamba2(nn.Module):
 
     def __init__(self, d_model, d_state=128, d_conv=4, expand=2, head_dim=64, n_groups=1,
                  chunk_size=256, dt_limit=(0.0, math.inf), conv_bias=True, bias=False,
-                 norm_eps=1e-5):
+                 norm_eps=1e-5, d_inner=None, gate_norm="after_gate", projection_multipliers=None):
+        """d_inner: the SSM width H * P, by default expand * d_model (Nemotron-H sets it).
+        gate_norm: "after_gate" (mamba_ssm), "before_gate" or "none" (Falcon-H1's options).
+        projection_multipliers: five factors on in_proj's z, x, B, C and dt rows (Falcon-H1's µP)."""
         super().__init__()
-        d_inner = expand * d_model
+        d_inner = d_inner or expand * d_model
         if d_inner % head_dim or (d_inner // head_dim) % n_groups:
             raise ValueError(f"expand * d_model ({d_inner}) must split into heads of {head_dim} "
                              f"whose count divides into {n_groups} groups")
@@ -45,8 +53,15 @@ class Mamba2(nn.Module):
         dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (self.n_heads,)))
         self.dt_bias = dt + mx.log(-mx.expm1(-dt))  # softplus⁻¹(dt)
         self.D = mx.ones((self.n_heads,))
-        self.norm = nn.RMSNorm(d_inner, eps=norm_eps)  # used as the weight of the gated norm
+        self.gate_norm = gate_norm
+        if gate_norm != "none":
+            self.norm = nn.RMSNorm(d_inner, eps=norm_eps)  # used as the weight of the gated norm
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self._multipliers = None
+        if projection_multipliers is not None:
+            sizes = (d_inner, d_inner, n_groups * d_state, n_groups * d_state, self.n_heads)
+            self._multipliers = mx.concatenate(
+                [mx.full((n,), m) for n, m in zip(sizes, projection_multipliers)])
 
     def make_cache(self, batch_size=1):
         channels, width = self.conv1d.weight.shape[:2]
@@ -58,31 +73,45 @@ class Mamba2(nn.Module):
         # projected (..., T, F) -> z (..., T, E), x (..., T, H, P), B, C (..., T, G, N), dt (..., T, H)
         bc = self.n_groups * self.d_state
         z, xBC, dt = mx.split(projected, [self.d_inner, 2 * self.d_inner + 2 * bc], axis=-1)
-        xBC, window = causal_conv1d(apply_mask(xBC, mask), self.conv1d.weight,
-                                    self.conv1d.get("bias"), window)
-        x, B, C = mx.split(apply_mask(nn.silu(xBC), mask), [self.d_inner, self.d_inner + bc], axis=-1)
+        xBC, window = causal_conv1d(xBC, self.conv1d.weight, self.conv1d.get("bias"), window, mask)
+        x, B, C = mx.split(nn.silu(xBC), [self.d_inner, self.d_inner + bc], axis=-1)
         lead = x.shape[:-1]
         return (z, x.reshape(*lead, self.n_heads, self.head_dim),
                 B.reshape(*lead, self.n_groups, self.d_state),
                 C.reshape(*lead, self.n_groups, self.d_state), dt, window)
 
+    def _project(self, x):
+        projected = self.in_proj(x)
+        if self._multipliers is None:
+            return projected
+        return projected * self._multipliers.astype(projected.dtype)
+
     def _output(self, y, z):
         y = y.reshape(*z.shape)
-        return self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.n_groups, self.norm_eps))
+        if self.gate_norm == "none":
+            return self.out_proj(y * nn.silu(z))
+        return self.out_proj(gated_rms_norm(y, z, self.norm.weight, self.n_groups, self.norm_eps,
+                                            self.gate_norm == "before_gate"))
 
     def __call__(self, x, cache=None, mask=None):
-        """mask (B, T): 0 marks left padding, which then never reaches the conv window or state."""
-        z, x, B, C, dt, window = self._split(self.in_proj(x), cache.conv if cache else None, mask)
+        """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
+        were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
+        z, x, B, C, dt, window = self._split(self._project(x), cache.conv if cache else None, mask)
+        bias, softplus, limit = self.dt_bias, True, self.dt_limit
+        if mask is not None:
+            # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
+            dt = discretize_dt(dt, bias, softplus, limit) * mask[..., None].astype(mx.float32)
+            bias, softplus, limit = None, False, (0.0, math.inf)
         y, state = ops.ssd(
             x, dt, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.chunk_size, self.D,
-            None, self.dt_bias, True, self.dt_limit, cache.ssm if cache else None, True)
+            None, bias, softplus, limit, cache.ssm if cache else None, True)
         if cache is not None:
             cache.conv, cache.ssm = window, state
         return self._output(y, z)
 
     def step(self, x, cache):
         """One token: x (B, d_model) -> (B, d_model); advances `cache` in place."""
-        z, x, B, C, dt, cache.conv = self._split(self.in_proj(x)[:, None], cache.conv)
+        z, x, B, C, dt, cache.conv = self._split(self._project(x)[:, None], cache.conv)
         y, cache.ssm = ops.ssd_step(
             cache.ssm, x[:, 0], dt[:, 0], -mx.exp(self.A_log.astype(mx.float32)), B[:, 0],
             C[:, 0], self.D, None, self.dt_bias, True, self.dt_limit)

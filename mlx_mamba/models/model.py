@@ -1,39 +1,86 @@
-"""The language model around the mixers: embeddings, pre-norm residual blocks, final norm, head."""
+"""The language model: embeddings, a stack of pre-norm residual layers, final norm, head.
+
+Each layer is a mixer (Mamba1, Mamba2, attention, MLP or MoE) after its norm, optionally followed
+by a feed-forward (MLP or MoE) after a second norm, as the config's `layer_types` and `ffn_types`
+say. Pure Mamba models are the stack with Mamba mixers only; the hybrids add layer kinds.
+"""
 
 import mlx.core as mx
 import mlx.nn as nn
 
+from ..cache import LayerCaches
 from ..config import ModelConfig
+from .attention import Attention
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
+from .mlp import MLP
+from .moe import MoE
+from .parallel import ParallelMixer
+from .shared_block import InvocationAdapters, SharedBlock
 
 
-def make_mixer(config: ModelConfig):
-    if config.arch == "mamba1":
-        return Mamba1(config.d_model, config.d_state, config.d_conv, config.expand,
-                      config.dt_rank, config.conv_bias, config.bias, config.mixer_rms_eps)
-    return Mamba2(config.d_model, config.d_state, config.d_conv, config.expand, config.head_dim,
-                  config.n_groups, config.chunk_size, config.dt_limit, config.conv_bias,
-                  config.bias, config.norm_eps)
+def make_layer(config: ModelConfig, kind):
+    c = config
+    if kind == "mamba1":
+        return Mamba1(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, c.conv_bias, c.bias,
+                      c.mixer_rms_eps, c.mixer_rms_weights)
+    if kind in ("mamba2", "hybrid"):
+        return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
+                      c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.gate_norm_eps or c.norm_eps,
+                      c.d_inner, c.mamba_gate_norm, c.ssm_multipliers or None)
+    if kind == "attention":
+        return Attention(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim, c.attn_bias,
+                         c.attn_scale, c.rope_theta, c.rope_dims, c.key_multiplier)
+    if kind == "parallel":
+        return ParallelMixer(make_layer(c, "mamba2"), make_layer(c, "attention"),
+                             c.parallel_multipliers)
+    if kind == "mlp":
+        return MLP(c.d_model, c.mlp_size, c.mlp_activation, c.mlp_bias, c.mlp_multipliers)
+    return MoE(c.d_model, c.n_experts, c.top_k, c.expert_size, c.mlp_activation,
+               c.shared_expert_size, c.router, c.router_groups, c.router_topk_groups,
+               c.router_normalize, c.router_scale, c.expert_latent_size, c.mlp_bias)
 
 
 class ResidualBlock(nn.Module):
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, index):
         super().__init__()
         self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mixer = make_mixer(config)
+        self.mixer = make_layer(config, config.layer_type(index))
+        if config.ffn_type(index):
+            self.ffn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+            self.ffn = make_layer(config, config.ffn_type(index))
+        if config.layer_type(index) == "hybrid":  # Zamba2: a shared block feeds the Mamba input
+            c = config
+            self.linear = nn.Linear(c.d_model, c.d_model, bias=False)
+            self.adapters = InvocationAdapters(c.d_model, c.attn_heads * c.attn_head_dim,
+                                               c.attn_kv_heads * c.attn_head_dim, c.mlp_size,
+                                               c.adapter_rank, c.attention_adapters)
 
 
 class Backbone(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.embeddings = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = [ResidualBlock(config) for _ in range(config.n_layer)]
+        self.layers = [ResidualBlock(config, i) for i in range(config.n_layer)]
+        c = config
+        # Held once here and invoked by the hybrid layers: shared in memory and on disk.
+        self.blocks = [SharedBlock(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim,
+                                   c.mlp_size, c.mlp_activation, c.norm_eps, c.rope_theta,
+                                   c.mlp_bias)
+                       for _ in range(c.shared_blocks)]
         self.norm_f = nn.RMSNorm(config.d_model, eps=config.norm_eps)
 
 
 class Model(nn.Module):
-    """input_ids (B, T) -> logits (B, T, V); `step` decodes one token per sequence in O(1)."""
+    """input_ids (B, T) -> logits (B, T, V); `step` decodes one token per sequence in O(1)
+    (attention layers: O(context) per token).
+
+    Token ids are not range-checked here: that would force evaluation inside a lazy graph.
+    An id outside [0, vocab_size) reads outside the embedding table (garbage or a crash); every
+    entry point that takes ids from a user (generation, the CLIs, the tuner's data, prompt cache
+    files) checks them. Check ids of your own with
+    `mlx_mamba.check_token_ids(ids, model.config.vocab_size)`.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -43,31 +90,91 @@ class Model(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
 
     def make_cache(self, batch_size=1):
-        return [layer.mixer.make_cache(batch_size) for layer in self.backbone.layers]
-
-    def _run(self, input_ids, mix):
-        # The residual stream stays in float32 (residual_in_fp32); mixers run in the weights' dtype.
-        # The conv is never quantized: its dtype is the model's, whereas a quantized embedding
-        # dequantizes to bfloat16 in the fp4/fp8 modes.
-        dtype = self.backbone.layers[0].mixer.conv1d.weight.dtype
-        hidden = self.backbone.embeddings(input_ids).astype(dtype)
-        residual = hidden.astype(mx.float32) if self.config.residual_in_fp32 else hidden
+        """One cache per layer: MambaCache, KVCache, None for MLP and MoE layers, LayerCaches
+        for layers with several stateful parts (Falcon-H1's parallel layer, Zamba2's hybrid)."""
+        caches = []
         for i, layer in enumerate(self.backbone.layers):
-            residual = residual + mix(layer.mixer, layer.norm(residual).astype(dtype), i)
+            cache = layer.mixer.make_cache(batch_size)
+            if "linear" in layer:
+                block = self.backbone.blocks[self.config.shared_block(i)[0]]
+                cache = LayerCaches(mamba=cache,
+                                    attention=block.self_attn.make_cache(batch_size))
+            caches.append(cache)
+        return caches
+
+    def _dtype(self):
+        # The dtype the layers compute in: that of the first Mamba conv, which is never
+        # quantized (a quantized embedding dequantizes to bfloat16 in the fp4/fp8 modes) nor
+        # kept in float32 like the norms.
+        for layer in self.backbone.layers:
+            mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
+            if "conv1d" in mamba:
+                return mamba.conv1d.weight.dtype
+
+    def _run(self, input_ids, cache, mask, step):
+        c = self.config
+        dtype = self._dtype()
+        embedded = self.backbone.embeddings(input_ids).astype(dtype)
+        if c.embedding_multiplier != 1.0:
+            embedded = embedded * c.embedding_multiplier
+        # The residual stream stays in float32 when the checkpoint says so (residual_in_fp32).
+        residual = embedded.astype(mx.float32) if c.residual_in_fp32 else embedded
+        for i, layer in enumerate(self.backbone.layers):
+            layer_cache = cache[i] if cache is not None else None
+            x = residual
+            if "linear" in layer:
+                block = self.backbone.blocks[c.shared_block(i)[0]]
+                shared = block(mx.concatenate([x.astype(dtype), embedded], axis=-1),
+                               layer.adapters, layer_cache and layer_cache.attention, mask, step)
+                x = x + layer.linear(shared).astype(x.dtype)
+                layer_cache = layer_cache and layer_cache.mamba
+            h = layer.norm(x).astype(dtype)
+            h = layer.mixer.step(h, layer_cache) if step else layer.mixer(h, layer_cache, mask)
+            residual = self._add(residual, h)
+            if "ffn" in layer:
+                residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))
         hidden = self.backbone.norm_f(residual).astype(dtype)
-        if self.config.tie_embeddings:
-            return self.backbone.embeddings.as_linear(hidden)
-        return self.lm_head(hidden)
+        logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
+            else self.lm_head(hidden)
+        return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
+
+    def _add(self, residual, branch):
+        scale = self.config.residual_multiplier
+        return residual + (branch * scale if scale != 1.0 else branch).astype(residual.dtype)
 
     def __call__(self, input_ids, cache=None, mask=None):
-        """Parallel over T; with a cache, continues from it and updates it in place.
+        """Parallel over T; with a cache (from `make_cache`), continues from it in place.
 
         mask (B, T): 1 for tokens, 0 for left padding; a left-padded row then gives exactly the
-        logits and final state of the unpadded row (padding reaches neither conv nor state).
+        logits and state of the unpadded row (padding reaches no state, conv or attention).
         """
-        return self._run(input_ids, lambda mixer, h, i: mixer(
-            h, cache[i] if cache is not None else None, mask))
+        _check_inputs(input_ids, cache, mask, 2, self.config.n_layer)
+        return self._run(input_ids, cache, mask, step=False)
 
     def step(self, token_ids, cache):
         """token_ids (B,) -> logits (B, V), advancing `cache` by one token."""
-        return self._run(token_ids, lambda mixer, h, i: mixer.step(h, cache[i]))
+        _check_inputs(token_ids, cache, None, 1, self.config.n_layer)
+        return self._run(token_ids, cache, None, step=True)
+
+
+def _check_inputs(ids, cache, mask, ndim, layers):
+    """Shapes only (no evaluation): ids (B, T) or (B,), a cache of this batch, a mask like ids."""
+    shape = tuple(getattr(ids, "shape", ()))
+    if len(shape) != ndim or 0 in shape:
+        expected = "(batch, length) with length >= 1" if ndim == 2 else "(batch,)"
+        hint = " (model.step takes one token per row)" if ndim == 2 and len(shape) == 1 else ""
+        raise ValueError(f"token ids of shape {shape}: expected {expected}{hint}")
+    if not mx.issubdtype(ids.dtype, mx.integer):
+        raise ValueError(f"token ids of dtype {ids.dtype}: expected integers")
+    if mask is not None and tuple(mask.shape) != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}; expected (batch, length) = "
+                         f"{shape}, those of the ids")
+    if cache is None:
+        return
+    if not isinstance(cache, (list, tuple)) or len(cache) != layers:
+        raise ValueError(f"the cache must be the list of {layers} layer caches that "
+                         "model.make_cache() returns")
+    for layer in cache:
+        if layer is not None and layer.batch_size != shape[0]:
+            raise ValueError(f"the cache holds {layer.batch_size} sequences, the input has "
+                             f"{shape[0]}: make the cache with model.make_cache(batch_size)")

@@ -11,6 +11,7 @@ import os
 import mlx.core as mx
 
 from . import reference
+from .arguments import OpArgumentError, check
 
 BACKENDS = ("auto", "metal", "cuda", "reference")
 
@@ -46,6 +47,7 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     Returns y (B, L, D), and the last state (B, D, N) in float32 with `return_last_state`.
     """
+    check("selective_scan", locals())  # every argument, before any backend sees it
     return _module(backend).selective_scan(
         u, delta, A, B, C, D, z, delta_bias, delta_softplus, state, return_last_state)
 
@@ -53,11 +55,13 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=(0.0, float("inf")), initial_states=None, return_final_states=False, *,
         backend=None):
-    """Mamba2 state-space duality. x (B, L, H, P); dt (B, L, H); A, D, dt_bias (H,);
-    B, C (B, L, G, N); states (B, H, P, N).
+    """Mamba2 state-space duality. x, z (B, L, H, P); dt (B, L, H); A, dt_bias (H,); D (H,) or
+    (H, P); B, C (B, L, G, N), G dividing H; states (B, H, P, N); chunk_size a positive int;
+    dt_limit a pair of numbers.
 
     Returns y (B, L, H, P), and the final states in float32 with `return_final_states`.
     """
+    check("ssd", locals())  # every argument, before any backend sees it
     return _module(backend).ssd(
         x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
         return_final_states)
@@ -69,16 +73,18 @@ def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=Non
 
     Returns (y (B, D), new state).
     """
+    check("selective_scan_step", locals())  # every argument, before any backend sees it
     return _module(backend).selective_scan_step(
         state, u, delta, A, B, C, D, z, delta_bias, delta_softplus)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
              dt_limit=(0.0, float("inf")), *, backend=None):
-    """One Mamba2 token. state (B, H, P, N) float32; x (B, H, P); dt (B, H); A, D, dt_bias (H,);
-    B, C (B, G, N).
+    """One Mamba2 token. state (B, H, P, N) float32; x, z (B, H, P); dt (B, H); A, dt_bias (H,);
+    D (H,) or (H, P); B, C (B, G, N).
 
     Returns (y (B, H, P), new state).
     """
+    check("ssd_step", locals())  # every argument, before any backend sees it
     return _module(backend).ssd_step(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit)

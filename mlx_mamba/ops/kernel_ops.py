@@ -85,7 +85,7 @@ def _scan_fn(backend, cfg):
         gdt_head = per_head(gdt)
         grads = [gu, gdt_head,
                  gA.sum(0) if flags & ks.FLAGS["a_per_n"] else per_head(gA.sum((0, 2))),
-                 gB, gC, per_head(gD.sum(0)), gz, gdt_head.sum((0, 1)), gs]
+                 gB, gC, gD.sum(0), gz, gdt_head.sum((0, 1)), gs]
         present = [True] * 5 + [flags & ks.FLAGS[k] for k in ("D", "z", "bias", "state")]
         return tuple((g.astype(a.dtype) if ok else mx.zeros_like(a)) for g, a, ok in zip(grads, arrays, present))
 
@@ -125,12 +125,14 @@ def selective_scan(backend, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 
 def ssd(backend, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplus, dt_limit, initial_states,
         return_final_states):
-    # x, z (B, L, H, P); dt (B, L, H); A, D, dt_bias (H,); B, C (B, L, G, N); states (B, H, P, N).
-    # The kernel scans step by step: chunk_size changes nothing.
+    # x, z (B, L, H, P); dt (B, L, H); A, dt_bias (H,); D (H,) or (H, P); B, C (B, L, G, N);
+    # states (B, H, P, N). The kernel scans step by step: chunk_size changes nothing.
     batch, L, H, P = x.shape
     G = B.shape[2]
     flat = lambda t: None if t is None else t.reshape(batch, L, H * P)  # noqa: E731
     s0 = None if initial_states is None else initial_states.reshape(batch, H * P, -1)
+    if D is not None:  # the kernel reads D per channel (h, p); its gradient flows back through this
+        D = mx.broadcast_to(D.reshape(H, -1), (H, P)).reshape(H * P)
     y, last = _run(backend, P, H // G, ks.FLAGS["softplus"] if dt_softplus else 0, tuple(dt_limit),
                    flat(x), dt, A, B, C, D, flat(z), dt_bias, s0)
     y = y.reshape(batch, L, H, P).astype(x.dtype)
@@ -146,7 +148,7 @@ def selective_scan_step(backend, state, u, delta, A, B, C, D, z, delta_bias, del
 
 
 def ssd_step(backend, state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit):
-    # state (B, H, P, N); x, z (B, H, P); dt (B, H); B, C (B, G, N)
+    # state (B, H, P, N); x, z (B, H, P); dt (B, H); D (H,) or (H, P); B, C (B, G, N)
     z = None if z is None else z[:, None]
     y, new = ssd(backend, x[:, None], dt[:, None], A, B[:, None], C[:, None], 1, D, z, dt_bias,
                  dt_softplus, dt_limit, state, True)

@@ -1,8 +1,8 @@
 """Scan kernel bodies, written once and rendered for Metal and for CUDA.
 
 One sequential-scan body serves Mamba1 and Mamba2. A "channel" c is a Mamba1 channel d, or a Mamba2
-pair (head h, head dim p) with c = h*P + p; dt, A (Mamba2), D and dt_bias are read per head
-h = c / P (Mamba1: P = 1), B and C per group g = h / HPG (Mamba1: G = 1). S lanes (a power of two
+pair (head h, head dim p) with c = h*P + p; D is read per channel, dt, A (Mamba2) and dt_bias
+per head h = c / P (Mamba1: P = 1), B and C per group g = h / HPG (Mamba1: G = 1). S lanes (a power of two
 <= 32) scan one channel, lane i holding states n = i, i+S, ... (NPL = ceil(N/S) per lane); y is a
 shuffle-xor reduction over those S lanes. A threadgroup holds CPG channels of one batch row, all
 in one group, and stages TC time steps of B and C in threadgroup memory between barriers.
@@ -94,7 +94,7 @@ _SETUP = """
     const int n = lane + S * k;
     a[k] = n >= N ? 0.0f : ((F & MM_A_PER_N) ? A[c * N + n] : A[head]);
   }
-  const float Dc = (F & MM_D) ? Dv[head] : 0.0f;
+  const float Dc = (F & MM_D) ? Dv[c] : 0.0f;
   const float bias = (F & MM_BIAS) ? dt_bias[head] : 0.0f;
 """
 _STAGE = """

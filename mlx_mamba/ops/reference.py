@@ -52,6 +52,11 @@ def _gate(y, D, u, z):
     return y
 
 
+def _per_head_dim(D):
+    # Mamba2's D, (H,) or (H, P) -> broadcastable against (..., H, P).
+    return D[:, None] if D is not None and D.ndim == 1 else D
+
+
 def _shift_blocks(x, first):
     # (B, n, ...) -> (B, n, ...): block k receives block k-1's value, block 0 receives `first`.
     return mx.concatenate([first[:, None], x[:, :-1]], axis=1)
@@ -148,7 +153,8 @@ def segment_sums(x):
 
 def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False,
         dt_limit=(0.0, math.inf), initial_states=None, return_final_states=False):
-    """Mamba2 chunked SSD. x (B, L, H, P); dt (B, L, H); A, D, dt_bias (H,); B, C (B, L, G, N).
+    """Mamba2 chunked SSD. x (B, L, H, P); dt (B, L, H); A, dt_bias (H,); D (H,) or (H, P);
+    B, C (B, L, G, N).
 
     Heads are grouped as (G, H/G) so that B and C are shared by the heads of a group without
     being copied. Within a chunk: Y = (C Bᵀ ∘ exp(segsum(ΔA))) (Δx); between chunks the
@@ -209,7 +215,7 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     y = y + exp(log_decay).transpose(0, 1, 2, 4, 3)[..., None] * from_entering
 
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, chunks * chunk, heads, head_dim)[:, :length]
-    y = _gate(y, D[:, None] if D is not None else None, x, z).astype(x.dtype)
+    y = _gate(y, _per_head_dim(D), x, z).astype(x.dtype)
     if not return_final_states:
         return y
     return y, end_states[:, -1].reshape(batch, heads, head_dim, d_state)
@@ -217,7 +223,8 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
 
 def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False,
              dt_limit=(0.0, math.inf)):
-    """One Mamba2 token. state (B, H, P, N); x, z (B, H, P); dt (B, H); B, C (B, G, N)."""
+    """One Mamba2 token. state (B, H, P, N); x, z (B, H, P); dt (B, H); D (H,) or (H, P);
+    B, C (B, G, N)."""
     batch, heads, head_dim = x.shape
     groups, d_state = B.shape[1], B.shape[2]
     dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, H)
@@ -228,5 +235,5 @@ def ssd_step(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=Fa
     C32 = C.astype(mx.float32)[:, :, None, :, None]  # (b, G, 1, N, 1)
     state = decay.reshape(batch, groups, -1, 1, 1) * state + xdt * B32
     y = (state @ C32).reshape(batch, heads, head_dim)
-    y = _gate(y, D[:, None] if D is not None else None, x, z).astype(x.dtype)
+    y = _gate(y, _per_head_dim(D), x, z).astype(x.dtype)
     return y, state.reshape(batch, heads, head_dim, d_state)

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..token_ids import TokenIdError, check_token_ids
+
 
 class DataError(ValueError):
     """Unusable training data; the message names the file (and line)."""
@@ -56,9 +58,11 @@ def load_split(directory, name, tokenizer, max_seq_length, vocab_size=None, log=
     for line_number, record in read_jsonl(file):
         where = f"{file}:{line_number}"
         tokens, trained = tokenize(record, tokenizer, where)
-        if vocab_size is not None and max(tokens) >= vocab_size:
-            raise DataError(f"{where}: token id {max(tokens)} is outside the model's vocabulary "
-                            f"of {vocab_size}: is the tokenizer the model's own?")
+        if vocab_size is not None:
+            try:
+                tokens = check_token_ids(tokens, vocab_size)
+            except TokenIdError as e:
+                raise DataError(f"{where}: {e}: is the tokenizer the model's own?") from None
         if len(tokens) > max_seq_length:
             truncated += 1
             longest = max(longest, len(tokens))

@@ -1,0 +1,66 @@
+"""IBM's Granite 4.0-H (transformers `granitemoehybrid`): Mamba2 and attention layers
+(`layer_types`), each followed by a gated SiLU MLP (`shared_mlp`) and, in the MoE variants, a
+mixture of experts (`block_sparse_moe`) added to it; attention without positions (NoPE) unless
+`position_embedding_type` is "rope"; µP-style multipliers on the embedding, the residual
+branches, the attention scores and the logits."""
+
+from ..config import ConfigError, ModelConfig, get
+from . import join_rows, layer_kinds, mixer_names, rename, rope_theta, split_rows, swapped
+from .bamba import KINDS, mamba2_fields
+
+COMMON = [("model.embed_tokens.", "backbone.embeddings."),
+          ("model.layers.{i}.input_layernorm.", "backbone.layers.{i}.norm."),
+          ("model.layers.{i}.mamba.", "backbone.layers.{i}.mixer."),
+          ("model.layers.{i}.self_attn.", "backbone.layers.{i}.mixer."),
+          ("model.layers.{i}.post_attention_layernorm.", "backbone.layers.{i}.ffn_norm."),
+          ("model.norm.", "backbone.norm_f.")]
+# A dense model's shared MLP is the whole feed-forward; an MoE model's is its shared expert.
+DENSE = COMMON + [("model.layers.{i}.shared_mlp.", "backbone.layers.{i}.ffn.")]
+MOE = COMMON + [("model.layers.{i}.shared_mlp.", "backbone.layers.{i}.ffn.shared_experts."),
+                ("model.layers.{i}.block_sparse_moe.router.layer.", "backbone.layers.{i}.ffn.router."),
+                ("model.layers.{i}.block_sparse_moe.", "backbone.layers.{i}.ffn.experts.")]
+MIXERS = {"mamba2": "model.layers.{i}.mamba.", "attention": "model.layers.{i}.self_attn."}
+# The packed projections: rows [gate; up] in `input_linear`, `output_linear` is down.
+PACKED, PARTS = "input_linear", ("gate_proj", "up_proj")
+
+
+def read_config(config):
+    n_layer = get(config, "num_hidden_layers")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
+    kinds = layer_kinds(config.get("layer_types") or config.get("layers_block_type")
+                        or ["mamba"] * n_layer, KINDS, "layer_types")
+    position = config.get("position_embedding_type")
+    if position not in (None, "nope", "rope"):
+        raise ConfigError(f"field 'position_embedding_type' is {position!r}: expected 'rope' "
+                          "or null")
+    experts = get(config, "num_local_experts", 0, "count")
+    fields = mamba2_fields(config)
+    return ModelConfig(
+        family="granitemoehybrid", layer_types=kinds,
+        ffn_types=("moe" if experts else "mlp",) * n_layer,
+        rope_theta=rope_theta(config) if position == "rope" else None,
+        attn_scale=get(config, "attention_multiplier", 1.0, "positive_number"),
+        mlp_size=get(config, "shared_intermediate_size"),
+        n_experts=experts, top_k=get(config, "num_experts_per_tok", 0, "count") if experts else 0,
+        expert_size=get(config, "intermediate_size") if experts else 0,
+        shared_expert_size=get(config, "shared_intermediate_size") if experts else 0,
+        router="softmax",
+        embedding_multiplier=get(config, "embedding_multiplier", 1.0, "number"),
+        residual_multiplier=get(config, "residual_multiplier", 1.0, "number"),
+        logits_multiplier=1 / get(config, "logits_scaling", 1.0, "positive_number"), **fields)
+
+
+def _names(config):
+    return MOE if config.n_experts else DENSE
+
+
+def to_model_names(weights, config):
+    weights = split_rows(rename(weights, _names(config)), PACKED, PARTS)
+    return {name.replace(".output_linear.", ".down_proj."): v for name, v in weights.items()}
+
+
+def to_checkpoint_names(weights, config):
+    weights = {name.replace(".down_proj.", ".output_linear."): v for name, v in weights.items()}
+    weights = mixer_names(join_rows(weights, PARTS, PACKED), config, MIXERS)
+    return rename(weights, swapped(_names(config)))
