@@ -37,7 +37,7 @@ def build_parser():
     add = parser.add_argument
     add("--model", required=True, help="model directory or Hugging Face repo id")
     add("--tokenizer", help="a directory, tokenizer.json file or repo id with the tokenizer, "
-                            "instead of the model's own")
+                            "instead of the model's own (default: the model's)")
     add("--train", action="store_true",
         help="train adapters (or the model itself with --fine-tune-type full)")
     add("--test", action="store_true", help="report loss and perplexity on DIR/test.jsonl")

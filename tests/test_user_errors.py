@@ -34,10 +34,9 @@ PARSERS = {"generate": build_parser, "lora": lora.build_parser,
 
 
 @pytest.fixture(scope="module")
-def model_dir(checkpoint, shared_data, tmp_path_factory):
+def model_dir(checkpoint, tmp_path_factory):
     """A tiny Mamba2 with a tokenizer (and chat template) of its 100-token vocabulary."""
-    return model_with_tokenizer(checkpoint("mamba2")[0], tmp_path_factory.mktemp("model") / "m",
-                                shared_data)
+    return model_with_tokenizer(checkpoint("mamba2")[0], tmp_path_factory.mktemp("model") / "m")
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +45,8 @@ def loaded(model_dir):
 
 
 @pytest.fixture(scope="module")
-def data_dir(shared_data, tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data"), shared_data, train=8, valid=4, test=4)
+def data_dir(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"), train=8, valid=4, test=4)
 
 
 @pytest.fixture(scope="module")
