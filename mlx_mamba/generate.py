@@ -9,7 +9,6 @@ the tokens are in the responses (`.token`, `.tokens`); nothing stops generation 
 """
 
 import dataclasses
-import numbers
 import sys
 import time
 
@@ -92,20 +91,13 @@ def _check_text(text, what="the prompt"):
 
 
 def _check_prompt(tokenizer, prompt, what="the prompt"):
-    """Raise GenerationError unless `prompt` is text (with a tokenizer) or a sequence of ints."""
+    """Raise GenerationError if `prompt` is text that cannot be encoded (no tokenizer, or not
+    UTF-8); token ids are checked by `encode`."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise GenerationError(f"{what} is text, and there is no tokenizer to encode it: pass "
                                   "token ids, or a tokenizer")
-        return _check_text(prompt, what)
-    ids = prompt.tolist() if hasattr(prompt, "tolist") else prompt
-    if not isinstance(ids, (list, tuple)):
-        raise GenerationError(f"{what} has type {type(prompt).__name__}: expected a string or "
-                              "a list of token ids")
-    wrong = next((t for t in ids if not isinstance(t, numbers.Integral) or isinstance(t, bool)),
-                 None)
-    if wrong is not None:
-        raise GenerationError(f"{what} holds {wrong!r}: token ids are integers")
+        _check_text(prompt, what)
 
 
 def generate_step(model, cache, next_inputs, histories, sampler, processors, max_tokens, eos):
