@@ -12,32 +12,83 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
+from mlx.utils import tree_flatten, tree_unflatten
 
+from ..models.mamba1 import Mamba1
+from ..models.mamba2 import Mamba2
+from ..models.moe import QuantizedExpertLinear
 from .lora import DoRALinear, LoRALinear
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
 
-# The projections that LoRA adapts when no keys are given.
-DEFAULT_KEYS = {"mamba1": ["in_proj", "x_proj", "dt_proj", "out_proj"],
-                "mamba2": ["in_proj", "out_proj"]}
+# The projections that LoRA adapts when no keys are given, by layer kind. An MoE's are those of its
+# shared expert: the routed experts (stacked weights, not linear layers) and the router stay
+# frozen under LoRA and DoRA; full fine-tuning trains them.
+DEFAULT_KEYS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"),
+                "mamba2": ("in_proj", "out_proj"),
+                "attention": ("q_proj", "k_proj", "v_proj", "o_proj"),
+                "mlp": ("gate_proj", "up_proj", "down_proj"),
+                "moe": ("shared_experts.gate_proj", "shared_experts.up_proj",
+                        "shared_experts.down_proj")}
 # The SSM's own parameters, trained by full fine-tuning and optionally next to LoRA.
 SSM_PARAMETERS = ["A_log", "D", "dt_bias"]
+# Parameters that no gradient trains: the MoE routing bias is a load-balancing statistic (a
+# buffer in transformers), and its gradient is zero since it only moves the discrete top-k choice.
+NOT_TRAINED = ["score_bias"]
 
 
 class AdapterError(ValueError):
     """Adapter files or settings that do not fit; the message names the file or setting."""
 
 
-def adapted_layers(model, num_layers):
-    layers = model.backbone.layers
+def adapted_indices(model, num_layers):
+    n_layer = len(model.backbone.layers)
     if num_layers == -1:
-        return layers
-    if not 0 < num_layers <= len(layers):
-        raise AdapterError(f"num_layers {num_layers}: the model has {len(layers)} layers "
+        return range(n_layer)
+    if not 0 < num_layers <= n_layer:
+        raise AdapterError(f"num_layers {num_layers}: the model has {n_layer} layers "
                            "(use -1 for all)")
-    return layers[-num_layers:]
+    return range(n_layer - num_layers, n_layer)
+
+
+def linear_layers(block):
+    """{path in the residual block: layer} of its linear layers, quantized or not."""
+    return {path: module for path, module in block.named_modules()
+            if isinstance(module, (nn.Linear, nn.QuantizedLinear))}
+
+
+def matches(path, key):
+    # A key names a projection ("up_proj") or the end of its path ("shared_experts.up_proj").
+    return path == key or path.endswith("." + key)
+
+
+def default_keys(config, index):
+    kinds = (config.layer_type(index), config.ffn_type(index))
+    return [key for kind in kinds if kind for key in DEFAULT_KEYS[kind]]
+
+
+def lora_targets(model, indices, keys):
+    """[(block, [paths])]: the linear layers to adapt in each block of `indices`; `keys` None
+    for each block's defaults. A given key that names no linear layer of any block is an error."""
+    targets, used = [], set()
+    for i in indices:
+        block = model.backbone.layers[i]
+        block_keys = keys or default_keys(model.config, i)
+        # In the keys' order: the adapters draw their random initialisation in that order.
+        paths = {}
+        for key in block_keys:
+            found = [path for path in linear_layers(block) if matches(path, key)]
+            paths.update(dict.fromkeys(found))
+            used.update([key] if found else [])
+        targets.append((block, list(paths)))
+    unknown = [k for k in keys or () if k not in used]
+    if unknown:
+        known = sorted({path.rsplit(".", 1)[-1] for i in indices
+                        for path in linear_layers(model.backbone.layers[i])})
+        raise AdapterError(f"LoRA key {unknown[0]!r}: no adapted layer has such a linear "
+                           f"projection (they have {', '.join(known)})")
+    return targets
 
 
 def apply_adapters(model, config):
@@ -45,37 +96,44 @@ def apply_adapters(model, config):
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora", "full"):
         raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
-    model.freeze()
-    layers = adapted_layers(model, config.get("num_layers", min(16, model.config.n_layer)))
+    indices = adapted_indices(model, config.get("num_layers", min(16, model.config.n_layer)))
+    blocks = [model.backbone.layers[i] for i in indices]
     if kind == "full":
-        if any(isinstance(m, nn.QuantizedLinear) for l in layers for _, m in l.named_modules()):
+        if any(isinstance(m, (nn.QuantizedLinear, QuantizedExpertLinear))
+               for block in blocks for _, m in block.named_modules()):
             raise AdapterError("full fine-tuning needs a float model: this one is quantized (use "
                                "lora or dora, or fine-tune the unquantized model)")
-        for layer in layers:
-            layer.unfreeze()
+        model.freeze()
+        for block in blocks:
+            block.unfreeze().freeze(keys=NOT_TRAINED, strict=False)
         return model
     lora = config.get("lora_parameters", {})
-    keys = lora.get("keys") or DEFAULT_KEYS[model.config.arch]
     rank, scale, dropout = lora.get("rank", 8), lora.get("scale", 20.0), lora.get("dropout", 0.0)
     if not isinstance(rank, int) or rank < 1:
         raise AdapterError(f"LoRA rank {rank!r}: expected a positive integer")
     if not 0.0 <= dropout < 1.0:
         raise AdapterError(f"LoRA dropout {dropout!r}: expected a probability in [0, 1)")
+    keys = lora.get("keys")
+    if keys is not None and not (isinstance(keys, list)
+                                 and all(isinstance(k, str) and k for k in keys)):
+        raise AdapterError(f"LoRA keys {keys!r}: expected a list of projection names")
+    targets = lora_targets(model, indices, keys)
+    model.freeze()
     cls = DoRALinear if kind == "dora" else LoRALinear
-    for layer in layers:
-        mixer = layer.mixer
-        for key in keys:
-            if key not in mixer:
-                known = ", ".join(DEFAULT_KEYS[model.config.arch])
-                raise AdapterError(f"LoRA key {key!r}: a {model.config.arch} mixer has no such "
-                                   f"projection (it has {known})")
-            setattr(mixer, key, cls(getattr(mixer, key), rank, scale, dropout))
-        if config.get("train_ssm_params", False):
-            mixer.unfreeze(recurse=False, keys=SSM_PARAMETERS)
-            mixer.conv1d.unfreeze()
-            if "dt_proj" in mixer:  # Mamba1 keeps its dt bias in dt_proj (inside a LoRA layer too)
-                mixer.dt_proj.unfreeze(keys=["bias"])
+    for block, paths in targets:
+        layers = linear_layers(block)
+        block.update_modules(tree_unflatten(
+            [(path, cls(layers[path], rank, scale, dropout)) for path in paths]))
+        if config.get("train_ssm_params", False) and isinstance(block.mixer, (Mamba1, Mamba2)):
+            train_ssm_parameters(block.mixer)
     return model
+
+
+def train_ssm_parameters(mixer):
+    mixer.unfreeze(recurse=False, keys=SSM_PARAMETERS)
+    mixer.conv1d.unfreeze()
+    if "dt_proj" in mixer:  # Mamba1 keeps its dt bias in dt_proj (inside a LoRA layer too)
+        mixer.dt_proj.unfreeze(keys=["bias"])
 
 
 def trainable_weights(model):
