@@ -1,4 +1,4 @@
-"""Fine-tune a Mamba model with LoRA, DoRA, QLoRA (LoRA over a quantized model) or fully.
+"""Fine-tune a Mamba or hybrid model with LoRA, DoRA, QLoRA (LoRA over a quantized model) or fully.
 
     python -m mlx_mamba.lora --model M --train --data DIR [--fine-tune-type lora|dora|full] ...
     python -m mlx_mamba.lora --model M --test --data DIR --adapter-path adapters
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     add("--lora-scale", type=float, default=20.0)
     add("--lora-dropout", type=float, default=0.0)
     add("--train-ssm-params", action="store_true",
-        help="also train A_log, D, the dt bias and the conv of the adapted blocks")
+        help="also train A_log, D, the dt bias and the conv of the adapted blocks' Mamba mixers")
     add("--iters", type=positive, default=1000, help="optimizer steps")
     add("--batch-size", type=positive, default=4, help="sequences per batch, over all processes")
     add("--grad-accumulation-steps", type=positive, default=1, help="batches per optimizer step")

@@ -46,10 +46,18 @@ def adapted_indices(model, num_layers):
     n_layer = len(model.backbone.layers)
     if num_layers == -1:
         return range(n_layer)
-    if not 0 < num_layers <= n_layer:
-        raise AdapterError(f"num_layers {num_layers}: the model has {n_layer} layers "
+    if not is_integer(num_layers) or not 0 < num_layers <= n_layer:
+        raise AdapterError(f"num_layers {num_layers!r}: the model has {n_layer} layers "
                            "(use -1 for all)")
     return range(n_layer - num_layers, n_layer)
+
+
+def is_integer(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def linear_layers(block):
@@ -80,7 +88,8 @@ def lora_targets(model, indices, keys):
         for key in block_keys:
             found = [path for path in linear_layers(block) if matches(path, key)]
             paths.update(dict.fromkeys(found))
-            used.update([key] if found else [])
+            if found:
+                used.add(key)
         targets.append((block, list(paths)))
     unknown = [k for k in keys or () if k not in used]
     if unknown:
@@ -108,10 +117,14 @@ def apply_adapters(model, config):
             block.unfreeze().freeze(keys=NOT_TRAINED, strict=False)
         return model
     lora = config.get("lora_parameters", {})
+    if not isinstance(lora, dict):
+        raise AdapterError(f"lora_parameters {lora!r}: expected an object")
     rank, scale, dropout = lora.get("rank", 8), lora.get("scale", 20.0), lora.get("dropout", 0.0)
-    if not isinstance(rank, int) or rank < 1:
+    if not is_integer(rank) or rank < 1:
         raise AdapterError(f"LoRA rank {rank!r}: expected a positive integer")
-    if not 0.0 <= dropout < 1.0:
+    if not is_number(scale):
+        raise AdapterError(f"LoRA scale {scale!r}: expected a number")
+    if not is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise AdapterError(f"LoRA dropout {dropout!r}: expected a probability in [0, 1)")
     keys = lora.get("keys")
     if keys is not None and not (isinstance(keys, list)
@@ -169,9 +182,12 @@ def read_adapter_config(adapter_path):
     if not file.is_file():
         raise AdapterError(f"{file}: adapter config not found")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise AdapterError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{file}: expected a JSON object")
+    return config
 
 
 def load_adapters(model, adapter_path):
