@@ -31,12 +31,14 @@ ROOT = Path(__file__).resolve().parents[1]
 GRADIENT_TOLERANCE = 1e-4  # max |ours - torch| relative to the largest |torch|, per tensor
 MOE = ["granite_moe", "nemotron_h"]
 LORA = {"rank": 4, "scale": 2.0}
-# The projections that LoRA adapts by default in each kind of layer, where the layer has them.
-ADAPTED = {"mamba2": {"in_proj", "out_proj"},
-           "attention": {"q_proj", "k_proj", "v_proj", "o_proj"},
-           "mlp": {"gate_proj", "up_proj", "down_proj"},
-           "moe": {"shared_experts.gate_proj", "shared_experts.up_proj",
-                   "shared_experts.down_proj"}}
+# The projections that LoRA adapts by default in each kind of layer, where the layer has them,
+# and in Zamba2's shared transformer blocks.
+MAMBA2, ATTENTION = {"in_proj", "out_proj"}, {"q_proj", "k_proj", "v_proj", "o_proj"}
+MLP = {"gate_proj", "up_proj", "down_proj"}
+ADAPTED = {"mamba2": MAMBA2, "hybrid": MAMBA2, "attention": ATTENTION, "mlp": MLP,
+           "parallel": {f"mamba.{p}" for p in MAMBA2} | {f"attention.{p}" for p in ATTENTION},
+           "moe": {f"shared_experts.{p}" for p in MLP}}
+SHARED_BLOCK = {f"self_attn.{p}" for p in ATTENTION} | {f"feed_forward.{p}" for p in MLP}
 
 
 def kind_of(name):
@@ -80,9 +82,10 @@ def test_gradients_match_torch_autograd_through_transformers(checkpoint, flavour
     print(f"\n{flavour}: worst relative gradient error by parameter")
     for kind, error in sorted(worst.items()):
         print(f"  {kind}: {error:.1e}")
-    kinds = {name.split(".")[-2] for name in worst}
-    assert {"in_proj", "conv1d", "mixer", "q_proj", "o_proj", "embeddings"} <= kinds
-    assert ("router" in kinds and "experts" in " ".join(worst)) == (flavour in MOE)
+    names = " ".join(worst)
+    assert all(part in names for part in ("in_proj", "conv1d", "A_log", "D", "dt_bias", "q_proj",
+                                          "o_proj", "up_proj", "embeddings"))
+    assert ("router" in names and ".experts." in names) == (flavour in MOE)
     assert max(errors.values()) < GRADIENT_TOLERANCE, max(errors, key=errors.get)
 
 
@@ -107,22 +110,21 @@ def train_steps(model, batch, steps=5, learning_rate=1e-2):
 
 
 def adapted_paths(model):
-    """{(layer index, path in the block)} of the LoRA/DoRA layers."""
-    return {(int(name.split(".")[2]), name.split(".", 3)[3])
-            for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+    """The LoRA/DoRA layers' paths in the backbone ("layers.3.mixer.in_proj")."""
+    return {name for name, m in model.backbone.named_modules() if isinstance(m, LoRALinear)}
 
 
 def default_adapted_paths(model):
     """What the defaults should adapt: ADAPTED's projections of each layer's mixer and
-    feed-forward, where they exist (Nemotron's squared-ReLU MLPs have no gate_proj)."""
+    feed-forward and SHARED_BLOCK's of the shared blocks, where they exist (Nemotron's
+    squared-ReLU MLPs have no gate_proj)."""
     expected = set()
     for i, block in enumerate(model.backbone.layers):
-        names = {path for path, _ in block.named_modules()}
         for part, kind in (("mixer", model.config.layer_type(i)),
                            ("ffn", model.config.ffn_type(i))):
-            expected |= {(i, f"{part}.{p}") for p in ADAPTED.get(kind, ())
-                         if f"{part}.{p}" in names}
-    return expected
+            expected |= {f"layers.{i}.{part}.{p}" for p in ADAPTED.get(kind, ())}
+    expected |= {f"blocks.{b}.{p}" for b in range(len(model.backbone.blocks)) for p in SHARED_BLOCK}
+    return expected & {name for name, _ in model.backbone.named_modules()}
 
 
 @pytest.mark.parametrize("flavour", list(HYBRIDS))
@@ -138,7 +140,7 @@ def test_adapters_train_save_load_and_fuse(tiny_model, flavour, kind, tmp_path):
 
     paths = adapted_paths(model)
     assert paths == default_adapted_paths(model)
-    assert {model.config.layer_type(i) for i, _ in paths} >= {"mamba2", "attention"}
+    assert any("in_proj" in p for p in paths) and any("o_proj" in p for p in paths)
     # Routed experts and routers stay frozen: only the adapters train.
     trainable = {name.rsplit(".", 1)[-1] for name, _ in tree_flatten(model.trainable_parameters())}
     assert trainable == ({"lora_a", "lora_b", "m"} if kind == "dora" else {"lora_a", "lora_b"})
@@ -228,9 +230,10 @@ def test_full_fine_tuning_trains_experts_and_routers(tiny_model, flavour):
     assert not {n for n in start if n.endswith("score_bias")} & changed
 
 
+@pytest.mark.parametrize("flavour", ["granite_moe", "falcon_h1", "zamba2"])
 @pytest.mark.parametrize("kind", ["lora", "full"])
-def test_gradient_checkpointing_recomputes_mixers_and_feed_forwards(tiny_model, kind):
-    model = mlx_mamba.load(tiny_model("granite_moe"))[0]
+def test_gradient_checkpointing_recomputes_mixers_and_feed_forwards(tiny_model, flavour, kind):
+    model = mlx_mamba.load(tiny_model(flavour))[0]
     apply_adapters(model, {"fine_tune_type": kind, "num_layers": -1})
     perturb_trainable(model)
     batch = repeated_batch()
@@ -240,8 +243,8 @@ def test_gradient_checkpointing_recomputes_mixers_and_feed_forwards(tiny_model, 
 
     loss, grads = gradients()
     checkpoint_layers(model)
-    assert all(getattr(type(part), "recomputed_in_backward", False)
-               for block in model.backbone.layers for part in (block.mixer, block.ffn))
+    assert all(getattr(type(block[part]), "recomputed_in_backward", False)
+               for block in model.backbone.layers for part in ("mixer", "ffn") if part in block)
     loss_checkpointed, grads_checkpointed = gradients()
     assert loss_checkpointed.item() == pytest.approx(loss.item(), rel=1e-6)
     grads_checkpointed = dict(tree_flatten(grads_checkpointed))
@@ -249,16 +252,28 @@ def test_gradient_checkpointing_recomputes_mixers_and_feed_forwards(tiny_model, 
         assert relative_error(grads_checkpointed[name], np.array(g)) < 1e-5, name
 
 
+@pytest.mark.parametrize("kind", ["lora", "full"])
+def test_shared_blocks_train_with_the_layers_that_invoke_them(tiny_model, kind):
+    model = mlx_mamba.load(tiny_model("zamba2"))[0]
+    # Layers 4 (hybrid, the third invocation: shared block 0) and 5 (mamba).
+    apply_adapters(model, {"fine_tune_type": kind, "num_layers": 2})
+    trainable = {name for name, _ in tree_flatten(model.backbone.trainable_parameters())}
+    assert {name.split(".")[0] + name.split(".")[1] for name in trainable} == {
+        "layers4", "layers5", "blocks0"}
+    if kind == "full":
+        assert any(name.startswith("layers.4.adapters.") for name in trainable)
+        assert any(name.startswith("layers.4.linear.") for name in trainable)
+
+
 def test_given_keys_apply_wherever_a_layer_has_them(tiny_model):
     model = mlx_mamba.load(tiny_model("nemotron_h"))[0]
     apply_adapters(model, {"num_layers": -1, "train_ssm_params": True, "lora_parameters": {
         "keys": ["o_proj", "up_proj", "shared_experts.down_proj", "router"]}})
     kinds = model.config.layer_types  # mamba2, moe, attention, mlp, mamba2, moe
-    assert adapted_paths(model) == {
-        (1, "mixer.shared_experts.up_proj"), (1, "mixer.shared_experts.down_proj"),
-        (1, "mixer.router"), (2, "mixer.o_proj"), (3, "mixer.up_proj"),
-        (5, "mixer.shared_experts.up_proj"), (5, "mixer.shared_experts.down_proj"),
-        (5, "mixer.router")}
+    assert adapted_paths(model) == {f"layers.{path}" for path in (
+        "1.mixer.shared_experts.up_proj", "1.mixer.shared_experts.down_proj", "1.mixer.router",
+        "2.mixer.o_proj", "3.mixer.up_proj", "5.mixer.shared_experts.up_proj",
+        "5.mixer.shared_experts.down_proj", "5.mixer.router")}
     # train_ssm_params: the Mamba mixers' own parameters only.
     trainable = {name for name, _ in tree_flatten(model.trainable_parameters())
                  if "lora" not in name}

@@ -31,6 +31,12 @@ DEFAULT_KEYS = {"mamba1": ("in_proj", "x_proj", "dt_proj", "out_proj"),
                 "mlp": ("gate_proj", "up_proj", "down_proj"),
                 "moe": ("shared_experts.gate_proj", "shared_experts.up_proj",
                         "shared_experts.down_proj")}
+DEFAULT_KEYS["parallel"] = DEFAULT_KEYS["mamba2"] + DEFAULT_KEYS["attention"]  # side by side
+# Zamba2's hybrid layer: its Mamba2. The shared transformer block it invokes is adapted once,
+# as attention and MLP, for every layer that invokes it; the layer's own per-invocation
+# adapters and linear map train only in full fine-tuning.
+DEFAULT_KEYS["hybrid"] = DEFAULT_KEYS["mamba2"]
+SHARED_BLOCK_KEYS = DEFAULT_KEYS["attention"] + DEFAULT_KEYS["mlp"]
 # The SSM's own parameters, trained by full fine-tuning and optionally next to LoRA.
 SSM_PARAMETERS = ["A_log", "D", "dt_bias"]
 # Parameters that no gradient trains: the MoE routing bias is a load-balancing statistic (a
@@ -42,14 +48,20 @@ class AdapterError(ValueError):
     """Adapter files or settings that do not fit; the message names the file or setting."""
 
 
-def adapted_indices(model, num_layers):
-    n_layer = len(model.backbone.layers)
+def adapted_modules(model, num_layers):
+    """[(module, its default LoRA keys)]: the last `num_layers` residual blocks (-1: all), and
+    the shared blocks that they invoke (Zamba2)."""
+    config, n_layer = model.config, len(model.backbone.layers)
     if num_layers == -1:
-        return range(n_layer)
-    if not is_integer(num_layers) or not 0 < num_layers <= n_layer:
+        num_layers = n_layer
+    elif not is_integer(num_layers) or not 0 < num_layers <= n_layer:
         raise AdapterError(f"num_layers {num_layers!r}: the model has {n_layer} layers "
                            "(use -1 for all)")
-    return range(n_layer - num_layers, n_layer)
+    indices = range(n_layer - num_layers, n_layer)
+    modules = [(model.backbone.layers[i], default_keys(config, i)) for i in indices]
+    shared = sorted({config.shared_block(i)[0] for i in indices
+                     if config.layer_type(i) == "hybrid"})
+    return modules + [(model.backbone.blocks[b], SHARED_BLOCK_KEYS) for b in shared]
 
 
 def is_integer(value):
@@ -61,7 +73,7 @@ def is_number(value):
 
 
 def linear_layers(block):
-    """{path in the residual block: layer} of its linear layers, quantized or not."""
+    """{path in the block: layer} of its linear layers, quantized or not."""
     return {path: module for path, module in block.named_modules()
             if isinstance(module, (nn.Linear, nn.QuantizedLinear))}
 
@@ -73,28 +85,27 @@ def matches(path, key):
 
 def default_keys(config, index):
     kinds = (config.layer_type(index), config.ffn_type(index))
-    return [key for kind in kinds if kind for key in DEFAULT_KEYS[kind]]
+    return tuple(key for kind in kinds if kind for key in DEFAULT_KEYS[kind])
 
 
-def lora_targets(model, indices, keys):
-    """[(block, [paths])]: the linear layers to adapt in each block of `indices`; `keys` None
-    for each block's defaults. A given key that names no linear layer of any block is an error."""
+def lora_targets(modules, keys):
+    """[(module, [paths])]: the linear layers to adapt in each of `modules`, those that `keys`
+    name, or each module's defaults when `keys` is None. A given key that names no linear layer
+    of any module is an error."""
     targets, used = [], set()
-    for i in indices:
-        block = model.backbone.layers[i]
-        block_keys = keys or default_keys(model.config, i)
+    for module, defaults in modules:
         # In the keys' order: the adapters draw their random initialisation in that order.
         paths = {}
-        for key in block_keys:
-            found = [path for path in linear_layers(block) if matches(path, key)]
+        for key in keys or defaults:
+            found = [path for path in linear_layers(module) if matches(path, key)]
             paths.update(dict.fromkeys(found))
             if found:
                 used.add(key)
-        targets.append((block, list(paths)))
+        targets.append((module, list(paths)))
     unknown = [k for k in keys or () if k not in used]
     if unknown:
-        known = sorted({path.rsplit(".", 1)[-1] for i in indices
-                        for path in linear_layers(model.backbone.layers[i])})
+        known = sorted({path.rsplit(".", 1)[-1] for module, _ in modules
+                        for path in linear_layers(module)})
         raise AdapterError(f"LoRA key {unknown[0]!r}: no adapted layer has such a linear "
                            f"projection (they have {', '.join(known)})")
     return targets
@@ -105,16 +116,15 @@ def apply_adapters(model, config):
     kind = config.get("fine_tune_type", "lora")
     if kind not in ("lora", "dora", "full"):
         raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
-    indices = adapted_indices(model, config.get("num_layers", min(16, model.config.n_layer)))
-    blocks = [model.backbone.layers[i] for i in indices]
+    modules = adapted_modules(model, config.get("num_layers", min(16, model.config.n_layer)))
     if kind == "full":
         if any(isinstance(m, (nn.QuantizedLinear, QuantizedExpertLinear))
-               for block in blocks for _, m in block.named_modules()):
+               for module, _ in modules for _, m in module.named_modules()):
             raise AdapterError("full fine-tuning needs a float model: this one is quantized (use "
                                "lora or dora, or fine-tune the unquantized model)")
         model.freeze()
-        for block in blocks:
-            block.unfreeze().freeze(keys=NOT_TRAINED, strict=False)
+        for module, _ in modules:
+            module.unfreeze().freeze(keys=NOT_TRAINED, strict=False)
         return model
     lora = config.get("lora_parameters", {})
     if not isinstance(lora, dict):
@@ -130,15 +140,17 @@ def apply_adapters(model, config):
     if keys is not None and not (isinstance(keys, list)
                                  and all(isinstance(k, str) and k for k in keys)):
         raise AdapterError(f"LoRA keys {keys!r}: expected a list of projection names")
-    targets = lora_targets(model, indices, keys)
+    targets = lora_targets(modules, keys)
     model.freeze()
     cls = DoRALinear if kind == "dora" else LoRALinear
-    for block, paths in targets:
-        layers = linear_layers(block)
-        block.update_modules(tree_unflatten(
+    for module, paths in targets:
+        layers = linear_layers(module)
+        module.update_modules(tree_unflatten(
             [(path, cls(layers[path], rank, scale, dropout)) for path in paths]))
-        if config.get("train_ssm_params", False) and isinstance(block.mixer, (Mamba1, Mamba2)):
-            train_ssm_parameters(block.mixer)
+        if config.get("train_ssm_params", False):
+            for _, mixer in module.named_modules():
+                if isinstance(mixer, (Mamba1, Mamba2)):
+                    train_ssm_parameters(mixer)
     return model
 
 
