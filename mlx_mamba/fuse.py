@@ -10,7 +10,6 @@ atomic the same way) and the tokenizer files. OUT must not exist yet.
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
@@ -40,26 +39,22 @@ def fuse_adapters(model, dequantize=False):
 
 
 def dequantize_model(model):
-    """Replace quantized linear and embedding layers by float ones, in place."""
+    """Replace quantized linear, expert and embedding layers by float ones, in place."""
     def dense(module):
-        if isinstance(module, nn.QuantizedLinear):
-            bias = module.get("bias")
-            weight = dense_weight(module)  # the scales dtype (affine), or bfloat16 (fp modes)
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            layer.update({"weight": weight, **({"bias": bias} if bias is not None else {})})
-            return layer
-        if isinstance(module, QuantizedExpertLinear):
-            layer = ExpertLinear(*module.weight.shape[:1], 1, 1)
-            layer.weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
-                                         module.group_size, module.bits, module.mode)
-            return layer
+        if "scales" not in module:
+            return None
+        weight = dense_weight(module)
         if isinstance(module, nn.QuantizedEmbedding):
-            weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
-                                   module.group_size, module.bits, module.mode)
             layer = nn.Embedding(*weight.shape)
-            layer.weight = weight
-            return layer
-        return None
+        elif isinstance(module, QuantizedExpertLinear):
+            experts, out_dims, in_dims = weight.shape
+            layer = ExpertLinear(experts, in_dims, out_dims)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+        layer.weight = weight
+        if "bias" in module:
+            layer.bias = module.bias
+        return layer
 
     _replace_modules(model, dense)
     model.config.quantization = None

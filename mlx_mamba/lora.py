@@ -1,4 +1,4 @@
-"""Fine-tune a Mamba model with LoRA, DoRA, QLoRA (LoRA over a quantized model) or fully.
+"""Fine-tune a Mamba or hybrid model with LoRA, DoRA, QLoRA (LoRA over a quantized model) or fully.
 
     python -m mlx_mamba.lora --model M --train --data DIR [--fine-tune-type lora|dora|full] ...
     python -m mlx_mamba.lora --model M --test --data DIR --adapter-path adapters
@@ -51,7 +51,7 @@ def build_parser():
     add("--lora-dropout", type=cli.number(0.0), default=0.0,
         help="dropout on the LoRA input, in [0, 1)")
     add("--train-ssm-params", action="store_true",
-        help="also train A_log, D, the dt bias and the conv of the adapted blocks")
+        help="also train A_log, D, the dt bias and the conv of the adapted blocks' Mamba mixers")
     add("--iters", type=cli.integer(1), default=1000, help="optimizer steps")
     add("--batch-size", type=cli.integer(1), default=4,
         help="sequences per batch, over all processes")

@@ -58,7 +58,7 @@ def evaluate(model, batches, world=None):
 
 @functools.cache
 def _checkpointed(cls):
-    # A subclass of a mixer class whose training forward keeps only its input for the backward
+    # A subclass of a layer class whose training forward keeps only its input for the backward
     # pass and recomputes the rest: memory per layer no longer grows with the activations.
     if getattr(cls, "recomputed_in_backward", False):
         return cls
@@ -78,12 +78,15 @@ def _checkpointed(cls):
 
 
 def checkpoint_layers(model):
-    """Gradient checkpointing: recompute each residual block's mixer in the backward pass.
+    """Gradient checkpointing: recompute each residual block's mixer and feed-forward in the
+    backward pass.
 
     Not with dropout: the recomputation draws new dropout masks, so the gradients would not be
     those of the forward pass."""
     for layer in model.backbone.layers:
-        layer.mixer.__class__ = _checkpointed(type(layer.mixer))
+        for part in ("mixer", "ffn"):
+            if part in layer:
+                layer[part].__class__ = _checkpointed(type(layer[part]))
     return model
 
 
