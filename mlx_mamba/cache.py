@@ -106,8 +106,8 @@ class KVCache:
 
     STEP = 256
 
-    def __init__(self, batch_size, kv_heads, head_dim, dtype=mx.float32):
-        self.shape, self.dtype = (batch_size, kv_heads, 0, head_dim), dtype
+    def __init__(self, batch_size, kv_heads, head_dim):
+        self.shape = (batch_size, kv_heads, 0, head_dim)
         self.keys = self.values = None
         self.length = 0
         self.valid = None
@@ -204,7 +204,7 @@ class KVCache:
             valid = arrays.get("valid")
             if valid is not None and valid.shape != (batch, length):
                 raise ValueError(f"valid has shape {valid.shape}, expected {(batch, length)}")
-            self.update(keys.astype(self.dtype), values.astype(self.dtype), valid)
+            self.update(keys, values.astype(keys.dtype), valid)
             self.positions = arrays["positions"].astype(mx.int32)
         elif "valid" in arrays:
             raise ValueError("valid without keys")

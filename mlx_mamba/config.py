@@ -8,7 +8,8 @@ convert.py saves and what mlx-lm reads.
 
 A model is one stack of residual layers. `layer_types` names each layer's mixer ("mamba1",
 "mamba2", "attention", "mlp", "moe", "parallel": Mamba2 and attention side by side, or
-"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output); `ffn_types` names the feed-forward that follows it in the
+"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output);
+`ffn_types` names the feed-forward that follows it in the
 same layer ("mlp", "moe", or "" for none). Pure Mamba models leave both empty.
 """
 
@@ -40,6 +41,7 @@ class ModelConfig:
     bias: bool = False
     norm_eps: float = 1e-5
     mixer_rms_eps: float | None = None  # Falcon-Mamba: weightless RMSNorm on dt, B and C
+    mixer_rms_weights: bool = False  # Jamba: that RMSNorm has weights
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
     bos_token_id: int | None = 0
@@ -66,7 +68,8 @@ class ModelConfig:
     top_k: int = 0
     expert_size: int = 0
     shared_expert_size: int = 0
-    router: str = "softmax"  # "softmax": over the top-k logits; "sigmoid": grouped, with a bias
+    router: str = "softmax"  # expert scores: "softmax" over all experts, or "sigmoid" (grouped,
+    # with a bias); the top-k scores are the weights, renormalised if router_normalize
     router_groups: int = 1
     router_topk_groups: int = 1
     router_normalize: bool = True
@@ -150,7 +153,8 @@ class ModelConfig:
             raise ConfigError(f"the layer pattern has {len(self.layer_types)} layers, "
                               f"'num_hidden_layers' says {self.n_layer}")
         if "mamba1" in layers and self.dt_rank <= 0:
-            raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive integer")
+            raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive "
+                              "integer")
         if {"mamba2", "parallel", "hybrid", "mamba3"} & set(layers):
             if self.d_inner % self.head_dim:
                 raise ConfigError(
@@ -162,7 +166,8 @@ class ModelConfig:
                     f"({self.n_heads})")
             lo, hi = self.dt_limit
             if not 0.0 <= lo < hi:
-                raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected 0 <= low < high")
+                raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected "
+                                  "0 <= low < high")
         if "mamba3" in layers:
             _validate_mamba3(self)
         if {"attention", "parallel"} & set(layers) and self.attn_heads % max(self.attn_kv_heads, 1):
@@ -342,7 +347,8 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
     (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool",
     "ids" (token ids: an int, a list of ints or null). The error names the field."""
     label = where + name
-    if name not in config or (config[name] is None and kind not in ("ids",) and default is not REQUIRED):
+    absent = name not in config or (config[name] is None and kind != "ids")
+    if absent and (name not in config or default is not REQUIRED):
         if default is REQUIRED:
             raise ConfigError(f"missing field {label!r}")
         return default

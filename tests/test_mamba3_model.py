@@ -48,7 +48,7 @@ def random_weights(model, seed):
 
 
 @pytest.fixture(scope="module")
-def originals(tmp_path_factory, shared_data):
+def originals(tmp_path_factory):
     """flavour -> (directory, float64 weights) of a state-spaces original Mamba-3 checkpoint."""
     written = {}
     for seed, (flavour, ssm_cfg) in enumerate(SSM_CFGS.items()):
@@ -60,7 +60,7 @@ def originals(tmp_path_factory, shared_data):
         weights = random_weights(mlx_mamba.Model(ModelConfig.from_dict(config)), seed)
         torch.save({k: torch.tensor(v, dtype=torch.float32) for k, v in weights.items()},
                    directory / "pytorch_model.bin")
-        write_tokenizer(directory, shared_data)
+        write_tokenizer(directory)
         written[flavour] = directory, weights
     return written
 

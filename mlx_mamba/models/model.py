@@ -24,7 +24,7 @@ def make_layer(config: ModelConfig, kind):
     c = config
     if kind == "mamba1":
         return Mamba1(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, c.conv_bias, c.bias,
-                      c.mixer_rms_eps)
+                      c.mixer_rms_eps, c.mixer_rms_weights)
     if kind in ("mamba2", "hybrid"):
         return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
                       c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.gate_norm_eps or c.norm_eps,
@@ -82,7 +82,9 @@ class Model(nn.Module):
 
     Token ids are not range-checked here: that would force evaluation inside a lazy graph.
     An id outside [0, vocab_size) reads outside the embedding table (garbage or a crash); every
-    entry point that takes ids from a user (generation, the CLIs, the tuner's data) checks them.
+    entry point that takes ids from a user (generation, the CLIs, the tuner's data, prompt cache
+    files) checks them. Check ids of your own with
+    `mlx_mamba.check_token_ids(ids, model.config.vocab_size)`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -175,8 +177,8 @@ def _check_inputs(ids, cache, mask, ndim, layers):
     shape = tuple(getattr(ids, "shape", ()))
     if len(shape) != ndim or 0 in shape:
         expected = "(batch, length) with length >= 1" if ndim == 2 else "(batch,)"
-        raise ValueError(f"token ids of shape {shape}: expected {expected}"
-                         + (" (use model.step for one token per row)" if ndim == 2 and len(shape) == 1 else ""))
+        hint = " (model.step takes one token per row)" if ndim == 2 and len(shape) == 1 else ""
+        raise ValueError(f"token ids of shape {shape}: expected {expected}{hint}")
     if not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"token ids of dtype {ids.dtype}: expected integers")
     if mask is not None and tuple(mask.shape) != shape:
