@@ -295,7 +295,7 @@ def test_given_keys_apply_wherever_a_layer_has_them(tiny_model):
      "down_proj, in_proj, k_proj, o_proj, out_proj, q_proj, router, up_proj, v_proj)"),
     ({"lora_parameters": {"keys": ["in_proj", "conv1d"]}}, "LoRA key 'conv1d': no adapted"),
     ({"lora_parameters": {"keys": "in_proj"}},
-     "LoRA keys 'in_proj': expected a list of projection names"),
+     "lora_parameters.keys 'in_proj': expected a list of projection names"),
 ])
 def test_bad_lora_keys_name_the_key(tiny_model, config, message):
     model = mlx_mamba.load(tiny_model("nemotron_h"))[0]
@@ -337,12 +337,13 @@ def test_cli_fine_tunes_and_fuses_a_hybrid(tiny_model, text_data, tmp_path):
 
 
 @pytest.mark.parametrize("config, message", [
-    ({"num_layers": "all"}, "num_layers 'all': the model has 6 layers (use -1 for all)"),
-    ({"num_layers": 2.5}, "num_layers 2.5: the model has 6 layers"),
+    ({"num_layers": "all"}, "num_layers 'all': expected a positive integer, or -1 for all"),
+    ({"num_layers": 2.5}, "num_layers 2.5: expected a positive integer"),
+    ({"num_layers": 7}, "num_layers 7: the model has 6 layers (use -1 for all)"),
     ({"lora_parameters": [8]}, "lora_parameters [8]: expected an object"),
-    ({"lora_parameters": {"rank": True}}, "LoRA rank True: expected a positive integer"),
-    ({"lora_parameters": {"scale": "big"}}, "LoRA scale 'big': expected a number"),
-    ({"lora_parameters": {"dropout": "0.1"}}, "LoRA dropout '0.1': expected a probability"),
+    ({"lora_parameters": {"rank": True}}, "lora_parameters.rank True: expected a positive integer"),
+    ({"lora_parameters": {"scale": "big"}}, "lora_parameters.scale 'big': expected a finite number"),
+    ({"lora_parameters": {"dropout": "0.1"}}, "lora_parameters.dropout '0.1': expected a probability"),
 ])
 def test_bad_adapter_settings_name_the_setting(tiny_model, config, message):
     model = mlx_mamba.load(tiny_model("nemotron_h"))[0]
@@ -353,5 +354,5 @@ def test_bad_adapter_settings_name_the_setting(tiny_model, config, message):
 
 def test_an_adapter_config_that_is_not_an_object_is_one_error(tiny_model, tmp_path):
     (tmp_path / "adapter_config.json").write_text("[1, 2]")
-    with pytest.raises(AdapterError, match="adapter_config.json: expected a JSON object"):
+    with pytest.raises(AdapterError, match="adapter_config.json: the adapter config is a list: expected an object"):
         load_adapters(mlx_mamba.load(tiny_model("nemotron_h"))[0], tmp_path)

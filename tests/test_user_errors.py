@@ -422,7 +422,8 @@ ADAPTER_CONFIG_ERRORS = [
     ({"lora_parameters": {"keys": "in_proj"}},
      "lora_parameters.keys 'in_proj': expected a list of projection names"),
     ({"lora_parameters": {"keys": ["conv1d"]}},
-     "lora_parameters.keys: a mamba2 mixer has no projection 'conv1d' (it has in_proj, out_proj)"),
+     "LoRA key 'conv1d': no adapted layer has such a linear projection (they have in_proj, "
+     "out_proj)"),
 ]
 
 

@@ -225,7 +225,11 @@ def read_adapter_config(adapter_path):
 
 def load_adapters(model, adapter_path):
     """Adapt `model` as saved in `adapter_path` and load the adapter weights, in place."""
-    apply_adapters(model, read_adapter_config(adapter_path))
+    try:
+        apply_adapters(model, read_adapter_config(adapter_path))
+    except AdapterError as e:
+        file = Path(adapter_path) / CONFIG_FILE
+        raise AdapterError(e if str(e).startswith(str(file)) else f"{file}: {e}") from None
     return load_adapter_weights(model, Path(adapter_path) / ADAPTER_FILE)
 
 
