@@ -88,11 +88,19 @@ def make_prompt_cache(model, tokens, previous=None, *, step_size=PREFILL_STEP_SI
     return result
 
 
+# The fields a pure Mamba config had when this format was made: always recorded, so that caches
+# saved then keep their hash. Fields added since are recorded when not at their default.
+FIRST_FIELDS = ("arch", "d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
+                "dt_rank", "head_dim", "n_groups", "chunk_size", "dt_limit", "conv_bias", "bias",
+                "norm_eps", "mixer_rms_eps", "tie_embeddings", "residual_in_fp32")
+
+
 def state_config(config):
     """The config fields that give the state its meaning, as a JSON-ready dict."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     fields = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()
-            if k not in NOT_STATE}
+            if k not in NOT_STATE and (k in FIRST_FIELDS or v != defaults[k])}
 
 
 def config_hash(config):

@@ -283,3 +283,15 @@ def test_bfloat16_runs_close_to_float32(hybrid):
     half = mlx_mamba.load(directory, dtype=mx.bfloat16)[0]
     ids = mx.array(IDS[:, :12])
     assert relative_error(half(ids).astype(mx.float32), model(ids)) < 5e-2
+
+
+def test_pure_mamba_prompt_caches_keep_their_identity():
+    # The fields added for the hybrids are recorded only when set, so a prompt cache saved by the
+    # release before them (whose hash for this config was 9c6b0744ee132e7d) still loads.
+    from mlx_mamba.config import ModelConfig
+    from mlx_mamba.prompt_cache import config_hash
+
+    config = ModelConfig.from_dict({"model_type": "mamba2", "hidden_size": 64, "vocab_size": 10,
+                                    "num_hidden_layers": 2, "num_heads": 2, "head_dim": 64,
+                                    "n_groups": 1})
+    assert config_hash(config) == "9c6b0744ee132e7d"
