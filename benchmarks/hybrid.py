@@ -6,12 +6,13 @@ chunk; then each generates through its own entry point, timed as in generate.py 
 the first token, decode tok/s after it), with its peak MLX memory above the weights.
 
 The configs are the real checkpoints' (SHAPES), made to fit a small CPU: `--layers` consecutive
-layers of the real layer pattern, ending at its first attention layer; `--narrow k` divides the
-width (hidden size, head counts, MLP and expert sizes) by k (by default to about 400-500),
-keeping every per-head size, the state size, the groups, the expert count and top-k; the
-vocabulary is that of the GPT-NeoX tokenizer that decodes the output. Full-size models do not
-fit this project's 2-core CPU: a 4096-token prompt through one full Granite 4.0-H-Tiny layer is
-about 300 GFLOP.
+layers of the real layer pattern, with its first attention layer and a Mamba layer after it
+(prefill evaluates only the caches, so layers after the last Mamba layer never run);
+`--narrow k` divides the width (hidden size, head counts, MLP and expert sizes) by k (by default
+to about 400-500), keeping every per-head size, the state size, the groups, the expert count and
+top-k; the vocabulary is that of the GPT-NeoX tokenizer that decodes the output. Full-size
+models do not fit this project's 2-core CPU: a 4096-token prompt through one full Granite
+4.0-H-Tiny layer is about 300 GFLOP.
 
     python benchmarks/hybrid.py --clock cpu                  # the README's table
     python benchmarks/hybrid.py --models granite-4.0-h-tiny --narrow 1 --layers 40   # the model
@@ -71,12 +72,17 @@ WIDTHS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermed
 
 
 def layer_window(kinds, layers):
-    """`layers` consecutive entries of a layer pattern, ending at its first attention layer when
-    there is room before it (the first `layers` otherwise)."""
+    """`layers` consecutive entries of a layer pattern, ending at the first Mamba layer after its
+    first attention layer when there is room (the first `layers` otherwise).
+
+    A Mamba layer last: prefill evaluates only the caches, so the layers after the last Mamba
+    layer are skipped (by both libraries), and an attention layer there would cost nothing.
+    """
     if not 1 <= layers <= len(kinds):
         raise SystemExit(f"error: --layers {layers}: expected 1 to {len(kinds)}")
     attention = next(i for i, kind in enumerate(kinds) if kind in ("attention", "*"))
-    start = max(attention + 1 - layers, 0)
+    end = next(i for i in range(attention, len(kinds)) if kinds[i] in ("mamba", "M"))
+    start = max(end + 1 - layers, 0)
     return kinds[start:start + layers]
 
 
@@ -179,7 +185,7 @@ def main():
                         help="divide the width by this (1: the checkpoint's own width); by "
                              f"default {', '.join(f'{k} {v}' for k, v in NARROW.items())}")
     parser.add_argument("--prompt-tokens", type=at_least(1), nargs="+", default=[512, 4096])
-    parser.add_argument("--decode-tokens", type=at_least(2), default=32)
+    parser.add_argument("--decode-tokens", type=at_least(2), default=64)
     parser.add_argument("--repeats", type=at_least(1), default=1,
                         help="runs per line; the median is shown")
     parser.add_argument("--check-tokens", type=at_least(1), default=300,
