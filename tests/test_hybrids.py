@@ -295,3 +295,17 @@ def test_pure_mamba_prompt_caches_keep_their_identity():
                                     "num_hidden_layers": 2, "num_heads": 2, "head_dim": 64,
                                     "n_groups": 1})
     assert config_hash(config) == "9c6b0744ee132e7d"
+
+
+def test_nemotron_h_attention_head_size_as_the_hub_spells_it(checkpoint):
+    # Hub configs spell it attention_head_dim; with neither spelling transformers takes 128,
+    # not hidden_size / heads (Nemotron-H-4B: hidden 3072 and 32 heads, yet heads of 128).
+    from mlx_mamba.config import ModelConfig
+
+    source = json.loads((checkpoint("nemotron_h")[0] / "config.json").read_text())
+    hub = {k: v for k, v in source.items() if k != "head_dim"}
+    assert ModelConfig.from_dict(dict(hub, attention_head_dim=8)).attn_head_dim == 8
+    assert ModelConfig.from_dict(hub).attn_head_dim == 128
+    assert transformers.NemotronHConfig().head_dim == 128
+    written = ModelConfig.from_dict(dict(hub, attention_head_dim=8)).to_dict()
+    assert "attention_head_dim" in written and "head_dim" not in written  # written back as read

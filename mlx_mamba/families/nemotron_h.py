@@ -18,7 +18,8 @@ PATTERN = {"M": "mamba2", "*": "attention", "-": "mlp", "E": "moe"}
 # Older hub configs spell some fields with a mamba_ prefix.
 ALIASES = {"mamba_n_groups": "n_groups", "mamba_d_conv": "conv_kernel", "mamba_expand": "expand",
            "mamba_dt_limit": "time_step_limit", "mamba_conv_bias": "use_conv_bias",
-           "mamba_chunk_size": "chunk_size"}
+           "mamba_chunk_size": "chunk_size", "attention_head_dim": "head_dim"}
+HEAD_DIM = 128  # transformers' default when a config names none (not hidden / heads)
 
 
 def _kinds(config):
@@ -32,7 +33,8 @@ def _kinds(config):
 
 
 def read_config(config):
-    config = {ALIASES.get(k, k): v for k, v in config.items()}
+    original, config = config, {"head_dim": HEAD_DIM,
+                                **{ALIASES.get(k, k): v for k, v in config.items()}}
     kinds = _kinds(config)
     if config.get("mlp_hidden_act", "relu2") != "relu2":
         raise ConfigError(f"field 'mlp_hidden_act' is {config['mlp_hidden_act']!r}: expected 'relu2'")
@@ -68,7 +70,7 @@ def read_config(config):
         router_normalize=get(config, "norm_topk_prob", True, "bool"),
         router_scale=get(config, "routed_scaling_factor", 1.0, "number"),
         expert_latent_size=get(config, "moe_latent_size", 0, "count") if moe else 0,
-        source_config=config, **common_fields(config))
+        source_config=original, **common_fields(config))
 
 
 def to_model_names(weights, config):
