@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER = ROOT.parent / "shared" / "data" / "gpt-neox-20b-tokenizer.json"
 SHAPES = {
     "mamba-130m": ("MambaConfig", "MambaForCausalLM",
                    dict(hidden_size=768, num_hidden_layers=24, state_size=16, vocab_size=50280)),
@@ -56,7 +55,10 @@ def _write(name, directory):
     torch.manual_seed(0)
     model = getattr(transformers, model_class)(getattr(transformers, config_class)(**kwargs))
     model.save_pretrained(directory)
-    shutil.copyfile(TOKENIZER, directory / "tokenizer.json")
+    from mlx_mamba.loader import STATE_SPACES_TOKENIZER, locate_tokenizer
+
+    shutil.copyfile(locate_tokenizer(STATE_SPACES_TOKENIZER) / "tokenizer.json",
+                    directory / "tokenizer.json")
 
 
 def timed_run(command):

@@ -14,7 +14,6 @@ import argparse
 import math
 import platform
 import time
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -31,7 +30,6 @@ SHAPES = {
     "mamba2-370m": dict(arch="mamba2", d_model=1024, n_layer=48, d_state=128, head_dim=64),
 }
 VOCAB = 50280
-TOKENIZER = Path(__file__).resolve().parents[2] / "shared" / "data" / "gpt-neox-20b-tokenizer.json"
 
 
 def make_config(name):
@@ -42,10 +40,13 @@ def make_config(name):
 
 
 def make_tokenizer():
-    """The GPT-NeoX tokenizer without an EOS, so that no run stops early."""
+    """The GPT-NeoX tokenizer (from the hub) without an EOS, so that no run stops early."""
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(TOKENIZER))
+    from mlx_mamba.loader import STATE_SPACES_TOKENIZER, locate_tokenizer
+
+    file = locate_tokenizer(STATE_SPACES_TOKENIZER) / "tokenizer.json"
+    return PreTrainedTokenizerFast(tokenizer_file=str(file))
 
 
 def mlx_lm_model(config, weights):

@@ -30,7 +30,7 @@ SHAPES = {
     "mamba2-130m": dict(arch="mamba2", d_model=768, n_layer=24, d_state=128, head_dim=64),
 }
 VOCAB = 50280
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "tinyshakespeare-excerpt.txt"
 
 
 def make_model(shape):
@@ -46,8 +46,11 @@ def shakespeare_examples(length, count):
     """`count` sequences of `length` tokens, cut from the corpus."""
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(DATA / "gpt-neox-20b-tokenizer.json"))
-    text = (DATA / "tinyshakespeare.txt").read_text()[: 6 * length * count]
+    from mlx_mamba.loader import STATE_SPACES_TOKENIZER, locate_tokenizer
+
+    file = locate_tokenizer(STATE_SPACES_TOKENIZER) / "tokenizer.json"
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(file))
+    text = TEXT.read_text()[: 6 * length * count]
     tokens = np.array(tokenizer.encode(text), np.int32)
     if len(tokens) < length * count:
         raise SystemExit(f"the corpus holds only {len(tokens)} tokens")

@@ -1,4 +1,4 @@
-"""A character-level Mamba2 language model on tinyshakespeare: train, validate, then write.
+"""A character-level Mamba2 language model on Shakespeare: train, validate, then write.
 
 The model is the library's `Model` with a small config; the vocabulary is the file's distinct
 characters. Validation loss is reported in nats and in bits per character (bpc), the unit the
@@ -8,6 +8,10 @@ character at constant cost. Any tokenizer with encode, decode and eos_token_id w
 
     python examples/shakespeare_char.py
     python examples/shakespeare_char.py --steps 2000 --d-model 128 --layers 4   # larger, longer
+    python examples/shakespeare_char.py --data input.txt   # the whole tinyshakespeare (1.1 MB)
+
+The text is the repository's excerpt of tinyshakespeare, its first 200,000 characters (the
+whole corpus is karpathy/char-rnn's data/tinyshakespeare/input.txt; see tests/data/README.md).
 """
 
 import math
@@ -21,8 +25,8 @@ import numpy as np
 from common import count_parameters, parser, save_loss_curve, train
 from mlx_mamba import Model, ModelConfig, generate
 
-# The repository's shared data folder sits next to the checkout: ../shared/data from its root.
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+DEFAULT_DATA = (Path(__file__).resolve().parents[1] / "tests" / "data"
+                / "tinyshakespeare-excerpt.txt")
 
 
 class CharTokenizer:
@@ -53,7 +57,7 @@ def main():
     p.add_argument("--temp", type=float, default=0.8)
     args = p.parse_args()
     if not args.data.is_file():
-        raise SystemExit(f"tinyshakespeare not found at {args.data.resolve()}: pass --data PATH")
+        raise SystemExit(f"error: {args.data}: no such file; pass --data PATH (a text file)")
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
 

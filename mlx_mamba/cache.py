@@ -57,6 +57,52 @@ class MambaCache:
         self.ssm = arrays["ssm"].astype(mx.float32)
 
 
+class Mamba3Cache:
+    """A Mamba-3 layer's state, in the official layout: angle (B, H, S), the rotation angles
+    accumulated so far (mod 2π); ssm (B, H, P, N); k (B, R, H, N) and v (B, H, P), the last
+    token's key (B after norm, bias and rotation) and raw x, which the trapezoid's next step
+    needs. All float32; zero at a sequence's start (the first token has no predecessor)."""
+
+    def __init__(self, angle, ssm, k, v):
+        self.angle, self.ssm, self.k, self.v = angle, ssm, k, v
+
+    @classmethod
+    def zeros(cls, batch_size, heads, head_dim, d_state, rank, angles):
+        zeros = lambda *shape: mx.zeros((batch_size, *shape), dtype=mx.float32)  # noqa: E731
+        return cls(zeros(heads, angles), zeros(heads, head_dim, d_state),
+                   zeros(rank, heads, d_state), zeros(heads, head_dim))
+
+    @property
+    def batch_size(self):
+        return self.ssm.shape[0]
+
+    @property
+    def state(self):
+        return [self.angle, self.ssm, self.k, self.v]
+
+    @state.setter
+    def state(self, arrays):
+        self.angle, self.ssm, self.k, self.v = arrays
+
+    def keep(self, rows):
+        self.state = [a[rows] for a in self.state]
+
+    def copy(self):
+        return Mamba3Cache(*self.state)
+
+    def arrays(self):
+        return dict(zip(("angle", "ssm", "k", "v"), self.state))
+
+    def restore(self, arrays):
+        """Take saved `arrays` in place of this (fresh, batch 1) cache's, checking their shapes."""
+        _check_names(arrays, {"angle", "ssm", "k", "v"})
+        for name, fresh in self.arrays().items():
+            if arrays[name].shape != fresh.shape:
+                raise ValueError(f"{name} has shape {arrays[name].shape}, this model needs "
+                                 f"{fresh.shape}")
+        self.state = [arrays[name].astype(mx.float32) for name in ("angle", "ssm", "k", "v")]
+
+
 class KVCache:
     """An attention layer's keys and values, (B, H_kv, S, head_dim), grown `STEP` positions at a
     time rather than per token. `length` positions are filled. `valid` (B, S) marks the keys
@@ -65,8 +111,8 @@ class KVCache:
 
     STEP = 256
 
-    def __init__(self, batch_size, kv_heads, head_dim, dtype=mx.float32):
-        self.shape, self.dtype = (batch_size, kv_heads, 0, head_dim), dtype
+    def __init__(self, batch_size, kv_heads, head_dim):
+        self.shape = (batch_size, kv_heads, 0, head_dim)
         self.keys = self.values = None
         self.length = 0
         self.valid = None
@@ -96,19 +142,21 @@ class KVCache:
                 None if self.valid is None else self.valid[:, :end])
 
     def _grow(self, size, dtype):
+        """Reallocate for `size` positions, keeping the `length` filled ones."""
         _, heads, _, head_dim = self.shape
         batch = self.positions.shape[0]
 
-        def grown(old, shape):
-            fresh = mx.zeros(shape, old.dtype if old is not None else dtype)
-            return fresh if old is None else mx.slice_update(
-                fresh, old[..., :self.length, :] if old.ndim == 4 else old[:, :self.length],
-                mx.array([0]), axes=(2 if old.ndim == 4 else 1,))
+        def resized(old, shape, axis):  # axis: the positions axis
+            fresh = mx.zeros(shape, dtype if old is None else old.dtype)
+            if old is None:
+                return fresh
+            kept = mx.split(old, [self.length], axis=axis)[0]
+            return mx.slice_update(fresh, kept, mx.array([0]), axes=(axis,))
 
-        self.keys = grown(self.keys, (batch, heads, size, head_dim))
-        self.values = grown(self.values, (batch, heads, size, head_dim))
+        self.keys = resized(self.keys, (batch, heads, size, head_dim), 2)
+        self.values = resized(self.values, (batch, heads, size, head_dim), 2)
         if self.valid is not None:
-            self.valid = grown(self.valid, (batch, size))
+            self.valid = resized(self.valid, (batch, size), 1)
 
     @property
     def batch_size(self):
@@ -182,7 +230,8 @@ class KVCache:
         _check_names(arrays, {"positions"}, {"keys", "values", "valid"})
         batch, heads, _, head_dim = self.shape
         if arrays["positions"].shape != (batch,):
-            raise ValueError(f"positions has shape {arrays['positions'].shape}, expected ({batch},)")
+            raise ValueError(f"positions has shape {arrays['positions'].shape}, "
+                             f"expected ({batch},)")
         if ("keys" in arrays) != ("values" in arrays):
             raise ValueError("keys and values must be saved together")
         self.positions = arrays["positions"].astype(mx.int32)
@@ -196,11 +245,11 @@ class KVCache:
             valid = arrays.get("valid")
             if valid is not None and valid.shape != (batch, length):
                 raise ValueError(f"valid has shape {valid.shape}, expected {(batch, length)}")
-            self.update(keys.astype(self.dtype), values.astype(self.dtype), valid)
+            self.update(keys, values.astype(keys.dtype), valid)
             self.positions = arrays["positions"].astype(mx.int32)
         elif "valid" in arrays:
             raise ValueError("valid without keys")
-        if not mx.all(self.positions >= 0).item() or not mx.all(self.positions <= self.length).item():
+        if not mx.all((self.positions >= 0) & (self.positions <= self.length)).item():
             raise ValueError(f"positions {self.positions.tolist()} are outside 0..{self.length}")
 
 

@@ -8,7 +8,8 @@ convert.py saves and what mlx-lm reads.
 
 A model is one stack of residual layers. `layer_types` names each layer's mixer ("mamba1",
 "mamba2", "attention", "mlp", "moe", "parallel": Mamba2 and attention side by side, or
-"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output); `ffn_types` names the feed-forward that follows it in the
+"hybrid": a Mamba2 layer whose input also gets a shared transformer block's output);
+`ffn_types` names the feed-forward that follows it in the
 same layer ("mlp", "moe", or "" for none). Pure Mamba models leave both empty.
 """
 
@@ -24,7 +25,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass
 class ModelConfig:
-    arch: str  # "mamba1" or "mamba2"
+    arch: str  # "mamba1", "mamba2" or "mamba3"
     d_model: int
     n_layer: int
     vocab_size: int
@@ -32,14 +33,15 @@ class ModelConfig:
     d_conv: int = 4
     expand: int = 2
     dt_rank: int = 0  # Mamba1 only
-    head_dim: int = 64  # Mamba2 only
-    n_groups: int = 1  # Mamba2 only
-    chunk_size: int = 256  # Mamba2 only
+    head_dim: int = 64  # Mamba2 and Mamba-3
+    n_groups: int = 1  # Mamba2 and Mamba-3
+    chunk_size: int = 256  # Mamba2 and Mamba-3
     dt_limit: tuple = (0.0, math.inf)  # Mamba2 only
     conv_bias: bool = True
     bias: bool = False
     norm_eps: float = 1e-5
     mixer_rms_eps: float | None = None  # Falcon-Mamba: weightless RMSNorm on dt, B and C
+    mixer_rms_weights: bool = False  # Jamba: that RMSNorm has weights
     tie_embeddings: bool = True
     residual_in_fp32: bool = True
     bos_token_id: int | None = 0
@@ -66,7 +68,8 @@ class ModelConfig:
     top_k: int = 0
     expert_size: int = 0
     shared_expert_size: int = 0
-    router: str = "softmax"  # "softmax": over the top-k logits; "sigmoid": grouped, with a bias
+    router: str = "softmax"  # expert scores: "softmax" over all experts, or "sigmoid" (grouped,
+    # with a bias); the top-k scores are the weights, renormalised if router_normalize
     router_groups: int = 1
     router_topk_groups: int = 1
     router_normalize: bool = True
@@ -88,6 +91,12 @@ class ModelConfig:
     adapter_rank: int = 0
     attention_adapters: bool = False
     gate_norm_eps: float | None = None  # the Mamba2 gated norm's eps when not norm_eps
+    # Mamba-3 (the official constructor's names; d_state, expand, head_dim, n_groups above).
+    rope_fraction: float = 0.5
+    A_floor: float = 1e-4
+    is_outproj_norm: bool = False
+    is_mimo: bool = False
+    mimo_rank: int = 4
 
     def shared_block(self, i):
         """Which shared block hybrid layer i invokes, and which invocation it is."""
@@ -118,8 +127,8 @@ class ModelConfig:
     def model_type(self):
         if self.family:
             return self.family
-        if self.arch == "mamba2":
-            return "mamba2"
+        if self.arch in ("mamba2", "mamba3"):
+            return self.arch
         return "falcon_mamba" if self.mixer_rms_eps is not None else "mamba"
 
     def __post_init__(self):
@@ -129,8 +138,8 @@ class ModelConfig:
     def _validate(self):
         """Sizes that agree with each other and a model that fits in memory. Field types and
         ranges are checked where the config file is read (`get`), naming the file's field."""
-        if self.arch not in ("mamba1", "mamba2"):
-            raise ConfigError(f"arch {self.arch!r}: expected 'mamba1' or 'mamba2'")
+        if self.arch not in ("mamba1", "mamba2", "mamba3"):
+            raise ConfigError(f"arch {self.arch!r}: expected 'mamba1', 'mamba2' or 'mamba3'")
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
                      "head_dim", "n_groups", "chunk_size"):
             value = getattr(self, name)
@@ -144,11 +153,12 @@ class ModelConfig:
             raise ConfigError(f"the layer pattern has {len(self.layer_types)} layers, "
                               f"'num_hidden_layers' says {self.n_layer}")
         if "mamba1" in layers and self.dt_rank <= 0:
-            raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive integer")
-        if {"mamba2", "parallel", "hybrid"} & set(layers):
+            raise ConfigError(f"field 'time_step_rank' is {self.dt_rank!r}: expected a positive "
+                              "integer")
+        if {"mamba2", "parallel", "hybrid", "mamba3"} & set(layers):
             if self.d_inner % self.head_dim:
                 raise ConfigError(
-                    f"field 'head_dim' is {self.head_dim}: it must divide the Mamba2 width "
+                    f"field 'head_dim' is {self.head_dim}: it must divide the Mamba width "
                     f"{self.d_inner}")
             if self.n_heads % self.n_groups:
                 raise ConfigError(
@@ -156,7 +166,10 @@ class ModelConfig:
                     f"({self.n_heads})")
             lo, hi = self.dt_limit
             if not 0.0 <= lo < hi:
-                raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected 0 <= low < high")
+                raise ConfigError(f"field 'time_step_limit' is {list(self.dt_limit)}: expected "
+                                  "0 <= low < high")
+        if "mamba3" in layers:
+            _validate_mamba3(self)
         if {"attention", "parallel"} & set(layers) and self.attn_heads % max(self.attn_kv_heads, 1):
             raise ConfigError(f"field 'num_key_value_heads' is {self.attn_kv_heads}: it must divide "
                               f"'num_attention_heads' ({self.attn_heads})")
@@ -185,6 +198,8 @@ class ModelConfig:
             if self.quantization is not None:
                 config["quantization"] = self.quantization
             return config
+        if self.arch == "mamba3":
+            return _to_state_spaces(self)
         config = {
             "model_type": self.model_type,
             "architectures": [{"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
@@ -229,12 +244,15 @@ def parameter_count(config):
     """{config field most responsible: parameters} of the model `config` describes; shapes only."""
     D, E, N, K = config.d_model, config.d_inner, config.d_state, config.d_conv
     H, G = E // config.head_dim, config.n_groups
+    R = config.mimo_rank if config.is_mimo else 1
     attention = config.attn_heads * config.attn_head_dim * 2 * D \
         + config.attn_kv_heads * config.attn_head_dim * 2 * D
     per_kind = {
         "mamba1": 2 * E * D + E * K + (config.dt_rank + 2 * N) * E + config.dt_rank * E
                   + E * N + 3 * E + E * D,
         "mamba2": D * (2 * E + 2 * G * N + H) + (E + 2 * G * N) * K + E * D + 3 * H + E,
+        "mamba3": D * (2 * E + 2 * G * N * R + 3 * H + N // 2) + E * D + 2 * H * R * N
+                  + (3 * E * R if config.is_mimo else 0) + 2 * N + 2 * H + E,
         "attention": attention,
         "mlp": 3 * D * config.mlp_size,
         "moe": config.n_experts * (3 * D * config.expert_size + D)
@@ -329,7 +347,8 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
     (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool",
     "ids" (token ids: an int, a list of ints or null). The error names the field."""
     label = where + name
-    if name not in config or (config[name] is None and kind not in ("ids",) and default is not REQUIRED):
+    absent = name not in config or (config[name] is None and kind != "ids")
+    if absent and (name not in config or default is not REQUIRED):
         if default is REQUIRED:
             raise ConfigError(f"missing field {label!r}")
         return default
@@ -442,8 +461,9 @@ def _from_state_spaces(config):
         raise ConfigError(f"field 'ssm_cfg' is {ssm!r}: expected an object")
     ssm, where = dict(ssm), "ssm_cfg."
     layer = ssm.pop("layer", "Mamba1")
-    if layer not in ("Mamba1", "Mamba2"):
-        raise ConfigError(f"field 'ssm_cfg.layer' is {layer!r}: expected Mamba1 or Mamba2")
+    if layer not in ("Mamba1", "Mamba2", "Mamba3"):
+        raise ConfigError(f"field 'ssm_cfg.layer' is {layer!r}: expected Mamba1, Mamba2 or "
+                          "Mamba3")
     if config.get("d_intermediate", 0):
         raise ConfigError(
             f"field 'd_intermediate' is {config['d_intermediate']}: MLP layers between mixers "
@@ -471,7 +491,9 @@ def _from_state_spaces(config):
     )
     for name in ("d_conv", "conv_bias", "bias"):
         ssm.pop(name, None)
-    if layer == "Mamba1":
+    if layer == "Mamba3":
+        result = _mamba3_from_ssm_cfg(ssm, common)
+    elif layer == "Mamba1":
         rank = ssm.pop("dt_rank", "auto")
         result = ModelConfig(arch="mamba1", d_state=get(ssm, "d_state", 16, where=where),
                              dt_rank=math.ceil(d_model / 16) if rank == "auto"
@@ -490,6 +512,66 @@ def _from_state_spaces(config):
             chunk_size=get(ssm, "chunk_size", 256, where=where),
             dt_limit=dt_limit(ssm, "dt_limit", where), **common)
     _check_ssm_leftovers(ssm)
+    return result
+
+
+def _mamba3_from_ssm_cfg(ssm, common):
+    # Mamba-3 has no conv (d_conv, conv_bias do not apply) and no bias on its projections.
+    where = "ssm_cfg."
+    if common.pop("bias"):
+        raise ConfigError("field 'ssm_cfg.bias' is true: Mamba-3's projections have no bias")
+    common.pop("conv_bias")
+    is_mimo = get(ssm, "is_mimo", False, "bool", where)
+    fields = dict(
+        d_state=get(ssm, "d_state", 128, where=where),
+        head_dim=get(ssm, "headdim", 64, where=where),
+        n_groups=get(ssm, "ngroups", 1, where=where),
+        chunk_size=get(ssm, "chunk_size", 64, where=where),
+        rope_fraction=get(ssm, "rope_fraction", 0.5, "positive_number", where),
+        A_floor=get(ssm, "A_floor", 1e-4, "number", where),
+        is_outproj_norm=get(ssm, "is_outproj_norm", False, "bool", where), is_mimo=is_mimo,
+        mimo_rank=get(ssm, "mimo_rank", 4, where=where) if is_mimo else 1)
+    get(ssm, "fuse_pregate_headwise_norm", True, "bool", where)  # a kernel choice: same result
+    for name in ("rope_fraction", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank",
+                 "fuse_pregate_headwise_norm", "dropout", "n_layer"):
+        ssm.pop(name, None)
+    return ModelConfig(arch="mamba3", **fields, **common)
+
+
+def _validate_mamba3(config):
+    if config.rope_fraction not in (0.5, 1.0):
+        raise ConfigError(f"field 'ssm_cfg.rope_fraction' is {config.rope_fraction!r}: expected "
+                          "0.5 or 1.0")
+    if config.d_state % 2 or config.d_state * config.rope_fraction < 2:
+        raise ConfigError(f"field 'ssm_cfg.d_state' is {config.d_state}: Mamba-3 rotates its "
+                          f"state in pairs, so it must be even, with at least one pair rotated "
+                          f"(rope_fraction {config.rope_fraction})")
+    rank = config.mimo_rank if config.is_mimo else 1
+    rows = 2 * config.d_inner + 2 * config.d_state * config.n_groups * rank + 3 * config.n_heads
+    if (rows + config.d_state) * config.d_model >= 2 ** 31:
+        raise ConfigError(f"fields 'ssm_cfg.d_state', 'ngroups', 'mimo_rank', 'expand' "
+                          f"({config.d_state}, {config.n_groups}, {rank}, {config.expand}): "
+                          "Mamba-3's in_proj would exceed MLX's 2**31 elements per array")
+    if not 0 <= config.A_floor < math.inf:
+        raise ConfigError(f"field 'ssm_cfg.A_floor' is {config.A_floor!r}: expected a "
+                          "non-negative number")
+
+
+def _to_state_spaces(config):
+    """A Mamba-3 model's config in the state-spaces form, the only one it has."""
+    ssm_cfg = {"layer": "Mamba3", "d_state": config.d_state, "expand": config.expand,
+               "headdim": config.head_dim, "ngroups": config.n_groups,
+               "rope_fraction": config.rope_fraction, "A_floor": config.A_floor,
+               "is_outproj_norm": config.is_outproj_norm, "is_mimo": config.is_mimo,
+               "mimo_rank": config.mimo_rank, "chunk_size": config.chunk_size}
+    result = {"d_model": config.d_model, "n_layer": config.n_layer,
+              "vocab_size": config.vocab_size, "ssm_cfg": ssm_cfg, "rms_norm": True,
+              "residual_in_fp32": config.residual_in_fp32, "norm_epsilon": config.norm_eps,
+              "pad_vocab_size_multiple": 1, "tie_embeddings": config.tie_embeddings,
+              "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
+              "pad_token_id": config.pad_token_id}
+    if config.quantization is not None:
+        result["quantization"] = config.quantization
     return result
 
 

@@ -11,7 +11,6 @@ destination and renamed into place at the end: a failure or Ctrl-C leaves nothin
 existing directory is never touched.
 """
 
-import argparse
 import contextlib
 import importlib.util
 import json
@@ -26,16 +25,17 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
+from . import cli
 from .checkpoint import CheckpointError, to_checkpoint_names
-from .config import ConfigError, config_format, load_config, read_config
-from .loader import TOKENIZER_PATTERNS, build_model, cast, download, load_weights, resolve
-from .quantize import (QuantizationError, bits_per_weight, quantization_params, quantize_model,
-                       unfit_layers)
+from .config import ConfigError, load_config
+from .files import check_directory_path, save_safetensors
+from .loader import (STATE_SPACES_TOKENIZER, build_model, cast, find_tokenizer, load_tokenizer,
+                     load_weights, resolve)
+from .quantize import (MODES, QuantizationError, accepted, bits_per_weight, quantization_params,
+                       quantize_model, unfit_layers)
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm: one model.safetensors up to 5 GiB, else shards + index
 DTYPES = ("float16", "bfloat16", "float32")
-# The tokenizer of every state-spaces model; their original checkpoints ship none.
-STATE_SPACES_TOKENIZER = "EleutherAI/gpt-neox-20b"
 # Copied from the tokenizer's directory when present.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -52,19 +52,19 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
             max_shard_bytes=MAX_SHARD_BYTES):
     """Convert `hf_path` (directory or repo id) into the new directory `mlx_path`; returns it."""
     destination = Path(mlx_path).expanduser()
-    if destination.exists():
-        raise ConvertError(f"{destination}: already exists; choose another --mlx-path "
-                           "(it was left untouched)")
+    check_destination(destination, "--mlx-path")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     quantization = quantization_params(q_bits, q_group_size, q_mode) if quantize else None
+    if upload_repo:
+        _check_repo_id(upload_repo)
 
     source = resolve(hf_path)
     model = build_model(load_config(source))
     if quantization and model.config.quantization:
         raise ConvertError(f"{source}: already quantized ({model.config.quantization})")
     weights = load_weights(source, model)
-    tokenizer_dir = _tokenizer_source(source, tokenizer)
+    tokenizer_source = _tokenizer_source(source, tokenizer)
 
     dtype = getattr(mx, dtype) if dtype else _stored_dtype(weights)
     if dtype is not None:
@@ -80,22 +80,36 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
         if upload_repo:
             _write_model_card(staging, upload_repo, hf_path, quantization)
 
-    save_model(destination, weights, config, tokenizer_dir, max_shard_bytes, extras)
+    save_model(destination, weights, config, tokenizer_source, max_shard_bytes, extras)
     print(f"[INFO] Saved to {destination}")
     if upload_repo:
         _upload(destination, upload_repo)
     return destination
 
 
-def save_model(destination, weights, config, tokenizer_dir=None, max_shard_bytes=MAX_SHARD_BYTES,
-               extras=None):
+def check_destination(destination, flag="output directory"):
+    """Raise ConvertError (or NotADirectoryError) unless the new directory `destination` can be
+    made: it does not exist, and no parent of it is a file. Checked before any work."""
+    destination = Path(destination).expanduser()
+    if destination.exists():
+        raise ConvertError(f"{destination}: already exists; choose another {flag} "
+                           "(it was left untouched)")
+    check_directory_path(destination)
+
+
+def save_model(destination, weights, config, tokenizer_source=None,
+               max_shard_bytes=MAX_SHARD_BYTES, extras=None):
     """Write a model directory that `load` reads, atomically: config.json (from the ModelConfig
-    `config`), the weights under their checkpoint names (sharded above `max_shard_bytes`), the tokenizer files of `tokenizer_dir`, and whatever
-    `extras(staging_directory)` adds. `destination` must not exist; a failure leaves nothing."""
-    with _staged(Path(destination)) as staging:
+    `config`), the weights under their checkpoint names (sharded above `max_shard_bytes`), the
+    tokenizer of `tokenizer_source` (a directory's tokenizer files or a tokenizer.json file), and
+    whatever `extras(staging_directory)` adds. `destination` must not exist; a failure leaves
+    nothing."""
+    destination = Path(destination).expanduser()
+    check_destination(destination)
+    with _staged(destination) as staging:
         _write_json(staging / "config.json", config.to_dict())
         _write_weights(to_checkpoint_names(weights, config), staging, max_shard_bytes)
-        _write_tokenizer(tokenizer_dir, staging)
+        _write_tokenizer(tokenizer_source, staging)
         if extras is not None:
             extras(staging)
 
@@ -130,27 +144,19 @@ def _report_unfit(unfit, group_size):
 
 
 def _tokenizer_source(source, override):
-    """The directory whose tokenizer goes with the output, or None (with a warning)."""
-    if override is not None:
-        directory = resolve(override, allow_patterns=TOKENIZER_PATTERNS)
-        if not _has_tokenizer(directory):
-            raise ConvertError(f"{directory}: --tokenizer holds no tokenizer files "
-                               f"({', '.join(TOKENIZER_FILES[:2])} or {MISTRAL_TOKENIZER})")
-        return _convertible(directory)
-    if _has_tokenizer(source):
-        return _convertible(source)
-    if config_format(read_config(source)[1]) == "state-spaces":
-        print(f"[INFO] No tokenizer in {source}: fetching {STATE_SPACES_TOKENIZER}'s, which every "
-              "state-spaces model uses (--tokenizer overrides)")
-        return download(STATE_SPACES_TOKENIZER, TOKENIZER_PATTERNS)
-    print(f"[WARNING] No tokenizer in {source}; pass --tokenizer PATH_OR_REPO to add one")
-    return None
-
-
-def _has_tokenizer(directory):
-    return any((directory / name).is_file()
-               for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
-                            MISTRAL_TOKENIZER))
+    """The directory or tokenizer.json file whose tokenizer goes with the output, or None (with a
+    warning); checked before any work."""
+    location = find_tokenizer(source, override)
+    if location is None:
+        print(f"[WARNING] No tokenizer in {source}; pass --tokenizer PATH_OR_REPO to add one")
+    elif location.is_file():
+        load_tokenizer(location)  # a damaged file fails now, naming it
+    else:
+        if override is None and location != source:
+            print(f"[INFO] No tokenizer in {source}: using {STATE_SPACES_TOKENIZER}'s, which every "
+                  "state-spaces model uses (--tokenizer overrides)")
+        _convertible(location)
+    return location
 
 
 def _convertible(directory):
@@ -159,17 +165,19 @@ def _convertible(directory):
             and importlib.util.find_spec("google.protobuf") is None):
         raise ConvertError(f"{directory / MISTRAL_TOKENIZER}: converting it needs protobuf "
                            "(pip install 'mlx-mamba[mistral]'), or pass --tokenizer")
-    return directory
 
 
-def _write_tokenizer(directory, destination):
-    if directory is None:
+def _write_tokenizer(source, destination):
+    if source is None:
         return
-    copied = [name for name in TOKENIZER_FILES if (directory / name).is_file()]
+    if source.is_file():  # a bare tokenizer.json, whatever its name
+        shutil.copyfile(source, destination / "tokenizer.json")
+        return
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
     for name in copied:
-        shutil.copyfile(directory / name, destination / name)
-    if (directory / MISTRAL_TOKENIZER).is_file() and "tokenizer.json" not in copied:
-        _convert_sentencepiece(directory / MISTRAL_TOKENIZER, destination)
+        shutil.copyfile(source / name, destination / name)
+    if (source / MISTRAL_TOKENIZER).is_file() and "tokenizer.json" not in copied:
+        _convert_sentencepiece(source / MISTRAL_TOKENIZER, destination)
 
 
 def _convert_sentencepiece(model_file, destination):
@@ -210,7 +218,7 @@ def _write_weights(weights, directory, max_shard_bytes):
             for value in shard.values():
                 mx.eval(value)
                 progress.update(value.nbytes)
-            mx.save_safetensors(str(directory / name), shard, metadata={"format": "mlx"})
+            save_safetensors(directory / name, shard, metadata={"format": "mlx"})
             weight_map.update(dict.fromkeys(shard, name))
             del shard
     if len(names) > 1:
@@ -234,22 +242,30 @@ def _make_shards(weights, max_bytes):
 @contextlib.contextmanager
 def _staged(destination):
     """A hidden directory next to `destination`, renamed to it when the block succeeds and
-    removed, with any parent directories made for it, when it fails or is interrupted."""
+    removed, with any parent directories made for it, when it fails or is interrupted. A failed
+    write (a full disk, ...) becomes a ConvertError naming the file by its final path."""
     made = next((p for p in reversed(destination.absolute().parents) if not p.exists()), None)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
-                                    dir=destination.parent))
+    staging = None
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".partial",
+                                        dir=destination.parent))
         yield staging
         if destination.exists():  # appeared while we worked: never replace it
-            raise ConvertError(f"{destination}: appeared during the conversion; it was left "
+            raise ConvertError(f"{destination}: appeared while it was being written; it was left "
                                "untouched")
         umask = os.umask(0)
         os.umask(umask)
         staging.chmod(0o777 & ~umask)  # mkdtemp makes it private; give it a normal directory's
         staging.rename(destination)
-    except BaseException:
-        shutil.rmtree(made or staging, ignore_errors=True)
+    except BaseException as e:
+        if made or staging:
+            shutil.rmtree(made or staging, ignore_errors=True)
+        if isinstance(e, OSError):
+            file = Path(e.filename) if e.filename and staging else destination
+            if staging in file.parents:
+                file = destination / file.relative_to(staging)
+            raise ConvertError(f"{file}: {e.strerror or e}; nothing was left behind") from None
         raise
 
 
@@ -278,6 +294,16 @@ def _write_model_card(directory, repo, hf_path, quantization):
         f"```python\nimport mlx_mamba\n\nmodel, tokenizer = mlx_mamba.load(\"{repo}\")\n```\n")
 
 
+def _check_repo_id(repo):
+    # Before the conversion, not after it.
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo)
+    except HFValidationError as e:
+        raise ConvertError(f"--upload-repo {repo!r}: not a repo id ({e})") from None
+
+
 def _upload(directory, repo):
     import huggingface_hub
 
@@ -291,26 +317,32 @@ def _upload(directory, repo):
     print(f"[INFO] Uploaded to https://huggingface.co/{repo}")
 
 
+def _per_mode(index):
+    # "affine 32|64|128 (default 64), mxfp4 32, ..." for the group sizes (0) or bits (1).
+    return ", ".join(f"{mode} {accepted(values[index])}" + (
+        f" (default {values[index][0]})" if len(values[index]) > 1 else "")
+        for mode, values in MODES.items())
+
+
 def parser():
-    p = argparse.ArgumentParser(
+    p = cli.ArgumentParser(
         prog="convert.py", description="Convert a Mamba or Mamba2 checkpoint to MLX safetensors.")
     p.add_argument("--hf-path", "--model", required=True,
                    help="A local directory or a Hugging Face repo id.")
-    p.add_argument("--mlx-path", default="mlx_model",
-                   help="The new directory to write (default: mlx_model).")
+    p.add_argument("--mlx-path", default="mlx_model", help="The new directory to write")
     p.add_argument("--dtype", choices=DTYPES,
                    help="dtype of the unquantized weights (default: as stored). A_log, D, "
                         "dt_bias and the norms stay float32.")
     p.add_argument("-q", "--quantize", action="store_true", help="Quantize the projections, "
                    "embedding and lm_head.")
-    p.add_argument("--q-bits", type=int, choices=(2, 3, 4, 5, 6, 8),
-                   help="Bits per weight (default: 4; 8 for mxfp8).")
-    p.add_argument("--q-group-size", type=int, choices=(16, 32, 64, 128),
-                   help="Group size (default: 64 for affine, 32 for mxfp4/mxfp8, 16 for nvfp4).")
-    p.add_argument("--q-mode", choices=("affine", "mxfp4", "nvfp4", "mxfp8"), default="affine",
-                   help="Quantization mode (default: affine).")
-    p.add_argument("--tokenizer", help="Take the tokenizer from this directory or repo id.")
-    p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo.")
+    p.add_argument("--q-bits", type=int, help=f"Bits per weight, by --q-mode: {_per_mode(1)}.")
+    p.add_argument("--q-group-size", type=int,
+                   help=f"Group size, by --q-mode: {_per_mode(0)}.")
+    p.add_argument("--q-mode", choices=tuple(MODES), default="affine", help="Quantization mode")
+    p.add_argument("--tokenizer", help="Take the tokenizer from this directory, tokenizer.json "
+                   "file or repo id (default: the source's).")
+    p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo "
+                   "(default: no upload).")
     return p
 
 
@@ -321,7 +353,8 @@ def _interrupt(signum, frame):
 def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
-    if not args.quantize and (args.q_bits or args.q_group_size or args.q_mode != "affine"):
+    if not args.quantize and (args.q_bits is not None or args.q_group_size is not None
+                              or args.q_mode != "affine"):
         p.error("--q-bits, --q-group-size and --q-mode need -q")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
     try:
@@ -329,7 +362,7 @@ def main(argv=None):
                 q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode,
                 tokenizer=args.tokenizer, upload_repo=args.upload_repo)
     except (ConvertError, ConfigError, CheckpointError, QuantizationError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.fail(e)
         sys.exit(1)
     except KeyboardInterrupt:
         print("error: interrupted; no partial output was left behind", file=sys.stderr)

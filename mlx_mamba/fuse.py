@@ -7,17 +7,16 @@ quantized), model.safetensors (transformers tensor names; written by convert.py'
 atomic the same way) and the tokenizer files. OUT must not exist yet.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
-import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .convert import ConvertError
+from .convert import ConvertError, check_destination
 from .convert import save_model as save_model_directory
 from .loader import load_model, resolve
 from .models.moe import ExpertLinear, QuantizedExpertLinear
@@ -40,26 +39,22 @@ def fuse_adapters(model, dequantize=False):
 
 
 def dequantize_model(model):
-    """Replace quantized linear and embedding layers by float ones, in place."""
+    """Replace quantized linear, expert and embedding layers by float ones, in place."""
     def dense(module):
-        if isinstance(module, nn.QuantizedLinear):
-            bias = module.get("bias")
-            weight = dense_weight(module)  # the scales dtype (affine), or bfloat16 (fp modes)
-            layer = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            layer.update({"weight": weight, **({"bias": bias} if bias is not None else {})})
-            return layer
-        if isinstance(module, QuantizedExpertLinear):
-            layer = ExpertLinear(*module.weight.shape[:1], 1, 1)
-            layer.weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
-                                         module.group_size, module.bits, module.mode)
-            return layer
+        if "scales" not in module:
+            return None
+        weight = dense_weight(module)
         if isinstance(module, nn.QuantizedEmbedding):
-            weight = mx.dequantize(module.weight, module.scales, module.get("biases"),
-                                   module.group_size, module.bits, module.mode)
             layer = nn.Embedding(*weight.shape)
-            layer.weight = weight
-            return layer
-        return None
+        elif isinstance(module, QuantizedExpertLinear):
+            experts, out_dims, in_dims = weight.shape
+            layer = ExpertLinear(experts, in_dims, out_dims)
+        else:
+            layer = nn.Linear(weight.shape[1], weight.shape[0], bias="bias" in module)
+        layer.weight = weight
+        if "bias" in module:
+            layer.bias = module.bias
+        return layer
 
     _replace_modules(model, dense)
     model.config.quantization = None
@@ -68,20 +63,27 @@ def dequantize_model(model):
 
 def save_model(model, source, save_path):
     """The model as a new directory `save_path` with the tokenizer files of `source`."""
-    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config, Path(source))
+    save_model_directory(save_path, dict(tree_flatten(model.parameters())), model.config,
+                         Path(source))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mlx_mamba.fuse",
-                                     description=__doc__.split("\n")[0])
+def build_parser():
+    parser = cli.ArgumentParser(prog="python -m mlx_mamba.fuse",
+                                description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
     parser.add_argument("--adapter-path", default="adapters",
                         help="directory with adapters.safetensors and adapter_config.json")
-    parser.add_argument("--save-path", default="fused_model", help="output directory")
+    parser.add_argument("--save-path", default="fused_model",
+                        help="the new output directory (it must not exist)")
     parser.add_argument("--de-quantize", action="store_true",
                         help="save a float model (drops the config's quantization entry)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
+        check_destination(args.save_path, "--save-path")
         source = resolve(args.model)
         print("Loading pretrained model", flush=True)
         model = load_model(source)
@@ -92,7 +94,7 @@ def main(argv=None):
             dequantize_model(model)
         save_model(model, source, args.save_path)
     except (AdapterError, CheckpointError, ConfigError, ConvertError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        cli.fail(e)
         return 1
     print(f"Saved the fused model to {args.save_path}")
     return 0

@@ -4,23 +4,26 @@
 The prompt goes through the parallel forward in chunks (see prompt_cache.prefill), then tokens
 are decoded one at a time with `model.step`, O(1) time and memory per token. The tokenizer can be
 any object with `encode(str) -> list[int]`, `decode(list[int]) -> str` and `eos_token_id`
-(an int, a list of them, or None).
+(an int, a list of them, or None), or None: prompts are then token ids, the texts are empty and
+the tokens are in the responses (`.token`, `.tokens`); nothing stops generation but max_tokens.
 """
 
-import argparse
 import dataclasses
 import sys
 import time
 
 import mlx.core as mx
 
+from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .cache import cache_rows, merge_caches
 from .detokenizer import StreamingDetokenizer
-from .prompt_cache import (PREFILL_STEP_SIZE, PromptCacheError, load_prompt_cache,
-                           make_prompt_cache, prefill, save_prompt_cache)
-from .sample import SamplerError, check_settings, make_logits_processors, make_sampler
+from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
+                           load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
+from .sample import (MAX_SEED, SamplerError, check_settings, make_logits_processors,
+                     make_sampler)
+from .token_ids import TokenIdError, check_token_ids
 
 
 class GenerationError(ValueError):
@@ -47,6 +50,18 @@ class BatchResult:
     finish_reason: str
 
 
+class _NoText:
+    """Stands in for a missing tokenizer: no text, no end-of-sequence token."""
+
+    eos_token_id = None
+
+    def decode(self, ids):
+        return ""
+
+
+_NO_TEXT = _NoText()
+
+
 def eos_token_ids(tokenizer):
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
@@ -54,15 +69,36 @@ def eos_token_ids(tokenizer):
     return set(eos) if isinstance(eos, (list, tuple, set)) else {eos}
 
 
-def encode(model, tokenizer, prompt):
-    """Token ids of `prompt` (a string, or already ids), checked against the model's vocabulary."""
-    ids = list(tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
-    vocab = model.config.vocab_size
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise GenerationError(f"prompt token id {bad[0]} is outside the model's vocabulary "
-                              f"(0..{vocab - 1}): is this the model's tokenizer?")
-    return ids
+def encode(model, tokenizer, prompt, name="the prompt"):
+    """Token ids of `prompt`: a string, or already token ids (a list of ints or a 1-D integer
+    array, see `check_token_ids`), checked against the model's vocabulary."""
+    text = isinstance(prompt, str)
+    try:
+        return check_token_ids(tokenizer.encode(prompt) if text else prompt,
+                               model.config.vocab_size)
+    except TokenIdError as e:
+        hint = ": is this the model's tokenizer?" if text else ""
+        raise GenerationError(f"{name}: {e}{hint}") from None
+
+
+def _check_text(text, what="the prompt"):
+    """Raise GenerationError if `text` holds undecodable bytes (surrogate escapes), which no
+    tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise GenerationError(f"{what} is not UTF-8 text (an undecodable byte at character "
+                              f"{e.start})") from None
+
+
+def _check_prompt(tokenizer, prompt, what="the prompt"):
+    """Raise GenerationError if `prompt` is text that cannot be encoded (no tokenizer, or not
+    UTF-8); token ids are checked by `encode`."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise GenerationError(f"{what} is text, and there is no tokenizer to encode it: pass "
+                                  "token ids, or a tokenizer")
+        _check_text(prompt, what)
 
 
 @dataclasses.dataclass(eq=False)
@@ -234,7 +270,7 @@ def generate_step(model, cache, histories, sampler, processors, max_tokens, eos)
 def _decoding(tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
               max_tokens):
     """(sampler, processors, eos ids) for these settings, which are checked first."""
-    check_settings(temp, top_p, top_k, min_p, repetition_penalty)
+    check_settings(temp, top_p, top_k, min_p, repetition_penalty, seed)
     if not (isinstance(max_tokens, int) and max_tokens >= 0):
         raise GenerationError(f"max_tokens is {max_tokens!r}: expected an integer >= 0")
     return (make_sampler(temp, top_p, top_k, min_p, seed),
@@ -247,20 +283,25 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
                     prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE, progress=None):
     """Yield a GenerationResponse per generated token; the last has `finish_reason` set.
 
-    prompt: a string or token ids, appended to `prompt_cache` (a PromptCache, left unchanged)
-    when one is given; it may then be empty. logits_processors: functions
+    prompt: a string or token ids (a list of ints or a 1-D integer array; every id is checked
+    against the vocabulary), appended to `prompt_cache` (a PromptCache, left unchanged) when
+    one is given; it may then be empty. logits_processors: functions
     (tokens so far (T,), logits (1, V)) -> logits, applied after the repetition penalty.
     progress(done, total) follows the prompt's prefill.
     """
     sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
                                          repetition_penalty, seed, logits_processors, max_tokens)
+    if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
+        raise GenerationError(f"prompt_cache has type {type(prompt_cache).__name__}: expected a "
+                              "PromptCache (load_prompt_cache reads one from a file)")
+    _check_prompt(tokenizer, prompt)
     tokens = encode(model, tokenizer, prompt)
     if not tokens and prompt_cache is None:
         raise GenerationError("the prompt is empty")
     start = time.perf_counter()
     state = make_prompt_cache(model, tokens, prompt_cache, step_size=prefill_step_size,
                               progress=progress)
-    detokenizer = StreamingDetokenizer(tokenizer)
+    detokenizer = StreamingDetokenizer(_NO_TEXT if tokenizer is None else tokenizer)
     steps = generate_step(model, state.layers, [state.tokens], sampler, processors, max_tokens,
                           eos)
     for n, [(_, token, logprobs, finish)] in enumerate(steps, 1):
@@ -305,7 +346,12 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     """
     sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
                                          repetition_penalty, seed, logits_processors, max_tokens)
-    rows = [encode(model, tokenizer, p) for p in prompts]
+    if not isinstance(prompts, (list, tuple)):
+        raise GenerationError(f"prompts has type {type(prompts).__name__}: expected a list of "
+                              "strings or of token-id lists")
+    for i, prompt in enumerate(prompts):
+        _check_prompt(tokenizer, prompt, f"prompt {i}")
+    rows = [encode(model, tokenizer, p, f"prompt {i}") for i, p in enumerate(prompts)]
     empty = [i for i, r in enumerate(rows) if not r]
     if empty:
         raise GenerationError(f"prompt {empty[0]} is empty")
@@ -328,7 +374,8 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
         print_stats(prompt_tokens, prompt_tokens / (first - start), generated,
                     max(generated - len(rows), 0) / (time.perf_counter() - first),
                     mx.get_peak_memory() / 1e9)
-    return [BatchResult(tokenizer.decode(out), out, f) for out, f in zip(outputs, finished)]
+    decode = (_NO_TEXT if tokenizer is None else tokenizer).decode
+    return [BatchResult(decode(out), out, f) for out, f in zip(outputs, finished)]
 
 
 def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory,
@@ -345,51 +392,54 @@ def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, pe
 # Command line
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mlx_mamba.generate",
         description="Generate text with a Mamba or Mamba2 model. Streams the text to stdout; "
                     "speeds and peak memory go to stderr.")
-    parser.add_argument("--model", required=True,
-                        help="a converted, transformers or original directory, or a repo id")
-    parser.add_argument("--prompt", "-p", required=True, help="the prompt text; '-' reads stdin")
-    parser.add_argument("--max-tokens", "-m", type=int, default=256)
-    parser.add_argument("--temp", type=float, default=0.0, help="0 is greedy")
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--top-k", type=int, default=0, help="0 keeps every token")
-    parser.add_argument("--min-p", type=float, default=0.0)
-    parser.add_argument("--repetition-penalty", type=float, default=None)
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--tokenizer", default=None,
-                        help="a directory or repo id with the tokenizer, for models shipped "
-                             "without one (e.g. EleutherAI/gpt-neox-20b for state-spaces models)")
-    parser.add_argument("--ignore-chat-template", action="store_true",
-                        help="feed the prompt as is, even if the tokenizer has a chat template")
-    parser.add_argument("--save-prompt-cache", metavar="FILE", default=None,
-                        help="save the state after the prompt to FILE (safetensors)")
-    parser.add_argument("--prompt-cache-file", metavar="FILE", default=None,
-                        help="continue from a saved prompt cache; --prompt is appended as is")
-    parser.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP_SIZE,
-                        help="prompt tokens per parallel forward")
-    parser.add_argument("--verbose", action="store_true",
-                        help="also print the model, the backend and the prompt as fed")
+    add = parser.add_argument
+    add("--model", required=True,
+        help="a converted, transformers or original directory, or a repo id")
+    add("--prompt", "-p", required=True, help="the prompt text; '-' reads stdin")
+    add("--max-tokens", "-m", type=cli.integer(0), default=256, help="tokens to generate at most")
+    add("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    add("--top-p", type=float, default=1.0, help="keep the most likely tokens of this mass")
+    add("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps every token")
+    add("--min-p", type=float, default=0.0,
+        help="keep tokens at least this fraction as likely as the most likely one")
+    add("--repetition-penalty", type=float, default=None,
+        help="divide the logits of tokens already seen by this (default: none)")
+    add("--seed", type=cli.integer(0, MAX_SEED), default=None,
+        help="seed of the sampling (default: unseeded, a different draw each run)")
+    add("--tokenizer", default=None,
+        help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
+             "model's own (default: the model's; state-spaces originals get "
+             "EleutherAI/gpt-neox-20b's from the hub)")
+    add("--ignore-chat-template", action="store_true",
+        help="feed the prompt as is, even if the tokenizer has a chat template")
+    add("--save-prompt-cache", metavar="FILE", default=None,
+        help="save the state after the prompt to FILE (safetensors) (default: not saved)")
+    add("--prompt-cache-file", metavar="FILE", default=None,
+        help="continue from a saved prompt cache; --prompt is appended as is "
+             "(default: start afresh)")
+    add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
+        help="prompt tokens per parallel forward")
+    cli.add_switch(parser, "--verbose",
+                   help="also print the model, the backend and the prompt as fed")
     return parser
 
 
 def _load(args):
-    from .loader import load, load_tokenizer, resolve
+    from .loader import load
 
     try:
-        model, tokenizer = load(args.model)
+        model, tokenizer = load(args.model, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
-        raise GenerationError(e if args.model in str(e) else f"{args.model}: {e}") from None
-    if args.tokenizer:
-        tokenizer = load_tokenizer(resolve(args.tokenizer))
-        if tokenizer is None:
-            raise GenerationError(f"{args.tokenizer}: no tokenizer.json or tokenizer_config.json")
+        named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
+        raise GenerationError(e if named else f"{args.model}: {e}") from None
     if tokenizer is None:
-        raise GenerationError(f"{args.model}: no tokenizer in the model directory (original "
-                              "state-spaces checkpoints ship none): pass --tokenizer "
-                              "PATH_OR_REPO, e.g. --tokenizer EleutherAI/gpt-neox-20b")
+        raise GenerationError(f"{args.tokenizer or args.model}: no tokenizer that transformers "
+                              "reads (tokenizer.json or tokenizer_config.json): pass --tokenizer "
+                              "with a directory, a tokenizer.json file or a repo id")
     return model, tokenizer
 
 
@@ -420,11 +470,21 @@ def _progress_bar(total_tokens, step_size):
     return update
 
 
+def _prompt_text(args):
+    """The --prompt text, or stdin's for '-', checked to be text."""
+    if args.prompt != "-":
+        _check_text(args.prompt, "--prompt")
+        return args.prompt
+    text = sys.stdin.buffer.read().decode("utf-8", errors="surrogateescape")
+    _check_text(text, "the prompt on stdin")
+    return text
+
+
 def run(args):
     check_settings(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
-    if args.max_tokens < 0 or args.prefill_step_size <= 0:
-        raise GenerationError("--max-tokens must be >= 0 and --prefill-step-size > 0")
-    text = sys.stdin.read() if args.prompt == "-" else args.prompt
+    if args.save_prompt_cache:
+        check_cache_file(args.save_prompt_cache)
+    text = _prompt_text(args)
     if not text and not args.prompt_cache_file:
         raise GenerationError("the prompt is empty" + (" (nothing on stdin)" if args.prompt == "-"
                                                         else ""))
@@ -470,7 +530,7 @@ def main(argv=None):
         run(args)
     except (ConfigError, CheckpointError, PromptCacheError, SamplerError, GenerationError,
             OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        cli.fail(e)
         return 1
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -7,13 +7,19 @@ from mlx.utils import tree_flatten
 
 from .checkpoint import (WEIGHT_PATTERNS, CheckpointError, check_weights, keeps_float32,
                          read_weights, to_model_names)
-from .config import load_config
+from .config import config_format, load_config, read_config
 from .models import Model
 
 # What a Hugging Face repo needs besides its weights, for loading or converting.
 TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json",
                       "merges.txt", "*.tiktoken", "chat_template*", "*.model"]
 METADATA_PATTERNS = ["*.json", *TOKENIZER_PATTERNS, "*.txt"]
+# A directory with any of these holds a tokenizer (the last is Mistral's sentencepiece file,
+# which convert turns into a tokenizer.json).
+TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
+                     "tokenizer.model.v3")
+# The tokenizer of every state-spaces model; their original checkpoints ship none.
+STATE_SPACES_TOKENIZER = "EleutherAI/gpt-neox-20b"
 
 
 class DownloadError(OSError):
@@ -81,8 +87,9 @@ def build_model(config):
 def load_weights(path, model):
     """The tensors of checkpoint `path` under `model`'s names, checked against its parameters
     (names and shapes) before anything is done with them. Safetensors stay lazy until used."""
-    weights = to_model_names(read_weights(path), model.config)
+    weights = read_weights(path)
     try:
+        weights = to_model_names(weights, model.config)
         check_weights(weights, {k: v.shape for k, v in tree_flatten(model.parameters())},
                       model.config)
     except CheckpointError as e:
@@ -101,17 +108,90 @@ def load_model(path, dtype=None):
     return model
 
 
-def load_tokenizer(path):
-    """The tokenizer shipped in `path` (transformers' AutoTokenizer), or None when there is none."""
-    path = Path(path)
-    if not any((path / name).exists() for name in ("tokenizer.json", "tokenizer_config.json")):
+def has_tokenizer(directory):
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_MARKERS)
+
+
+def find_tokenizer(model_dir, tokenizer=None):
+    """Where the tokenizer of the model in `model_dir` is: a local directory, a tokenizer.json
+    file, or None when the model has none.
+
+    tokenizer: a directory, a tokenizer.json file or a hub repo id, used instead of the model's
+    own. None: the tokenizer files in `model_dir`, or for a state-spaces original (which ships
+    none) GPT-NeoX-20B's from the hub, as mamba_ssm's models use.
+    """
+    if tokenizer is not None:
+        return locate_tokenizer(tokenizer)
+    if has_tokenizer(model_dir):
+        return Path(model_dir)
+    if config_format(read_config(model_dir)[1]) != "state-spaces":
         return None
-    from transformers import AutoTokenizer
+    try:
+        return download(STATE_SPACES_TOKENIZER, TOKENIZER_PATTERNS)
+    except DownloadError as e:
+        raise DownloadError(f"{model_dir}: a state-spaces checkpoint ships no tokenizer, and {e}; "
+                            "pass one as tokenizer= (Python) or --tokenizer (command line): a "
+                            "directory, a tokenizer.json file or a repo id") from None
 
-    return AutoTokenizer.from_pretrained(str(path))
+
+def locate_tokenizer(tokenizer):
+    """The local directory or tokenizer.json file of `tokenizer`: a directory, a tokenizer.json
+    file, or a hub repo id (whose tokenizer files alone are downloaded)."""
+    path = Path(tokenizer).expanduser()
+    if path.is_file():
+        return path
+    if path.suffix == ".json":  # names a file, not a repo
+        raise FileNotFoundError(f"{path}: no such tokenizer file")
+    directory = resolve(tokenizer, allow_patterns=TOKENIZER_PATTERNS)
+    if not has_tokenizer(directory):
+        raise FileNotFoundError(f"{directory}: holds no tokenizer "
+                                f"({', '.join(TOKENIZER_MARKERS)})")
+    return directory
 
 
-def load(path_or_repo, *, dtype=None):
-    """(model, tokenizer) from a local directory or a Hugging Face repo id; tokenizer may be None."""
+def load_tokenizer(location, eos_token_id=None):
+    """The transformers tokenizer at `location` (a directory or a tokenizer.json file, as
+    `find_tokenizer` gives), or None when there is none that transformers reads.
+
+    eos_token_id: the model config's, for a tokenizer whose files name no end-of-sequence token
+    (a bare tokenizer.json names none).
+    """
+    if location is None:
+        return None
+    location = Path(location)
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        if location.is_file():
+            tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(location))
+        elif any((location / name).is_file()
+                 for name in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = AutoTokenizer.from_pretrained(str(location))
+        else:
+            return None
+    except Exception as e:  # tokenizers and transformers raise many types, a bare Exception too
+        raise CheckpointError(f"{location}: not a readable tokenizer "
+                              f"({type(e).__name__}: {' '.join(str(e).split())})") from None
+    return _name_eos(tokenizer, eos_token_id)
+
+
+def _name_eos(tokenizer, eos_token_id):
+    # Generation stops at the tokenizer's eos, and fine-tuning appends it: take the config's.
+    eos = eos_token_id[0] if isinstance(eos_token_id, list) and eos_token_id else eos_token_id
+    if tokenizer.eos_token_id is None and isinstance(eos, int) and 0 <= eos < len(tokenizer):
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    return tokenizer
+
+
+def load(path_or_repo, *, dtype=None, tokenizer=None):
+    """(model, tokenizer) from a local directory or a Hugging Face repo id.
+
+    tokenizer: a directory, a tokenizer.json file or a repo id to take the tokenizer from, for
+    models shipped without one or to work offline. None (the default): the model's own; for a
+    state-spaces original, GPT-NeoX-20B's from the hub. The returned tokenizer is None when the
+    model has none.
+    """
     path = resolve(path_or_repo)
-    return load_model(path, dtype), load_tokenizer(path)
+    location = find_tokenizer(path, tokenizer)  # before the weights: a missing one fails fast
+    model = load_model(path, dtype)
+    return model, load_tokenizer(location, model.config.eos_token_id)

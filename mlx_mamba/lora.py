@@ -1,4 +1,4 @@
-"""Fine-tune a Mamba model with LoRA, DoRA, QLoRA (LoRA over a quantized model) or fully.
+"""Fine-tune a Mamba or hybrid model with LoRA, DoRA, QLoRA (LoRA over a quantized model) or fully.
 
     python -m mlx_mamba.lora --model M --train --data DIR [--fine-tune-type lora|dora|full] ...
     python -m mlx_mamba.lora --model M --test --data DIR --adapter-path adapters
@@ -7,7 +7,6 @@ DIR holds train.jsonl and valid.jsonl (test.jsonl for --test); see tuner/dataset
 record formats. Data-parallel over several processes or Macs when started by `mlx.launch`.
 """
 
-import argparse
 import itertools
 import math
 import sys
@@ -17,74 +16,87 @@ import mlx.core as mx
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten
 
+from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .loader import load_model, load_tokenizer, resolve
-from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, load_adapter_weights,
-                             load_adapters, save_adapters)
+from .files import check_directory_path
+from .loader import find_tokenizer, load_model, load_tokenizer, resolve
+from .sample import MAX_SEED
+from .tuner.adapters import (ADAPTER_FILE, AdapterError, apply_adapters, check_adapter_config,
+                             load_adapter_weights, load_adapters, save_adapters)
 from .tuner.datasets import DataError, iterate_batches, load_split, warn
 from .tuner.schedules import SCHEDULES, make_schedule
-from .tuner.trainer import evaluate, train
+from .tuner.trainer import TrainingError, evaluate, train
 
 OPTIMIZERS = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD}
 
 
-def positive(value):
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"{value}: expected a positive integer")
-    return number
-
-
-def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m mlx_mamba.lora",
-                                     description=__doc__.split("\n")[0])
+def build_parser():
+    parser = cli.ArgumentParser(prog="python -m mlx_mamba.lora",
+                                description=__doc__.split("\n")[0])
     add = parser.add_argument
     add("--model", required=True, help="model directory or Hugging Face repo id")
+    add("--tokenizer", help="a directory, tokenizer.json file or repo id with the tokenizer, "
+                            "instead of the model's own (default: the model's)")
     add("--train", action="store_true",
         help="train adapters (or the model itself with --fine-tune-type full)")
     add("--test", action="store_true", help="report loss and perplexity on DIR/test.jsonl")
     add("--data", default="data", help="directory with train.jsonl, valid.jsonl, test.jsonl")
-    add("--fine-tune-type", choices=["lora", "dora", "full"], default="lora")
+    add("--fine-tune-type", choices=["lora", "dora", "full"], default="lora",
+        help="what trains")
     add("--num-layers", type=int, default=None,
         help="adapt the last N residual blocks; -1 for all (default: 16, or all when fewer)")
-    add("--lora-rank", type=positive, default=8)
-    add("--lora-scale", type=float, default=20.0)
-    add("--lora-dropout", type=float, default=0.0)
+    add("--lora-rank", type=cli.integer(1), default=8, help="rank of the LoRA update")
+    add("--lora-scale", type=cli.number(), default=20.0, help="scale of the LoRA update")
+    add("--lora-dropout", type=cli.number(0.0), default=0.0,
+        help="dropout on the LoRA input, in [0, 1)")
     add("--train-ssm-params", action="store_true",
-        help="also train A_log, D, the dt bias and the conv of the adapted blocks")
-    add("--iters", type=positive, default=1000, help="optimizer steps")
-    add("--batch-size", type=positive, default=4, help="sequences per batch, over all processes")
-    add("--grad-accumulation-steps", type=positive, default=1, help="batches per optimizer step")
-    add("--learning-rate", type=float, default=1e-5)
-    add("--lr-schedule", choices=SCHEDULES, default="constant")
-    add("--warmup-steps", type=int, default=0, help="linear warmup steps")
-    add("--min-learning-rate", type=float, default=0.0, help="end of a cosine or linear decay")
-    add("--optimizer", choices=sorted(OPTIMIZERS), default="adam")
-    add("--max-seq-length", type=positive, default=2048, help="longer sequences are truncated")
+        help="also train A_log, D, the dt bias and the conv of the adapted blocks' Mamba mixers")
+    add("--iters", type=cli.integer(1), default=1000, help="optimizer steps")
+    add("--batch-size", type=cli.integer(1), default=4,
+        help="sequences per batch, over all processes")
+    add("--grad-accumulation-steps", type=cli.integer(1), default=1,
+        help="batches per optimizer step")
+    add("--learning-rate", type=cli.number(above=0.0), default=1e-5, help="peak learning rate")
+    add("--lr-schedule", choices=SCHEDULES, default="constant", help="learning-rate schedule")
+    add("--warmup-steps", type=cli.integer(0), default=0, help="linear warmup steps")
+    add("--min-learning-rate", type=cli.number(0.0), default=0.0,
+        help="end of a cosine or linear decay")
+    add("--optimizer", choices=sorted(OPTIMIZERS), default="adam", help="optimizer")
+    add("--max-seq-length", type=cli.integer(2), default=2048,
+        help="longer sequences are truncated")
     add("--grad-checkpoint", action="store_true",
         help="recompute each block in the backward pass: less memory, more time")
-    add("--steps-per-report", type=positive, default=10)
-    add("--steps-per-eval", type=positive, default=200)
-    add("--val-batches", type=int, default=25, help="validation batches; -1 for all, 0 for none")
+    add("--steps-per-report", type=cli.integer(1), default=10, help="steps between loss reports")
+    add("--steps-per-eval", type=cli.integer(1), default=200, help="steps between validations")
+    add("--val-batches", type=cli.integer(-1), default=25,
+        help="validation batches; -1 for all, 0 for none")
     add("--test-batches", type=int, default=500, help="test batches; -1 for all")
-    add("--save-every", type=int, default=100, help="checkpoint every N steps; 0 only at the end")
+    add("--save-every", type=cli.integer(0), default=100,
+        help="checkpoint every N steps; 0 only at the end")
     add("--adapter-path", default="adapters", help="where adapters are saved and read")
-    add("--resume-adapter-file", help="start from these adapter weights")
-    add("--seed", type=int, default=0)
+    add("--resume-adapter-file", help="start from these adapter weights (default: fresh ones)")
+    add("--seed", type=cli.integer(0, MAX_SEED), default=0,
+        help="seed of the initialization, dropout and data order")
+    return parser
+
+
+def parse_args(argv=None):
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not (args.train or args.test):
         parser.error("nothing to do: pass --train, --test or both")
-    if not 0.0 <= args.lora_dropout < 1.0:
+    if args.lora_dropout >= 1.0:
         parser.error(f"--lora-dropout {args.lora_dropout}: expected a probability in [0, 1)")
     if args.lora_dropout and args.grad_checkpoint:
         parser.error("--lora-dropout with --grad-checkpoint: the recomputed backward pass would "
                      "draw other dropout masks than the forward pass; use one of them")
-    if args.warmup_steps < 0 or (args.train and args.warmup_steps >= args.iters):
+    if args.train and args.warmup_steps >= args.iters:
         parser.error(f"--warmup-steps {args.warmup_steps}: expected 0 <= N < --iters "
                      f"({args.iters})")
-    if args.val_batches < -1:
-        parser.error(f"--val-batches {args.val_batches}: expected N >= 0, or -1 for all")
+    if args.min_learning_rate > args.learning_rate:
+        parser.error(f"--min-learning-rate {args.min_learning_rate}: expected at most "
+                     f"--learning-rate ({args.learning_rate})")
     if args.test_batches == 0 or args.test_batches < -1:
         parser.error(f"--test-batches {args.test_batches}: expected N >= 1, or -1 for all")
     if args.num_layers is not None and args.num_layers != -1 and args.num_layers < 1:
@@ -112,23 +124,27 @@ def run(args, world):
     log = print if rank0 else (lambda *a, **k: None)
     data_warn = warn if rank0 else (lambda message: None)
     mx.random.seed(args.seed)
+    path = resolve(args.model)
+    model_config = load_config(path)
+    if args.train:  # checked now, not after loading the data or training
+        config = adapter_config(args, model_config.n_layer)
+        check_adapter_config(config, model_config.n_layer)
+        check_directory_path(args.adapter_path)
     if world.size() > 1:
         log(f"Data-parallel training on {world.size()} processes")
-    path = resolve(args.model)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(find_tokenizer(path, args.tokenizer), model_config.eos_token_id)
     if tokenizer is None:
-        raise DataError(f"{path}: no tokenizer (tokenizer.json or tokenizer_config.json) to "
-                        "tokenize the data with")
+        raise DataError(f"{args.tokenizer or path}: no tokenizer (tokenizer.json or "
+                        "tokenizer_config.json) to tokenize the data with; pass --tokenizer")
     log("Loading datasets", flush=True)
     splits = (["train", "valid"] if args.train else []) + (["test"] if args.test else [])
-    vocab = load_config(path).vocab_size
-    data = {name: load_split(args.data, name, tokenizer, args.max_seq_length, vocab, data_warn)
+    data = {name: load_split(args.data, name, tokenizer, args.max_seq_length,
+                             model_config.vocab_size, data_warn)
             for name in splits}
     log("Loading pretrained model", flush=True)
     model = load_model(path)
 
     if args.train:
-        config = adapter_config(args, model.config.n_layer)
         apply_adapters(model, config)
         if args.resume_adapter_file:
             log(f"Loading fine-tuned weights from {args.resume_adapter_file}")
@@ -173,8 +189,8 @@ def main(argv=None):
                      "processes: use a multiple of the process count")
     try:
         run(args, world)
-    except (AdapterError, CheckpointError, ConfigError, DataError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (AdapterError, CheckpointError, ConfigError, DataError, TrainingError, OSError) as e:
+        cli.fail(e)
         return 1
     except KeyboardInterrupt:
         print(f"error: interrupted; the last checkpoint in {args.adapter_path} is intact",

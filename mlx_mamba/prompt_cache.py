@@ -25,17 +25,18 @@ import mlx.core as mx
 import numpy as np
 
 from .cache import cache_state
+from .files import replace_atomically, save_safetensors
+from .token_ids import TokenIdError, check_token_ids
 
 PREFILL_STEP_SIZE = 2048  # prompt tokens per parallel forward: bounds memory for any length
 FORMAT = "mlx_mamba.prompt_cache"
 VERSION = "1"
 # Config fields that do not change what the state means.
 NOT_STATE = ("bos_token_id", "eos_token_id", "pad_token_id", "quantization", "source_config")
-PARTIAL = ".partial.safetensors"  # suffix of a file being written
 
 
 class PromptCacheError(ValueError):
-    """A prompt cache file that cannot be used with this model; the message names the file."""
+    """A prompt cache, its file or a prefill setting that cannot be used; the message names it."""
 
 
 @dataclasses.dataclass
@@ -56,6 +57,8 @@ def prefill(model, rows, cache, *, step_size=PREFILL_STEP_SIZE, progress=None):
     between chunks (the logits are never computed), so memory does not grow with the prompt.
     progress(done, total) is called after each chunk.
     """
+    if not (isinstance(step_size, int) and step_size >= 1):
+        raise PromptCacheError(f"prefill step size {step_size!r}: expected a positive integer")
     width = max(map(len, rows))
     ids = mx.array([[0] * (width - len(r)) + list(r) for r in rows])  # (B, width)
     mask = None  # (B, width): 0 on the left padding, which must reach neither conv nor state
@@ -70,22 +73,42 @@ def prefill(model, rows, cache, *, step_size=PREFILL_STEP_SIZE, progress=None):
 
 
 def make_prompt_cache(model, tokens, previous=None, *, step_size=PREFILL_STEP_SIZE, progress=None):
-    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged)."""
+    """The PromptCache of `tokens`, continuing `previous` when given (which is left unchanged).
+
+    tokens: a list of ints or a 1-D integer array; TokenIdError if an id (there or in
+    `previous`) is outside the model's vocabulary.
+    """
+    if isinstance(tokens, str):
+        raise PromptCacheError("make_prompt_cache takes token ids, not text: encode it first")
+    if previous is not None and not isinstance(previous, PromptCache):
+        raise PromptCacheError(f"previous has type {type(previous).__name__}: expected a "
+                               "PromptCache")
+    tokens = check_token_ids(tokens, model.config.vocab_size)
+    if previous:
+        check_token_ids(previous.tokens, model.config.vocab_size)
     result = previous.copy() if previous else PromptCache(model.make_cache(1), [])
     if not tokens:
         return result
-    feed = result.tokens[-1:] + list(tokens[:-1])
+    feed = result.tokens[-1:] + tokens[:-1]
     if feed:
         prefill(model, [feed], result.layers, step_size=step_size, progress=progress)
-    result.tokens += list(tokens)
+    result.tokens += tokens
     return result
+
+
+# The fields a pure Mamba config had when this format was made: always recorded, so that caches
+# saved then keep their hash. Fields added since are recorded when not at their default.
+FIRST_FIELDS = ("arch", "d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
+                "dt_rank", "head_dim", "n_groups", "chunk_size", "dt_limit", "conv_bias", "bias",
+                "norm_eps", "mixer_rms_eps", "tie_embeddings", "residual_in_fp32")
 
 
 def state_config(config):
     """The config fields that give the state its meaning, as a JSON-ready dict."""
+    defaults = {f.name: f.default for f in dataclasses.fields(config)}
     fields = dataclasses.asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()
-            if k not in NOT_STATE}
+            if k not in NOT_STATE and (k in FIRST_FIELDS or v != defaults[k])}
 
 
 def config_hash(config):
@@ -93,8 +116,20 @@ def config_hash(config):
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def check_cache_file(file):
+    """Raise PromptCacheError unless a prompt cache can be written to `file`: its directory
+    exists and it is not itself a directory."""
+    file = Path(file)
+    if file.is_dir():
+        raise PromptCacheError(f"{file}: is a directory; name the prompt cache file to write")
+    if not file.parent.is_dir():
+        problem = "is not a directory" if file.parent.exists() else "does not exist"
+        raise PromptCacheError(f"{file}: its directory {file.parent} {problem}")
+
+
 def save_prompt_cache(file, prompt_cache, model, model_name=""):
-    """Write `prompt_cache` (made with `model`) to the safetensors `file`."""
+    """Write `prompt_cache` (made with `model`) to the safetensors `file`, atomically."""
+    check_cache_file(file)
     _write(file, prompt_cache.layers, prompt_cache.tokens, model, model_name, "all_but_last")
 
 
@@ -108,8 +143,8 @@ def load_prompt_cache(file, model):
 
 
 def _write(file, layers, tokens, model, model_name, fed):
-    """Write the per-layer `layers` and `tokens` to `file`; fed: "all_but_last" (a PromptCache)
-    or "all" (a PrefixCache state)."""
+    """Write the per-layer `layers` and `tokens` to `file`, atomically; fed: "all_but_last" (a
+    PromptCache) or "all" (a PrefixCache state)."""
     arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
     for i, layer in enumerate(layers):
         if layer is not None:
@@ -118,15 +153,7 @@ def _write(file, layers, tokens, model, model_name, fed):
                 "config": json.dumps(state_config(model.config), sort_keys=True),
                 "config_hash": config_hash(model.config),
                 "token_count": str(len(tokens)), "fed": fed}
-    file = Path(file)
-    # Written beside the target and renamed: never a half-written cache under the final name.
-    partial = file.with_name(file.name + PARTIAL)
-    try:
-        mx.save_safetensors(str(partial), arrays, metadata=metadata)
-        partial.replace(file)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    replace_atomically(file, lambda f: save_safetensors(f, arrays, metadata))
 
 
 def _read_metadata(file):
@@ -134,7 +161,7 @@ def _read_metadata(file):
     if not file.is_file():
         raise PromptCacheError(f"{file}: no such prompt cache file")
     try:
-        arrays, metadata = mx.load(str(file), return_metadata=True)
+        arrays, metadata = mx.load(str(file), format="safetensors", return_metadata=True)
     except Exception as e:  # MLX raises bare RuntimeError/ValueError for damaged files
         raise PromptCacheError(f"{file}: not a readable safetensors file ({e})") from None
     if metadata.get("format") != FORMAT:
@@ -171,7 +198,10 @@ def _read(file, model):
                 layer.restore(by_layer[str(i)])
             except ValueError as e:
                 raise PromptCacheError(f"{file}: layer {i}: {e}") from None
-    tokens = arrays["tokens"].tolist()
+    try:
+        tokens = check_token_ids(arrays["tokens"], model.config.vocab_size)
+    except TokenIdError as e:
+        raise PromptCacheError(f"{file}: damaged prompt cache ({e})") from None
     fed = metadata.get("fed", "all_but_last")  # files from before PrefixCache have no "fed"
     if not tokens or str(len(tokens)) != metadata.get("token_count"):
         raise PromptCacheError(f"{file}: damaged prompt cache (token count does not match)")
@@ -273,8 +303,9 @@ class PrefixCache:
         except OSError as e:
             raise PromptCacheError(f"{self.directory}: cannot make the prompt cache directory "
                                    f"({e.strerror})") from None
-        for partial in self.directory.glob("*" + PARTIAL):
-            partial.unlink()  # a write that a crash interrupted
+        for partial in self.directory.glob(".tmp-*.safetensors"):
+            if re.fullmatch(r"\.tmp-\d+-[0-9a-f]{32}\.safetensors", partial.name):
+                partial.unlink()  # a write that a crash interrupted (see replace_atomically)
         files = [f for f in self.directory.glob("*.safetensors")
                  if re.fullmatch(r"[0-9a-f]{32}\.safetensors", f.name)]
         for file in files:  # refuse another model's directory before touching any of it

@@ -9,12 +9,14 @@ import math
 
 import mlx.core as mx
 
+MAX_SEED = 2**64 - 1  # MLX's random keys take unsigned 64-bit seeds
+
 
 class SamplerError(ValueError):
     """A sampling setting out of its range; the message names the setting."""
 
 
-def check_settings(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None):
+def check_settings(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=None, seed=None):
     """Raise SamplerError naming the first setting outside its range."""
     if not (isinstance(temp, (int, float)) and math.isfinite(temp) and temp >= 0):
         raise SamplerError(f"temp is {temp!r}: expected a number >= 0 (0 is greedy)")
@@ -28,6 +30,8 @@ def check_settings(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=N
             isinstance(repetition_penalty, (int, float)) and math.isfinite(repetition_penalty)
             and repetition_penalty > 0):
         raise SamplerError(f"repetition_penalty is {repetition_penalty!r}: expected a number > 0")
+    if seed is not None and not (isinstance(seed, int) and 0 <= seed <= MAX_SEED):
+        raise SamplerError(f"seed is {seed!r}: expected an integer from 0 to {MAX_SEED}")
 
 
 def apply_top_k(logits, k):
@@ -65,7 +69,7 @@ def make_sampler(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None):
     rows of the batch: a prompt then gets the same tokens alone or in any batch. Without one,
     rows draw independently from MLX's global generator.
     """
-    check_settings(temp, top_p, top_k, min_p)
+    check_settings(temp, top_p, top_k, min_p, seed=seed)
     if temp == 0:
         return greedy
     key = mx.random.key(seed) if seed is not None else None

@@ -15,7 +15,9 @@ MAMBA2 = dict(hidden_size=32, num_hidden_layers=2, state_size=8, expand=2, conv_
               num_heads=4, head_dim=16, chunk_size=8)
 
 # Hybrids with their distinctive features switched on: a non-trivial layer order, grouped-query
-# attention, Mamba2 with n_groups > 1, MoE with shared experts, non-1 multipliers.
+# attention, Mamba2 with n_groups > 1, MoE with shared experts, non-1 multipliers; Jamba's Mamba1
+# with an explicit dt rank (not "auto") and projection biases, attention and experts at periods
+# and offsets that give every pairing of mixer and feed-forward but attention + MLP.
 HYBRID_COMMON = dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
 HYBRID_MAMBA = dict(mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
                     mamba_chunk_size=8)
@@ -63,6 +65,11 @@ HYBRIDS = {
         HYBRID_COMMON, **dict(HYBRID_MAMBA, mamba_n_heads=6), num_hidden_layers=2,
         intermediate_size=24, mamba_d_ssm=96, mamba_rms_norm=False,
         ssm_multipliers=[0.9, 1.2, 0.7, 1.1, 0.5])),
+    # Layers: Mamba1 + MLP, attention + MoE, Mamba1 + MLP, Mamba1 + MoE.
+    "jamba": ("JambaForCausalLM", dict(
+        HYBRID_COMMON, num_hidden_layers=4, attn_layer_period=3, attn_layer_offset=1,
+        expert_layer_period=2, expert_layer_offset=1, num_experts=4, num_experts_per_tok=2,
+        intermediate_size=24, mamba_d_state=8, mamba_dt_rank=4, mamba_proj_bias=True)),
 }
 
 # flavour -> (transformers class, config, layout); layout "hf" is save_pretrained,

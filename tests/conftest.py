@@ -1,8 +1,19 @@
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
+# No test reaches the Hugging Face hub or sees what this machine has cached from it: every hub
+# call fails as offline, here and in the command lines the tests start (tests that exercise the
+# hub replace huggingface_hub.snapshot_download). Set before anything imports huggingface_hub.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mlx-mamba-tests-hub-")
+atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # torch's threads and MLX's would compete for CI's two cores; one torch thread is much faster.
 torch.set_num_threads(1)
@@ -10,8 +21,7 @@ torch.set_num_threads(1)
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoints import write_checkpoint  # noqa: E402
-
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from corpus import write_byte_level_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +39,6 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def shared_data():
-    if not SHARED_DATA.is_dir():
-        pytest.fail(f"the shared test data is missing: expected {SHARED_DATA}")
-    return SHARED_DATA
+def tokenizer_file(tmp_path_factory):
+    """A byte-level BPE tokenizer.json in the manner of GPT-NeoX's, trained once per session."""
+    return write_byte_level_tokenizer(tmp_path_factory.mktemp("tokenizer") / "tokenizer.json")

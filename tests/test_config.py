@@ -54,7 +54,7 @@ def test_transformers_infinity_and_falcon():
       "num_heads": 3, "head_dim": 64}, "num_heads"),
     ({"model_type": "mamba2", "hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 10,
       "num_heads": 4, "head_dim": 32, "n_groups": 3}, "n_groups"),
-    (dict(ORIGINAL_MAMBA1, ssm_cfg={"layer": "Mamba3"}), "ssm_cfg.layer"),
+    (dict(ORIGINAL_MAMBA1, ssm_cfg={"layer": "Mamba4"}), "ssm_cfg.layer"),
     (dict(ORIGINAL_MAMBA2, d_intermediate=512), "d_intermediate"),
     (dict(ORIGINAL_MAMBA2, attn_layer_idx=[3]), "attn_layer_idx"),
     (dict(ORIGINAL_MAMBA1, ssm_cfg={"frobnicate": 1}), "ssm_cfg.frobnicate"),

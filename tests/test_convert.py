@@ -19,6 +19,7 @@ import torch
 
 import mlx_mamba
 from checkpoints import FLAVOURS, VOCAB, write_checkpoint
+from corpus import SHAKESPEARE
 from mlx_mamba import convert as convert_module
 from mlx_mamba.checkpoint import read_weights
 from mlx_mamba.convert import convert, main
@@ -52,10 +53,10 @@ def leftovers(directory):
 
 
 @pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory, shared_data):
-    """A directory holding the GPT-NeoX tokenizer, as the hub's EleutherAI/gpt-neox-20b does."""
+def tokenizer_dir(tmp_path_factory, tokenizer_file):
+    """A directory holding a tokenizer.json, as the hub's EleutherAI/gpt-neox-20b does."""
     directory = tmp_path_factory.mktemp("gpt-neox-20b")
-    shutil.copyfile(shared_data / "gpt-neox-20b-tokenizer.json", directory / "tokenizer.json")
+    shutil.copyfile(tokenizer_file, directory / "tokenizer.json")
     return directory
 
 
@@ -83,15 +84,15 @@ def codestral(checkpoint, tmp_path_factory):
 
 
 @pytest.fixture
-def codestral_tokenizer(codestral, tmp_path, shared_data):
+def codestral_tokenizer(codestral, tmp_path):
     """The Codestral layout with a sentencepiece tokenizer.model.v3 (BPE, <unk> <s> </s> = 0 1 2,
-    as Mistral's), trained on the shared corpus."""
+    as Mistral's), trained on the repository's Shakespeare excerpt."""
     import sentencepiece
 
     directory = tmp_path / "codestral"
     shutil.copytree(codestral[0], directory)
     sentencepiece.SentencePieceTrainer.train(
-        input=str(shared_data / "tinyshakespeare.txt"), model_prefix=str(directory / "sp"),
+        input=str(SHAKESPEARE), model_prefix=str(directory / "sp"),
         vocab_size=VOCAB, model_type="bpe", input_sentence_size=20000, minloglevel=2,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
     (directory / "sp.model").rename(directory / "tokenizer.model.v3")
@@ -130,7 +131,7 @@ def test_every_flavour_converts_to_transformers_logits(flavour, checkpoint, code
 
 
 def test_original_checkpoint_gets_the_gpt_neox_tokenizer(checkpoint, tokenizer_dir, tmp_path,
-                                                         monkeypatch, shared_data):
+                                                         monkeypatch, tokenizer_file):
     calls = []
 
     def snapshot_download(repo_id, allow_patterns=None, **kwargs):
@@ -146,7 +147,7 @@ def test_original_checkpoint_gets_the_gpt_neox_tokenizer(checkpoint, tokenizer_d
     from tokenizers import Tokenizer
 
     text = "To be, or not to be: that is the question."
-    expected = Tokenizer.from_file(str(shared_data / "gpt-neox-20b-tokenizer.json")).encode(text)
+    expected = Tokenizer.from_file(str(tokenizer_file)).encode(text)
     assert tokenizer.encode(text) == expected.ids
 
 
@@ -168,6 +169,36 @@ def test_tokenizer_option_overrides_the_source(checkpoint, tokenizer_dir, tmp_pa
     convert(source, tmp_path / "out", tokenizer=tokenizer_dir)
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == \
         (tokenizer_dir / "tokenizer.json").read_bytes()
+
+
+def test_tokenizer_option_takes_a_tokenizer_json_file(checkpoint, tokenizer_file, tmp_path):
+    source, _ = checkpoint("mamba1_original")
+    convert(source, tmp_path / "out", tokenizer=tokenizer_file)
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == tokenizer_file.read_bytes()
+    _, tokenizer = mlx_mamba.load(tmp_path / "out")
+    assert tokenizer.eos_token_id == 0  # a bare tokenizer.json names none: the config's
+
+
+@pytest.mark.parametrize("name, message", [("missing.json", "no such tokenizer file"),
+                                           ("junk.json", "not a readable tokenizer"),
+                                           ("empty", "holds no tokenizer")])
+def test_bad_tokenizer_option_fails_before_any_output(name, message, checkpoint, tmp_path,
+                                                      capsys):
+    (tmp_path / "junk.json").write_text("{not json")
+    (tmp_path / "empty").mkdir()
+    err = fails_cleanly(["--hf-path", checkpoint("mamba1_original")[0], "--mlx-path",
+                         tmp_path / "out", "--tokenizer", tmp_path / name], capsys)
+    assert f"{tmp_path / name}: {message}" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
+
+
+def test_original_checkpoint_offline_says_how_to_pass_a_tokenizer(checkpoint, tmp_path, capsys):
+    # The tests' hub is offline (conftest.py), as a user's may be.
+    source, _ = checkpoint("mamba1_original")
+    err = fails_cleanly(["--hf-path", source, "--mlx-path", tmp_path / "out"], capsys)
+    assert f"{source}: a state-spaces checkpoint ships no tokenizer" in err
+    assert convert_module.STATE_SPACES_TOKENIZER in err and "--tokenizer" in err
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_hub_source_fetches_config_tokenizer_and_one_weight_format(checkpoint, tmp_path,
@@ -420,8 +451,8 @@ def unknown_architecture(c, t):
 
 def bad_config_field(c, t):
     d = copy_of(c, "mamba1_original", t)
-    edit_config(d, ssm_cfg={"layer": "Mamba3"})
-    return d, "field 'ssm_cfg.layer' is 'Mamba3'"
+    edit_config(d, ssm_cfg={"layer": "Mamba4"})
+    return d, "field 'ssm_cfg.layer' is 'Mamba4'"
 
 
 def missing_directory(c, t):
@@ -486,9 +517,13 @@ def test_interrupted_run_leaves_nothing(checkpoint, tmp_path, capsys, monkeypatc
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"], "--q-mode mxfp4 needs --q-group-size 32"),
-    (["-q", "--q-bits", "8", "--q-mode", "nvfp4"], "--q-mode nvfp4 needs --q-group-size 16"),
-    (["-q", "--q-group-size", "16"], "--q-group-size 16: affine quantization takes one of"),
+    (["-q", "--q-mode", "mxfp4", "--q-group-size", "64"],
+     "--q-group-size 64: --q-mode mxfp4 takes 32"),
+    (["-q", "--q-bits", "8", "--q-mode", "nvfp4"], "--q-bits 8: --q-mode nvfp4 takes 4"),
+    (["-q", "--q-group-size", "16"], "--q-group-size 16: --q-mode affine takes 32|64|128"),
+    (["-q", "--q-group-size", "48"], "--q-group-size 48: --q-mode affine takes 32|64|128"),
+    (["-q", "--q-bits", "7"], "--q-bits 7: --q-mode affine takes 2|3|4|5|6|8"),
+    (["-q", "--q-mode", "mxfp8", "--q-bits", "4"], "--q-bits 4: --q-mode mxfp8 takes 8"),
 ])
 def test_bad_quantization_flags(flags, message, checkpoint, tmp_path, capsys):
     err = fails_cleanly(["--hf-path", checkpoint("mamba2")[0], "--mlx-path", tmp_path / "out",

@@ -34,15 +34,13 @@ def free_port_pair():
     pytest.fail("no two consecutive free ports on 127.0.0.1")
 
 
-def test_two_processes_equal_one_process_with_the_whole_batch(checkpoint, shared_data,
-                                                              tmp_path, capsys):
+def test_two_processes_equal_one_process_with_the_whole_batch(checkpoint, tmp_path, capsys):
     # mlx.launch is installed next to the interpreter that has mlx, which may not be on PATH.
     beside = Path(sys.executable).parent / "mlx.launch"
     launcher = str(beside) if beside.is_file() else shutil.which("mlx.launch")
     assert launcher, "mlx.launch (installed with mlx) not found"
-    model = model_with_tokenizer(checkpoint("mamba1")[0], tmp_path / "model", shared_data)
-    data = write_data(tmp_path / "data", shared_data, train=16, valid=4, test=4,
-                      kind="prompt_completion")
+    model = model_with_tokenizer(checkpoint("mamba1")[0], tmp_path / "model")
+    data = write_data(tmp_path / "data", train=16, valid=4, test=4, kind="prompt_completion")
     args = ["--model", model, "--train", "--data", data, "--iters", 3, "--batch-size", 4,
             "--grad-accumulation-steps", 2, "--learning-rate", 0.05, "--optimizer", "sgd",
             "--train-ssm-params", "--steps-per-eval", 3, "--val-batches", -1, "--seed", 3]

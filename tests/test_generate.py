@@ -257,13 +257,13 @@ def test_long_prompt_prefills_in_bounded_memory(models):
     assert peaks[16384] < 1.25 * peaks[2048]  # 8x the prompt, nearly the same memory
 
 
-# ---- text: UTF-8 streaming with the GPT-NeoX byte-level BPE ----------------------------------
+# ---- text: UTF-8 streaming with a byte-level BPE like GPT-NeoX's ----------------------------
 
 @pytest.fixture(scope="module")
-def neox_tokenizer(shared_data):
+def neox_tokenizer(tokenizer_file):
     from transformers import PreTrainedTokenizerFast
 
-    return PreTrainedTokenizerFast(tokenizer_file=str(shared_data / "gpt-neox-20b-tokenizer.json"),
+    return PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file),
                                    eos_token="<|endoftext|>")
 
 
@@ -297,7 +297,7 @@ def test_streaming_never_splits_multibyte_characters(neox_tokenizer):
 
 def test_detokenizer_flushes_an_unfinished_character(neox_tokenizer):
     ids = neox_tokenizer.encode("語")
-    assert len(ids) == 2
+    assert len(ids) > 1  # one character, several byte tokens
     detokenizer = StreamingDetokenizer(neox_tokenizer)
     assert detokenizer.add_token(ids[0]) == ""
     assert detokenizer.finalize() == neox_tokenizer.decode(ids[:1]) == "\ufffd"
@@ -333,7 +333,8 @@ def test_cli_streams_saves_and_resumes(cli_model, tmp_path):
     model, tokenizer = mlx_mamba.load(cli_model)
     expected = mlx_mamba.generate(model, tokenizer, "Hello, world", max_tokens=12)
     assert result.stdout == expected + "\n"
-    for line in ("Prompt: 3 tokens,", "tokens-per-sec", "Generation: 12 tokens,", "Peak memory:"):
+    prompt_line = f"Prompt: {len(tokenizer.encode('Hello, world'))} tokens,"
+    for line in (prompt_line, "tokens-per-sec", "Generation: 12 tokens,", "Peak memory:"):
         assert line in result.stderr
     assert load_prompt_cache(cache_file, model).tokens == tokenizer.encode("Hello, world")
 
@@ -350,7 +351,7 @@ def test_cli_resumes_in_process(cli_model, tmp_path, capsys):
     assert resumed == mlx_mamba.generate(model, tokenizer, "Once upon a time", max_tokens=6)
 
 
-def test_cli_applies_the_chat_template(cli_model, tmp_path, capsys):
+def test_cli_applies_the_chat_template(cli_model, neox_tokenizer, tmp_path, capsys):
     templated = tmp_path / "chat"
     templated.mkdir()
     for file in cli_model.iterdir():
@@ -364,14 +365,14 @@ def test_cli_applies_the_chat_template(cli_model, tmp_path, capsys):
     assert main(["--model", str(templated), "--prompt", "hi", "-m", "2", "--verbose",
                  "--ignore-chat-template"]) == 0
     err = capsys.readouterr().err
-    assert "<bot>" not in err and "Prompt: 1 tokens" in err
+    assert "<bot>" not in err and f"Prompt: {len(neox_tokenizer.encode('hi'))} tokens" in err
 
 
 def bad_runs(cli_model, original, tmp_path):
     damaged = tmp_path / "damaged.safetensors"
     damaged.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     other = tmp_path / "other.safetensors"
-    small = mlx_mamba.load(original)[0]
+    small = mlx_mamba.loader.load_model(original)
     save_prompt_cache(other, make_prompt_cache(small, [1, 2]), small)
     model = ["--model", str(cli_model)]
     return {
@@ -403,9 +404,11 @@ def test_cli_error_exit_in_a_subprocess_has_no_traceback(tmp_path):
     assert result.stderr.startswith("error: ") and "Traceback" not in result.stderr
 
 
-def test_cli_tokenizer_flag_serves_an_original_checkpoint(checkpoint, cli_model, capsys):
+@pytest.mark.parametrize("where", ["directory", "tokenizer.json"])
+def test_cli_tokenizer_flag_serves_an_original_checkpoint(where, checkpoint, cli_model, capsys):
     original, _ = checkpoint("mamba2_original")  # vocabulary 112: ids of single characters fit
-    assert main(["--model", str(original), "--tokenizer", str(cli_model), "--prompt", "a",
+    tokenizer = cli_model if where == "directory" else cli_model / "tokenizer.json"
+    assert main(["--model", str(original), "--tokenizer", str(tokenizer), "--prompt", "a",
                  "-m", "3"]) == 0
     assert "Generation: 3 tokens" in capsys.readouterr().err
 

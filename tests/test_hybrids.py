@@ -1,4 +1,4 @@
-"""Hybrid checkpoints (Bamba, Granite 4.0-H dense and MoE, Nemotron-H): the same model stack as
+"""Hybrid checkpoints (Bamba, Granite 4.0-H dense and MoE, Nemotron-H, Jamba): the same model stack as
 pure Mamba, checked against transformers (logits, greedy generation, quantized weights) and
 against itself (whole forward = cache = step, padded batches = rows alone, resumed prompt caches),
 and every bad config or checkpoint gets one error line naming the field."""
@@ -20,6 +20,7 @@ from mlx.utils import tree_flatten
 import mlx_mamba
 from checkpoints import HYBRIDS
 from mlx_mamba.cache import KVCache, LayerCaches, MambaCache
+from mlx_mamba.config import ModelConfig
 from mlx_mamba.convert import convert, save_model
 from mlx_mamba.fuse import dequantize_model
 from mlx_mamba.generate import batch_generate, stream_generate
@@ -131,6 +132,22 @@ def test_a_prompt_cache_of_another_family_is_refused(checkpoint, tmp_path):
         load_prompt_cache(tmp_path / "c.safetensors", granite)
 
 
+@pytest.mark.parametrize("fields", [
+    {},  # transformers' defaults: Jamba v0.1's layout
+    dict(num_hidden_layers=9, attn_layer_period=4, attn_layer_offset=0, expert_layer_period=3,
+         expert_layer_offset=2, num_experts=5),
+    dict(num_hidden_layers=6, num_experts=1),  # one expert: MLPs everywhere
+])
+def test_jamba_layer_order_is_transformers(fields):
+    source = transformers.JambaConfig(**fields)
+    config = ModelConfig.from_dict(dict(source.to_dict(), mamba_dt_rank="auto"))
+    assert [{"mamba1": "mamba", "attention": "attention"}[k] for k in config.layer_types] == \
+        source.layers_block_type
+    assert [{"moe": source.num_experts, "mlp": 1}[k] for k in config.ffn_types] == \
+        [n if n > 1 else 1 for n in source.layers_num_experts]
+    assert config.dt_rank == -(-source.hidden_size // 16) == source.mamba_dt_rank
+
+
 def _transformers_with(weights_dir, source, tmp_path):
     """transformers' model of `source`'s family holding the float weights saved in weights_dir."""
     target = tmp_path / "torch_layout"
@@ -145,7 +162,8 @@ def _transformers_with(weights_dir, source, tmp_path):
     return transformers.AutoModelForCausalLM.from_pretrained(target).eval()
 
 
-@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "falcon_h1", "zamba2"])
+@pytest.mark.parametrize("flavour", ["granite_moe", "nemotron_h", "bamba", "falcon_h1", "zamba2",
+                                     "jamba"])
 @pytest.mark.parametrize("mode", ["affine", "mxfp4", "nvfp4", "mxfp8"])
 def test_quantized_equals_transformers_on_the_dequantized_weights(flavour, mode, checkpoint,
                                                                   tmp_path):
@@ -213,6 +231,15 @@ def _edited(source, tmp_path, edit_config=None, drop=None):
     ("zamba2", lambda c: c.update(layers_block_type=["mamba", "shared"] * 3), None,
      "layers_block_type.*shared"),
     ("zamba2", None, "linear_q_adapter_list.2.", "linear_q_adapter_list.2"),
+    ("jamba", lambda c: c.update(attn_layer_period=0), None, "attn_layer_period"),
+    ("jamba", lambda c: c.update(expert_layer_offset=2), None, "expert_layer_offset"),
+    ("jamba", lambda c: c.update(num_experts_per_tok=5), None, "num_experts_per_tok"),
+    ("jamba", lambda c: c.update(mamba_dt_rank="full"), None, "mamba_dt_rank"),
+    ("jamba", None, "feed_forward.experts.2.up_proj",
+     r"missing tensor 'model\.layers\.3\.feed_forward\.experts\.2\.up_proj\.weight'"),
+    ("jamba", lambda c: c.update(num_experts=1), None,
+     r"unexpected tensor 'model\.layers\.[13]\.feed_forward\.experts\.0\..*no mixture-of-experts"),
+    ("jamba", None, "mamba.dt_layernorm", "model.layers.0.mamba.dt_layernorm.weight"),
 ])
 
 
@@ -247,3 +274,24 @@ def test_zamba2_block_copies_that_differ_are_refused(checkpoint, tmp_path):
     mx.save_safetensors(str(source / "model.safetensors"), weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match="layers.4.shared_transformer.*not shared"):
         mlx_mamba.load(source)
+
+
+def test_bfloat16_runs_close_to_float32(hybrid):
+    # Every layer kind runs in bfloat16 on this backend too (MoE included: CPU gather_mm takes
+    # float32 only, so experts compute in float32 there), within bfloat16's rounding.
+    _, directory, _, model = hybrid
+    half = mlx_mamba.load(directory, dtype=mx.bfloat16)[0]
+    ids = mx.array(IDS[:, :12])
+    assert relative_error(half(ids).astype(mx.float32), model(ids)) < 5e-2
+
+
+def test_pure_mamba_prompt_caches_keep_their_identity():
+    # The fields added for the hybrids are recorded only when set, so a prompt cache saved by the
+    # release before them (whose hash for this config was 9c6b0744ee132e7d) still loads.
+    from mlx_mamba.config import ModelConfig
+    from mlx_mamba.prompt_cache import config_hash
+
+    config = ModelConfig.from_dict({"model_type": "mamba2", "hidden_size": 64, "vocab_size": 10,
+                                    "num_hidden_layers": 2, "num_heads": 2, "head_dim": 64,
+                                    "n_groups": 1})
+    assert config_hash(config) == "9c6b0744ee132e7d"

@@ -8,8 +8,7 @@ import pytest
 
 import mlx_mamba
 from mlx_mamba.cache import cache_state
-from mlx_mamba.prompt_cache import (PARTIAL, PrefixCache, PromptCacheError, load_prompt_cache,
-                                    prefill)
+from mlx_mamba.prompt_cache import PrefixCache, PromptCacheError, load_prompt_cache, prefill
 
 TOKENS = np.random.RandomState(0).randint(0, 100, 40).tolist()
 
@@ -77,13 +76,14 @@ def test_a_directory_survives_a_restart(model, tmp_path):
     cache = PrefixCache(model, 2 ** 30, tmp_path, "tiny")
     cache.add(TOKENS[:9], state(model, TOKENS[:9]))
     cache.add(TOKENS[:17], state(model, TOKENS[:17]))
-    (tmp_path / ("0" * 32 + ".safetensors" + PARTIAL)).write_bytes(b"interrupted")
+    (tmp_path / (".tmp-123-" + "0" * 32 + ".safetensors")).write_bytes(b"interrupted")
     damaged = tmp_path / ("f" * 32 + ".safetensors")
     damaged.write_bytes(b"not safetensors")
     (tmp_path / "notes.txt").write_text("not ours")
     again = PrefixCache(model, 2 ** 30, tmp_path)
     assert len(again) == 2 and again.longest(TOKENS)[0] == 17
-    assert sorted(f.name for f in tmp_path.iterdir() if not f.name.endswith("safetensors")) \
+    assert sorted(f.name for f in tmp_path.iterdir()
+                  if not f.name.endswith("safetensors") or f.name.startswith(".")) \
         == ["notes.txt"]
     assert not damaged.exists() and len(list(tmp_path.glob("*.safetensors"))) == 2
     done, layers = again.longest(TOKENS[:-1])

@@ -383,6 +383,9 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": ""}, 400, "empty"),
     ("/v1/completions", {"prompt": [1, 2, 100]}, 400, "vocabulary"),
     ("/v1/completions", {"prompt": [1, -2]}, 400, "vocabulary"),
+    ("/v1/completions", {"prompt": "\ud800"}, 400, "UTF-8"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a\udfff"}]}, 400,
+     "UTF-8"),
     ("/v1/completions", {"prompt": "x" * 300}, 400, "at most 200"),
     ("/v1/completions", {"prompt": "x", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "x", "max_tokens": -1}, 400, "max_tokens"),
@@ -445,16 +448,17 @@ def test_bad_flags_and_models_are_one_error_line(model_dir, tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     model = str(model_dir(FLAVOURS["mamba"]))
-    cases = [(["--model", model, "--max-batch-size", "0"], "--max-batch-size"),
-             (["--model", str(tmp_path / "missing")], "missing"),
-             (["--model", model, "--port", str(taken.getsockname()[1])], "cannot listen")]
+    cases = [(["--model", model, "--max-batch-size", "0"], 2, "--max-batch-size"),
+             (["--model", model, "--api-key", " "], 1, "--api-key"),
+             (["--model", str(tmp_path / "missing")], 1, "missing"),
+             (["--model", model, "--port", str(taken.getsockname()[1])], 1, "cannot listen")]
     try:
-        for flags, words in cases:
+        for flags, code, words in cases:
             result = subprocess.run([sys.executable, "-m", "mlx_mamba.server", *flags],
                                     capture_output=True, text=True, cwd=ROOT,
                                     timeout=START_SECONDS)
             lines = result.stderr.strip().splitlines()
-            assert result.returncode == 1 and lines[-1].startswith("error: ") and \
+            assert result.returncode == code and lines[-1].startswith("error: ") and \
                 words in lines[-1] and "Traceback" not in result.stderr, result.stderr
     finally:
         taken.close()

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -25,23 +26,22 @@ GRADIENT_TOLERANCE = 1e-3  # max |ours - torch| relative to the largest |torch| 
 
 
 @pytest.fixture(scope="session")
-def tiny_model(checkpoint, shared_data, tmp_path_factory):
+def tiny_model(checkpoint, tmp_path_factory):
     """tiny_model(flavour) -> a model directory with a tokenizer that fits its vocabulary."""
     made = {}
 
     def make(flavour):
         if flavour not in made:
             made[flavour] = model_with_tokenizer(checkpoint(flavour)[0],
-                                                 tmp_path_factory.mktemp("tuned") / flavour,
-                                                 shared_data)
+                                                 tmp_path_factory.mktemp("tuned") / flavour)
         return made[flavour]
 
     return make
 
 
 @pytest.fixture(scope="session")
-def text_data(shared_data, tmp_path_factory):
-    return write_data(tmp_path_factory.mktemp("data"), shared_data)
+def text_data(tmp_path_factory):
+    return write_data(tmp_path_factory.mktemp("data"))
 
 
 def relative_error(ours, theirs):
@@ -296,7 +296,9 @@ def test_missing_files_are_clear_errors(tiny_model, text_data, tmp_path, capsys)
          "none/adapter_config.json: adapter config not found"),
         (["--train", "--data", text_data, "--resume-adapter-file", tmp_path / "no.safetensors"],
          "no.safetensors: adapter file not found"),
-        (["--train", "--data", tmp_path / "nodata"], "nodata/train.jsonl: not found"),
+        (["--train", "--data", tmp_path / "nodata"], "nodata: does not exist"),
+        (["--train", "--data", text_data / "train.jsonl"], "train.jsonl: is not a directory"),
+        (["--train", "--data", tmp_path], "train.jsonl: not found"),
         (["--train", "--data", text_data, "--num-layers", 5], "num_layers 5: the model has 2"),
     ]:
         code, _, err = run_cli(lora, ["--model", model, "--iters", 1, *args], capsys)
@@ -307,6 +309,26 @@ def test_missing_files_are_clear_errors(tiny_model, text_data, tmp_path, capsys)
     assert code == 1 and "adapter config not found" in err and not (tmp_path / "out").exists()
 
 
+def test_cli_tokenizer_flag_serves_a_model_without_one(checkpoint, tiny_model, text_data,
+                                                      tmp_path, capsys):
+    bare = checkpoint("mamba1")[0]  # the tiny model's weights, without its tokenizer
+    whole = tiny_model("mamba1")
+    capsys.readouterr()  # the fixtures' progress bars
+    args = ["--data", text_data, "--train", "--test", "--iters", 2, "--batch-size", 2,
+            "--val-batches", 1, "--test-batches", 2, "--adapter-path", tmp_path / "a"]
+    code, _, err = run_cli(lora, ["--model", bare, *args], capsys)
+    assert code == 1 and err.startswith("error: ") and "pass --tokenizer" in err, err
+    # Its tokenizer.json alone (whose eos then comes from the config) trains and tests exactly
+    # as the whole model directory does.
+    runs = [["--model", bare, "--tokenizer", whole / "tokenizer.json"], ["--model", whole]]
+    outputs = []
+    for run in runs:
+        code, out, err = run_cli(lora, [*run, *args], capsys)
+        assert code == 0, err
+        outputs.append(re.findall(r"(?:Train|Val|Test) loss [0-9.]+", out))
+    assert outputs[0] == outputs[1] and "Test loss" in outputs[0][-1]
+
+
 def test_interrupted_save_keeps_the_last_checkpoint(tiny_model, tmp_path, monkeypatch):
     model = adapted(tiny_model("mamba2"), "lora")
     save_adapters(model, tmp_path, {"fine_tune_type": "lora"})
@@ -314,8 +336,7 @@ def test_interrupted_save_keeps_the_last_checkpoint(tiny_model, tmp_path, monkey
     perturb_trainable(model)
 
     def crash(file, weights, **kwargs):
-        with open(file, "wb") as f:
-            f.write(b"half a file")
+        file.write(b"half a file")
         raise KeyboardInterrupt
 
     monkeypatch.setattr(adapters_module.mx, "save_safetensors", crash)

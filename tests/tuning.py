@@ -1,46 +1,43 @@
 """Fine-tuning test material: a model directory with a tokenizer that fits the tiny vocabulary,
-and jsonl data directories cut from the shared Shakespeare text."""
+and jsonl data directories cut from the repository's Shakespeare excerpt."""
 
 import json
 import shutil
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from corpus import shakespeare_lines
+
 # A chat template that renders turn by turn, so assistant turns can be located.
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|endoftext|>"
                  "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def shakespeare_lines(shared_data, count, skip=0):
-    text = (shared_data / "tinyshakespeare.txt").read_text()
-    return [line for line in text.splitlines() if len(line) > 20][skip:skip + count]
-
-
-def write_tokenizer(directory, shared_data, vocab_size=100):
+def write_tokenizer(directory, vocab_size=100):
     """A BPE tokenizer of the tiny checkpoints' vocabulary size, with eos and a chat template."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
     tokenizer.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, limit_alphabet=60,
                                   special_tokens=["<|endoftext|>", "<unk>"])
-    tokenizer.train_from_iterator(shakespeare_lines(shared_data, 2000), trainer)
+    tokenizer.train_from_iterator(shakespeare_lines(2000), trainer)
     tokenizer.save(str(directory / "tokenizer.json"))
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>",
         "unk_token": "<unk>", "chat_template": CHAT_TEMPLATE}))
 
 
-def model_with_tokenizer(checkpoint_dir, directory, shared_data):
+def model_with_tokenizer(checkpoint_dir, directory):
     """A copy of a tiny checkpoint directory with the tiny tokenizer added."""
     shutil.copytree(checkpoint_dir, directory)
-    write_tokenizer(directory, shared_data)
+    write_tokenizer(directory)
     return directory
 
 
-def write_data(directory, shared_data, train=32, valid=8, test=8, kind="text"):
+def write_data(directory, train=32, valid=8, test=8, kind="text"):
     """train/valid/test.jsonl of Shakespeare lines as "text" or "prompt"/"completion" records."""
     directory.mkdir(parents=True, exist_ok=True)
-    lines = iter(shakespeare_lines(shared_data, train + valid + test, skip=3000))
+    lines = iter(shakespeare_lines(train + valid + test, skip=2000))  # not the tokenizer's
     for name, count in (("train", train), ("valid", valid), ("test", test)):
         records = []
         for _ in range(count):

@@ -14,6 +14,7 @@ import re
 
 import mlx.core as mx
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError, get
 
 
@@ -84,6 +85,44 @@ def join_rows(weights, parts, packed):
     return result
 
 
+EXPERT = re.compile(r"(.*\.experts\.)(\d+)\.(\w+)\.(\w+)$")  # one expert's tensor
+STACKED = re.compile(r"(.*\.experts\.)(gate_proj|up_proj|down_proj)\.(\w+)$")  # all experts'
+
+
+def stack_experts(weights, n_experts):
+    """Per-expert tensors `experts.{e}.{proj}.{w}` stacked into `experts.{proj}.{w}`; every
+    expert of 0 .. n_experts - 1 must be there, and no other. Run on the checkpoint's names, so
+    that a message names the tensor as the checkpoint does."""
+    weights, experts = dict(weights), {}
+    for name in [n for n in weights if EXPERT.match(n)]:
+        prefix, e, proj, suffix = EXPERT.match(name).groups()
+        experts.setdefault((prefix, proj, suffix), {})[int(e)] = weights.pop(name)
+    count = f"{n_experts} experts" if n_experts else "no mixture-of-experts layers"
+    for (prefix, proj, suffix), parts in experts.items():
+        missing = sorted(set(range(n_experts)) - set(parts))
+        extra = sorted(set(parts) - set(range(n_experts)))
+        if missing or extra:
+            problem = "missing" if missing else "unexpected"
+            raise CheckpointError(f"{problem} tensor "
+                                  f"'{prefix}{(missing or extra)[0]}.{proj}.{suffix}': the "
+                                  f"config has {count}")
+        weights[f"{prefix}{proj}.{suffix}"] = mx.stack([parts[e] for e in range(n_experts)])
+    return weights
+
+
+def unstack_experts(weights):
+    """The inverse of `stack_experts`."""
+    result = {}
+    for name, value in weights.items():
+        match = STACKED.match(name)
+        if match:
+            prefix, proj, suffix = match.groups()
+            result.update({f"{prefix}{e}.{proj}.{suffix}": value[e] for e in range(len(value))})
+        else:
+            result[name] = value
+    return result
+
+
 def attention_fields(config):
     """The attention sizes every family spells the same way."""
     heads = get(config, "num_attention_heads")
@@ -122,8 +161,8 @@ def layer_kinds(names, aliases, field):
     return tuple(kinds)
 
 
-from . import bamba, falcon_h1, granitemoehybrid, nemotron_h, zamba2  # noqa: E402
+from . import bamba, falcon_h1, granitemoehybrid, jamba, nemotron_h, zamba2  # noqa: E402
 
 MODULES = {"bamba": bamba, "falcon_h1": falcon_h1, "granitemoehybrid": granitemoehybrid,
-           "nemotron_h": nemotron_h, "zamba2": zamba2}
+           "jamba": jamba, "nemotron_h": nemotron_h, "zamba2": zamba2}
 FAMILIES = {name: module.read_config for name, module in MODULES.items()}

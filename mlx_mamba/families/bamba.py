@@ -22,7 +22,10 @@ def mamba2_fields(config):
     hidden, expand = get(config, "hidden_size"), get(config, "mamba_expand", 2)
     heads = get(config, "mamba_n_heads", 128)
     head_dim = config.get("mamba_d_head", "auto")
-    head_dim = max(expand * hidden // heads, 1) if head_dim == "auto" else get(config, "mamba_d_head")
+    if head_dim == "auto":
+        head_dim = max(expand * hidden // heads, 1)
+    else:
+        head_dim = get(config, "mamba_d_head")
     if heads * head_dim != expand * hidden:
         raise ConfigError(f"fields 'mamba_n_heads' * 'mamba_d_head' ({heads} * {head_dim}) must "
                           f"equal 'mamba_expand' * 'hidden_size' ({expand} * {hidden})")

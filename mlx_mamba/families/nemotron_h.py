@@ -4,15 +4,11 @@ attention (no positional encoding), squared-ReLU MLP or mixture of experts, in t
 "E" MoE). The experts are squared-ReLU MLPs routed by sigmoid scores plus a correction bias,
 top-k within the best groups, with a shared expert and an optional latent projection."""
 
-import re
-
-import mlx.core as mx
-
-from ..checkpoint import CheckpointError
 from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
-from . import attention_fields, layer_kinds, rename, swapped
+from . import attention_fields, layer_kinds, rename, stack_experts, swapped, unstack_experts
 
-NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias", "backbone.layers.{i}.mixer.score_bias"),
+NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias",
+          "backbone.layers.{i}.mixer.score_bias"),
          ("backbone.layers.{i}.mixer.gate.", "backbone.layers.{i}.mixer.router."),
          ("backbone.layers.{i}.mixer.fc1_latent_proj.", "backbone.layers.{i}.mixer.latent_in."),
          ("backbone.layers.{i}.mixer.fc2_latent_proj.", "backbone.layers.{i}.mixer.latent_out.")]
@@ -75,31 +71,9 @@ def read_config(config):
         source_config=config, **common_fields(config))
 
 
-EXPERT = re.compile(r"(.*\.experts\.)(\d+)\.(\w+)\.(\w+)$")  # one expert's tensor
-STACKED = re.compile(r"(.*\.experts\.)(up_proj|down_proj)\.(\w+)$")  # all experts' tensor
-
-
 def to_model_names(weights, config):
-    """Per-expert tensors `experts.{e}.{proj}.{w}` stacked into `experts.{proj}.{w}`."""
-    weights, experts = rename(weights, NAMES), {}
-    for name in [n for n in weights if EXPERT.match(n)]:
-        prefix, e, proj, suffix = EXPERT.match(name).groups()
-        experts.setdefault(f"{prefix}{proj}.{suffix}", {})[int(e)] = weights.pop(name)
-    for name, parts in experts.items():
-        if set(parts) != set(range(config.n_experts)):
-            raise CheckpointError(f"tensor {name!r}: the checkpoint has experts {sorted(parts)}, "
-                                  f"the config says 0 to {config.n_experts - 1}")
-        weights[name] = mx.stack([parts[e] for e in range(config.n_experts)])
-    return weights
+    return rename(stack_experts(weights, config.n_experts), NAMES)
 
 
 def to_checkpoint_names(weights, config):
-    result = {}
-    for name, value in rename(weights, swapped(NAMES)).items():
-        match = STACKED.match(name)
-        if match:
-            prefix, proj, suffix = match.groups()
-            result.update({f"{prefix}{e}.{proj}.{suffix}": value[e] for e in range(len(value))})
-        else:
-            result[name] = value
-    return result
+    return rename(unstack_experts(weights), swapped(NAMES))

@@ -26,8 +26,9 @@ NAMES = [("model.embed_tokens.", "backbone.embeddings."),
          ("model.layers.{i}.mamba.", "backbone.layers.{i}.mixer."),
          ("model.layers.{i}.linear.", "backbone.layers.{i}.linear.")]
 KINDS = {"mamba": "mamba2", "linear_attention": "mamba2", "hybrid": "hybrid"}
-ADAPTER = re.compile(r"model\.layers\.\d+\.shared_transformer\.(?:self_attn\.linear_(q|k|v)_adapter_list"
-                     r"|feed_forward\.(gate_up)_proj_adapter_list)\.(\d+)\.([01])\.(\w+)$")
+ADAPTER = re.compile(r"model\.layers\.\d+\.shared_transformer\."
+                     r"(?:self_attn\.linear_(q|k|v)_adapter_list|feed_forward\.(gate_up)_proj_adapter_list)"
+                     r"\.(\d+)\.([01])\.(\w+)$")
 SHARED = re.compile(r"model\.layers\.(\d+)\.shared_transformer\.(.*)$")
 ACTIVATIONS = ("gelu", "silu")
 

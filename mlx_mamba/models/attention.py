@@ -29,8 +29,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * head_dim, output_dims or d_model, bias=bias)
 
     def make_cache(self, batch_size=1):
-        return KVCache(batch_size, self.n_kv_heads, self.head_dim, self.o_proj.weight.dtype
-                       if not isinstance(self.o_proj, nn.QuantizedLinear) else self.o_proj.scales.dtype)
+        return KVCache(batch_size, self.n_kv_heads, self.head_dim)
 
     def _heads(self, projection, x, count, extra=None):
         batch, length, _ = x.shape

@@ -1,4 +1,5 @@
-"""Mamba1 mixer: selective SSM (Gu & Dao, 2023), with Falcon-Mamba's optional RMSNorm on dt, B, C."""
+"""Mamba1 mixer: selective SSM (Gu & Dao, 2023), with an optional RMSNorm on dt, B and C:
+weightless in Falcon-Mamba, with weights in Jamba."""
 
 import math
 
@@ -19,11 +20,15 @@ def _without_bias(linear, x):
     return x @ linear.weight.T
 
 
+# Jamba's names for the RMSNorms on dt, B and C.
+NORMS = ("dt_layernorm", "b_layernorm", "c_layernorm")
+
+
 class Mamba1(nn.Module):
     """x (B, T, d_model) -> (B, T, d_model). Parameter names follow the transformers checkpoints."""
 
     def __init__(self, d_model, d_state=16, d_conv=4, expand=2, dt_rank="auto", conv_bias=True,
-                 bias=False, mixer_rms_eps=None):
+                 bias=False, mixer_rms_eps=None, mixer_rms_weights=False):
         super().__init__()
         d_inner = expand * d_model
         self.d_state = d_state
@@ -40,6 +45,9 @@ class Mamba1(nn.Module):
         dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), (d_inner,)))
         self.dt_proj.bias = dt + mx.log(-mx.expm1(-dt))  # softplus⁻¹(dt)
         self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        if mixer_rms_weights:
+            for name, dims in zip(NORMS, (self.dt_rank, d_state, d_state)):
+                setattr(self, name, nn.RMSNorm(dims, eps=mixer_rms_eps))
 
     def make_cache(self, batch_size=1):
         d_inner, width = self.conv1d.weight.shape[:2]
@@ -50,7 +58,10 @@ class Mamba1(nn.Module):
         # x (..., E) -> delta (..., E) before bias and softplus, B and C (..., N).
         delta, B, C = mx.split(self.x_proj(x), [self.dt_rank, self.dt_rank + self.d_state], axis=-1)
         if self.mixer_rms_eps is not None:
-            delta, B, C = (mx.fast.rms_norm(v, None, self.mixer_rms_eps) for v in (delta, B, C))
+            weights = [self[name].weight if name in self else None for name in NORMS]
+            # The weights stay float32 (as all norms'); the result keeps the input's dtype.
+            delta, B, C = (mx.fast.rms_norm(v, w, self.mixer_rms_eps).astype(v.dtype)
+                           for v, w in zip((delta, B, C), weights))
         return _without_bias(self.dt_proj, delta), B, C
 
     def __call__(self, x, cache=None, mask=None):

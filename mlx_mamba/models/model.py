@@ -13,6 +13,7 @@ from ..config import ModelConfig
 from .attention import Attention
 from .mamba1 import Mamba1
 from .mamba2 import Mamba2
+from .mamba3 import Mamba3
 from .mlp import MLP
 from .moe import MoE
 from .parallel import ParallelMixer
@@ -23,11 +24,15 @@ def make_layer(config: ModelConfig, kind):
     c = config
     if kind == "mamba1":
         return Mamba1(c.d_model, c.d_state, c.d_conv, c.expand, c.dt_rank, c.conv_bias, c.bias,
-                      c.mixer_rms_eps)
+                      c.mixer_rms_eps, c.mixer_rms_weights)
     if kind in ("mamba2", "hybrid"):
         return Mamba2(c.d_model, c.d_state, c.d_conv, c.expand, c.head_dim, c.n_groups,
                       c.chunk_size, c.dt_limit, c.conv_bias, c.bias, c.gate_norm_eps or c.norm_eps,
                       c.d_inner, c.mamba_gate_norm, c.ssm_multipliers or None)
+    if kind == "mamba3":
+        return Mamba3(c.d_model, c.d_state, c.expand, c.head_dim, c.n_groups, c.rope_fraction,
+                      A_floor=c.A_floor, is_outproj_norm=c.is_outproj_norm, is_mimo=c.is_mimo,
+                      mimo_rank=c.mimo_rank, chunk_size=c.chunk_size)
     if kind == "attention":
         return Attention(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim, c.attn_bias,
                          c.attn_scale, c.rope_theta, c.rope_dims, c.key_multiplier)
@@ -77,7 +82,9 @@ class Model(nn.Module):
 
     Token ids are not range-checked here: that would force evaluation inside a lazy graph.
     An id outside [0, vocab_size) reads outside the embedding table (garbage or a crash); every
-    entry point that takes ids from a user (generation, the CLIs, the tuner's data) checks them.
+    entry point that takes ids from a user (generation, the CLIs, the tuner's data, prompt cache
+    files) checks them. Check ids of your own with
+    `mlx_mamba.check_token_ids(ids, model.config.vocab_size)`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -108,6 +115,16 @@ class Model(nn.Module):
             mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
             if "conv1d" in mamba:
                 return mamba.conv1d.weight.dtype
+        # No conv (Mamba-3): the dtype of the first projection, or of an affine-quantized one's
+        # scales; with float quantization modes, what the (then quantized) embedding gives.
+        for layer in self.backbone.layers:
+            projection = layer.mixer.get("out_proj")
+            if projection is not None:
+                projection = projection.get("linear", projection)  # the layer inside a LoRA
+                dtype = projection.get("scales", projection.weight).dtype
+                if mx.issubdtype(dtype, mx.floating):
+                    return dtype
+        return self.backbone.embeddings(mx.zeros((1,), mx.int32)).dtype
 
     def _run(self, input_ids, cache, mask, step):
         c = self.config
@@ -160,8 +177,8 @@ def _check_inputs(ids, cache, mask, ndim, layers):
     shape = tuple(getattr(ids, "shape", ()))
     if len(shape) != ndim or 0 in shape:
         expected = "(batch, length) with length >= 1" if ndim == 2 else "(batch,)"
-        raise ValueError(f"token ids of shape {shape}: expected {expected}"
-                         + (" (use model.step for one token per row)" if ndim == 2 and len(shape) == 1 else ""))
+        hint = " (model.step takes one token per row)" if ndim == 2 and len(shape) == 1 else ""
+        raise ValueError(f"token ids of shape {shape}: expected {expected}{hint}")
     if not mx.issubdtype(ids.dtype, mx.integer):
         raise ValueError(f"token ids of dtype {ids.dtype}: expected integers")
     if mask is not None and tuple(mask.shape) != shape:

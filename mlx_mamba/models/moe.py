@@ -1,7 +1,8 @@
 """Mixture of experts: a router picks top-k experts per token; the experts' weights are stacked
 (E, out, in) and applied with `mx.gather_mm` / `mx.gather_qmm` over tokens sorted by expert, never a
-loop over experts. Routing follows the family: "softmax" over the top-k logits (Granite) or
-"sigmoid" scores with a correction bias, chosen within the best groups, normalised and scaled
+loop over experts. Routing follows the family: softmax scores over all experts, the top-k
+renormalised (Granite: the same as a softmax over the top-k logits) or not (Jamba), or sigmoid
+scores with a correction bias, chosen within the best groups, normalised and scaled
 (Nemotron 3)."""
 
 import math
@@ -12,8 +13,14 @@ import mlx.nn as nn
 from .mlp import ACTIVATIONS, GATED, MLP
 
 
+def _top_k(scores, k):
+    """The ids (N, k) of the k highest scores per row. The choice is discrete: gradients reach the
+    router through the chosen experts' weights, never through the ids."""
+    return mx.stop_gradient(mx.argpartition(-scores, k - 1, axis=-1)[:, :k])
+
+
 class ExpertLinear(nn.Module):
-    """E linear maps stacked: x (N, k, in) with expert ids (N, k) -> (N, k, out)."""
+    """E linear maps stacked: x (..., in) with expert ids (...) -> (..., out)."""
 
     def __init__(self, n_experts, in_dims, out_dims):
         super().__init__()
@@ -21,8 +28,13 @@ class ExpertLinear(nn.Module):
         self.weight = mx.random.uniform(-bound, bound, (n_experts, out_dims, in_dims))
 
     def __call__(self, x, experts, sorted_indices=False):
-        return mx.gather_mm(x[..., None, :], self.weight.swapaxes(-1, -2), rhs_indices=experts,
-                            sorted_indices=sorted_indices)[..., 0, :]
+        weight, dtype = self.weight, x.dtype
+        if dtype != mx.float32 and mx.default_device() == mx.cpu:
+            # MLX 0.32's CPU gather_mm takes float32 only; Metal and CUDA take every float dtype.
+            x, weight = x.astype(mx.float32), weight.astype(mx.float32)
+        y = mx.gather_mm(x[..., None, :], weight.swapaxes(-1, -2), rhs_indices=experts,
+                         sorted_indices=sorted_indices)[..., 0, :]
+        return y.astype(dtype)
 
     def to_quantized(self, group_size=64, bits=4, mode="affine"):
         return QuantizedExpertLinear(self, group_size, bits, mode)
@@ -41,7 +53,8 @@ class QuantizedExpertLinear(nn.Module):
     def __call__(self, x, experts, sorted_indices=False):
         return mx.gather_qmm(x[..., None, :], self.weight, self.scales, self.get("biases"),
                              rhs_indices=experts, transpose=True, group_size=self.group_size,
-                             bits=self.bits, mode=self.mode, sorted_indices=sorted_indices)[..., 0, :]
+                             bits=self.bits, mode=self.mode,
+                             sorted_indices=sorted_indices)[..., 0, :]
 
 
 class Experts(nn.Module):
@@ -60,12 +73,14 @@ class Experts(nn.Module):
         n, k = experts.shape
         # Sorted by expert, consecutive rows share a weight matrix: gather_mm's fast path.
         order = mx.argsort(experts.flatten())
-        rows = x[order // k][:, None]  # (N*k, 1, D)
-        chosen = experts.flatten()[order][:, None]  # (N*k, 1)
+        rows = x[order // k]  # (N*k, D)
+        # One id per row: the layout whose gradient gather_mm's sorted path computes (MLX 0.32
+        # fails to differentiate it with ids of shape (N*k, 1)).
+        chosen = experts.flatten()[order]  # (N*k,)
         act = ACTIVATIONS[self.activation]
         h = act(self.up_proj(rows, chosen, True)) if "gate_proj" not in self else \
             act(self.gate_proj(rows, chosen, True)) * self.up_proj(rows, chosen, True)
-        y = self.down_proj(h, chosen, True)[:, 0]  # (N*k, D)
+        y = self.down_proj(h, chosen, True)  # (N*k, D)
         return y[mx.argsort(order)].reshape(n, k, -1)
 
 
@@ -78,7 +93,8 @@ class MoE(nn.Module):
                  latent=0, bias=False):
         super().__init__()
         self.top_k, self.router_kind = top_k, router
-        self.groups, self.topk_groups, self.normalize, self.scale = groups, topk_groups, normalize, scale
+        self.groups, self.topk_groups = groups, topk_groups
+        self.normalize, self.scale = normalize, scale
         self.router = nn.Linear(d_model, n_experts, bias=False)
         if router == "sigmoid":
             self.score_bias = mx.zeros((n_experts,))
@@ -90,15 +106,11 @@ class MoE(nn.Module):
             self.shared_experts = MLP(d_model, shared_hidden, activation, bias)
 
     def route(self, x):
-        """x (N, D) -> expert ids (N, k), weights (N, k) in float32."""
+        """x (N, D) -> expert ids (N, k), weights (N, k) in float32: the top-k scores."""
         # Routing decides discrete choices: computed in float32 whatever the weights' dtype.
         logits = x.astype(mx.float32) @ self.router.weight.astype(mx.float32).T
-        k = self.top_k
-        if self.router_kind == "softmax":
-            experts = mx.argpartition(-logits, k - 1, axis=-1)[:, :k]
-            return experts, mx.softmax(mx.take_along_axis(logits, experts, axis=-1), axis=-1)
-        scores = mx.sigmoid(logits)
-        choice = scores + self.score_bias.astype(mx.float32)
+        scores = mx.softmax(logits, axis=-1) if self.router_kind == "softmax" else mx.sigmoid(logits)
+        choice = scores + self.score_bias.astype(mx.float32) if "score_bias" in self else scores
         if self.topk_groups < self.groups:
             n, e = choice.shape
             grouped = choice.reshape(n, self.groups, e // self.groups)
@@ -106,7 +118,7 @@ class MoE(nn.Module):
             threshold = mx.sort(group_scores, axis=-1)[:, -self.topk_groups][:, None]
             keep = (group_scores >= threshold)[..., None]
             choice = mx.where(keep, grouped, -math.inf).reshape(n, e)
-        experts = mx.argpartition(-choice, k - 1, axis=-1)[:, :k]
+        experts = _top_k(choice, self.top_k)
         weights = mx.take_along_axis(scores, experts, axis=-1)
         if self.normalize:
             weights = weights / (weights.sum(axis=-1, keepdims=True) + 1e-20)

@@ -10,12 +10,12 @@ The engine (engine.py, one thread doing all MLX work) is the library's generatio
 HTTP side (app.py) is FastAPI on uvicorn, the `server` extra, imported only when serving.
 """
 
-import argparse
 import ipaddress
 import logging
 import socket
 import sys
 
+from .. import cli
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..generate import GenerationError
@@ -24,60 +24,43 @@ from .engine import Engine
 
 
 class ServerError(ValueError):
-    """A server flag that cannot be used, or a missing web stack; the message says which."""
+    """A server setting that cannot be used, or a missing web stack; the message says which."""
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m mlx_mamba.server",
         description="Serve a model over OpenAI's completions and chat completions API, keeping "
                     "the state of every conversation so that the next turn costs only its new "
                     "tokens.")
-    parser.add_argument("--model", required=True,
-                        help="a converted, transformers or original directory, or a repo id")
-    parser.add_argument("--tokenizer", default=None,
-                        help="a directory or repo id with the tokenizer, for models shipped "
-                             "without one")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8080, help="0 picks a free port")
-    parser.add_argument("--api-key", default=None,
-                        help="require 'Authorization: Bearer KEY' on every request")
-    parser.add_argument("--max-batch-size", type=int, default=8,
-                        help="requests decoded together")
-    parser.add_argument("--max-queue", type=int, default=32,
-                        help="requests waiting for a batch place; more are refused with 503")
-    parser.add_argument("--prompt-cache-bytes", type=int, default=4 * 2 ** 30,
-                        help="memory for cached states (default 4 GiB); 0 turns the cache off")
-    parser.add_argument("--prompt-cache-dir", default=None,
-                        help="also keep the cached states in this directory, for the next run")
-    parser.add_argument("--max-prompt-tokens", type=int, default=32768,
-                        help="longer prompts are refused")
-    parser.add_argument("--max-tokens", type=int, default=4096,
-                        help="the most tokens a request may generate, and the default")
-    parser.add_argument("--max-body-bytes", type=int, default=4 * 2 ** 20,
-                        help="larger request bodies are refused with 413")
-    parser.add_argument("--prefill-step-size", type=int, default=PREFILL_STEP_SIZE,
-                        help="prompt tokens per parallel forward; a state is kept after each")
-    parser.add_argument("--log-level", default="info",
-                        choices=["critical", "error", "warning", "info", "debug"])
+    add = parser.add_argument
+    add("--model", required=True,
+        help="a converted, transformers or original directory, or a repo id")
+    add("--tokenizer", default=None,
+        help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
+             "model's own (default: the model's)")
+    add("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    add("--port", type=cli.integer(0, 65535), default=8080, help="0 picks a free port")
+    add("--api-key", default=None,
+        help="require 'Authorization: Bearer KEY' on every request (default: none)")
+    add("--max-batch-size", type=cli.integer(1), default=8, help="requests decoded together")
+    add("--max-queue", type=cli.integer(0), default=32,
+        help="requests waiting for a batch place; more are refused with 503")
+    add("--prompt-cache-bytes", type=cli.integer(0), default=4 * 2 ** 30,
+        help="memory for cached states; 0 turns the cache off")
+    add("--prompt-cache-dir", default=None,
+        help="also keep the cached states in this directory, for the next run (default: in "
+             "memory only)")
+    add("--max-prompt-tokens", type=cli.integer(1), default=32768,
+        help="longer prompts are refused")
+    add("--max-tokens", type=cli.integer(1), default=4096,
+        help="the most tokens a request may generate, and the default")
+    add("--max-body-bytes", type=cli.integer(1024), default=4 * 2 ** 20,
+        help="larger request bodies are refused with 413")
+    add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
+        help="prompt tokens per parallel forward; a state is kept after each")
+    add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
-
-
-def check_args(args):
-    for flag, value, least in (("--max-batch-size", args.max_batch_size, 1),
-                               ("--max-queue", args.max_queue, 0),
-                               ("--prompt-cache-bytes", args.prompt_cache_bytes, 0),
-                               ("--max-prompt-tokens", args.max_prompt_tokens, 1),
-                               ("--max-tokens", args.max_tokens, 1),
-                               ("--max-body-bytes", args.max_body_bytes, 1024),
-                               ("--prefill-step-size", args.prefill_step_size, 1)):
-        if value < least:
-            raise ServerError(f"{flag} is {value}: expected at least {least}")
-    if not 0 <= args.port <= 65535:
-        raise ServerError(f"--port is {args.port}: expected 0..65535")
-    if args.api_key is not None and not args.api_key.strip():
-        raise ServerError("--api-key is empty")
 
 
 def listen(host, port):
@@ -97,7 +80,8 @@ def _is_loopback(host):
 
 
 def serve(args):
-    check_args(args)
+    if args.api_key is not None and not args.api_key.strip():
+        raise ServerError("--api-key is empty")
     try:
         import uvicorn
 
@@ -126,7 +110,7 @@ def main(argv=None):
         serve(args)
     except (ServerError, ConfigError, CheckpointError, PromptCacheError, GenerationError,
             OSError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        cli.fail(e)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generate import GenerationError, encode
-from ..sample import SamplerError, check_settings
+from ..sample import MAX_SEED, SamplerError, check_settings
 from .engine import MAX_LOGPROBS, Job, Overloaded
 
 log = logging.getLogger("mlx_mamba.server")
@@ -56,7 +56,7 @@ class Sampling(Schema):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     min_p: float = Field(0.0, ge=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2 ** 63)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: Stop | Annotated[list[Stop], Field(max_length=MAX_STOPS)] | None = None
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     stream: bool = False
@@ -173,10 +173,21 @@ def validation_message(error):
 
 
 def prompt_ids(engine, prompt):
+    if isinstance(prompt, str):
+        check_text(prompt, "prompt")
     try:
         return encode(engine.model, engine.tokenizer, prompt)
     except GenerationError as e:
         raise RequestError(str(e), param="prompt") from None
+
+
+def check_text(text, field):
+    """JSON can carry lone surrogates ("\\ud800"), which no tokenizer encodes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise RequestError(f"{field} is not UTF-8 text (a lone surrogate at character "
+                           f"{e.start})", param=field) from None
 
 
 def chat_ids(engine, messages):
@@ -186,8 +197,10 @@ def chat_ids(engine, messages):
                            param="messages")
     conversation = [{"role": m.role, "content": m.content if not isinstance(m.content, list)
                      else "".join(part.text for part in m.content)} for m in messages]
-    for turn in conversation:
+    for i, turn in enumerate(conversation):
         turn["content"] = turn["content"] or ""
+        for key, text in turn.items():
+            check_text(text, f"messages.{i}.{key}")
     try:
         text = tokenizer.apply_chat_template(conversation, tokenize=False,
                                              add_generation_prompt=True)
@@ -208,7 +221,7 @@ def submit(engine, settings, body, ids, logprobs):
                            f"{settings.max_tokens} (--max-tokens)", param="max_tokens")
     try:
         check_settings(body.temperature, body.top_p, body.top_k, body.min_p,
-                       body.repetition_penalty)
+                       body.repetition_penalty, body.seed)
     except SamplerError as e:
         raise RequestError(str(e)) from None
     loop, queue = asyncio.get_running_loop(), asyncio.Queue()

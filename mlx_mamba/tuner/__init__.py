@@ -5,4 +5,4 @@ from .adapters import (AdapterError, apply_adapters, load_adapter_weights, load_
 from .datasets import Batch, DataError, iterate_batches, load_split
 from .lora import DoRALinear, LoRALinear, fuse_linear
 from .schedules import make_schedule
-from .trainer import checkpoint_layers, evaluate, loss_terms, train
+from .trainer import TrainingError, checkpoint_layers, evaluate, loss_terms, train

@@ -18,6 +18,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ..token_ids import TokenIdError, check_token_ids
+
 
 class DataError(ValueError):
     """Unusable training data; the message names the file (and line)."""
@@ -44,16 +46,23 @@ def warn(message):
 
 def load_split(directory, name, tokenizer, max_seq_length, vocab_size=None, log=warn):
     """The examples of `directory/name.jsonl`, each at most `max_seq_length` tokens."""
-    file = Path(directory) / f"{name}.jsonl"
+    directory = Path(directory)
+    if not directory.is_dir():
+        problem = "is not a directory" if directory.exists() else "does not exist"
+        raise DataError(f"{directory}: {problem}; the data directory holds train.jsonl, "
+                        "valid.jsonl and test.jsonl")
+    file = directory / f"{name}.jsonl"
     if not file.is_file():
         raise DataError(f"{file}: not found (the data directory needs {name}.jsonl)")
     examples, longest, truncated, emptied = [], 0, 0, 0
     for line_number, record in read_jsonl(file):
         where = f"{file}:{line_number}"
         tokens, trained = tokenize(record, tokenizer, where)
-        if vocab_size is not None and max(tokens) >= vocab_size:
-            raise DataError(f"{where}: token id {max(tokens)} is outside the model's vocabulary "
-                            f"of {vocab_size}: is the tokenizer the model's own?")
+        if vocab_size is not None:
+            try:
+                tokens = check_token_ids(tokens, vocab_size)
+            except TokenIdError as e:
+                raise DataError(f"{where}: {e}: is the tokenizer the model's own?") from None
         if len(tokens) > max_seq_length:
             truncated += 1
             longest = max(longest, len(tokens))
@@ -73,8 +82,13 @@ def load_split(directory, name, tokenizer, max_seq_length, vocab_size=None, log=
 
 def read_jsonl(file):
     """(line number, record) for every non-blank line of a jsonl file."""
-    with open(file, encoding="utf-8") as f:
+    with open(file, "rb") as f:
         for line_number, line in enumerate(f, 1):
+            try:
+                line = line.decode("utf-8-sig" if line_number == 1 else "utf-8")  # BOM or not
+            except UnicodeDecodeError as e:
+                raise DataError(f"{file}:{line_number}: not UTF-8 text (byte {e.start + 1} of the "
+                                "line): jsonl data is UTF-8 JSON, one object per line") from None
             if not line.strip():
                 continue
             try:
@@ -82,6 +96,8 @@ def read_jsonl(file):
             except json.JSONDecodeError as e:
                 raise DataError(f"{file}:{line_number}: not valid JSON ({e.msg}, column "
                                 f"{e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{file}:{line_number}: JSON nested too deeply") from None
 
 
 def tokenize(record, tokenizer, where):
@@ -163,6 +179,10 @@ def iterate_batches(examples, batch_size, seed=0, loop=True):
     """Batches of examples of similar length (less padding), in shuffled order each epoch, for
     ever when `loop`. The last batch of an epoch is filled up with empty rows. Every process
     with the same seed sees the same batches: a distributed rank takes its rows of each."""
+    if not examples:
+        raise DataError("no examples to make batches of")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise DataError(f"batch size {batch_size!r}: expected a positive integer")
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].tokens))
     groups = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     rng = np.random.default_rng(seed)

@@ -13,17 +13,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 
-def dense_weight(linear):
-    """The (out, in) weight of a Linear, dequantized when it is a QuantizedLinear."""
-    if isinstance(linear, nn.QuantizedLinear):
-        return mx.dequantize(linear.weight, linear.scales, linear.get("biases"),
-                             linear.group_size, linear.bits, linear.mode)
-    return linear.weight
-
-
-def _dtype(linear):
-    # The dtype a (Quantized)Linear computes in.
-    return linear.scales.dtype if isinstance(linear, nn.QuantizedLinear) else linear.weight.dtype
+def dense_weight(layer):
+    """The float weight of a layer, dequantized when it is quantized (any layer with `scales`:
+    QuantizedLinear, QuantizedEmbedding, QuantizedExpertLinear): in the scales' dtype in affine
+    mode, in bfloat16 in the fp4/fp8 modes, whose scales are uint8."""
+    if "scales" in layer:
+        return mx.dequantize(layer.weight, layer.scales, layer.get("biases"), layer.group_size,
+                             layer.bits, layer.mode)
+    return layer.weight
 
 
 def _dims(linear):
@@ -59,7 +56,7 @@ class LoRALinear(nn.Module):
 
     @property
     def weight(self):
-        return self.fused_weight().astype(_dtype(self.linear))
+        return self.fused_weight().astype(dense_weight(self.linear).dtype)
 
     @property
     def bias(self):

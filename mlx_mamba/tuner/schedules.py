@@ -13,6 +13,11 @@ def make_schedule(name, learning_rate, steps, warmup=0, min_learning_rate=0.0):
     the last of `steps` updates."""
     if name not in SCHEDULES:
         raise ValueError(f"learning-rate schedule {name!r}: expected one of {', '.join(SCHEDULES)}")
+    if not (math.isfinite(learning_rate) and learning_rate > 0):
+        raise ValueError(f"learning rate {learning_rate!r}: expected a finite number > 0")
+    if not (math.isfinite(min_learning_rate) and 0 <= min_learning_rate <= learning_rate):
+        raise ValueError(f"minimum learning rate {min_learning_rate!r}: expected a number from 0 "
+                         f"to the learning rate ({learning_rate})")
     if not 0 <= warmup < max(steps, 1):
         raise ValueError(f"warmup of {warmup} steps: expected 0 <= warmup < iterations ({steps})")
     decay_steps = max(steps - warmup - 1, 1)

@@ -8,11 +8,16 @@ process would make on the whole batch, however the batch is split.
 """
 
 import functools
+import math
 import time
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
+
+
+class TrainingError(ValueError):
+    """Training that cannot go on (its loss is no longer finite); the message says when."""
 
 
 def loss_terms(model, batch):
@@ -53,7 +58,7 @@ def evaluate(model, batches, world=None):
 
 @functools.cache
 def _checkpointed(cls):
-    # A subclass of a mixer class whose training forward keeps only its input for the backward
+    # A subclass of a layer class whose training forward keeps only its input for the backward
     # pass and recomputes the rest: memory per layer no longer grows with the activations.
     if getattr(cls, "recomputed_in_backward", False):
         return cls
@@ -73,12 +78,15 @@ def _checkpointed(cls):
 
 
 def checkpoint_layers(model):
-    """Gradient checkpointing: recompute each residual block's mixer in the backward pass.
+    """Gradient checkpointing: recompute each residual block's mixer and feed-forward in the
+    backward pass.
 
     Not with dropout: the recomputation draws new dropout masks, so the gradients would not be
     those of the forward pass."""
     for layer in model.backbone.layers:
-        layer.mixer.__class__ = _checkpointed(type(layer.mixer))
+        for part in ("mixer", "ffn"):
+            if part in layer:
+                layer[part].__class__ = _checkpointed(type(layer[part]))
     return model
 
 
@@ -90,7 +98,8 @@ def train(model, optimizer, train_batches, *, iters, val_batches=(), steps_per_e
     train_batches: an iterator of `Batch`es (the whole batch; each rank takes its rows), of which
     each step uses `grad_accumulation_steps`. val_batches: a sequence of batches, evaluated
     before training, every `steps_per_eval` steps and at the end. save(iteration): called every
-    `save_every` steps on rank 0. Progress goes to `log` on rank 0.
+    `save_every` steps on rank 0. Progress goes to `log` on rank 0. Raises TrainingError when the
+    loss stops being finite: the weights are then useless and no later save happens.
     """
     world = world or mx.distributed.init()
     log = log if world.rank() == 0 else (lambda *args, **kwargs: None)
@@ -130,6 +139,10 @@ def train(model, optimizer, train_batches, *, iters, val_batches=(), steps_per_e
     for iteration in range(1, iters + 1):
         start = time.perf_counter()
         loss, weighted, tokens = step()
+        if not math.isfinite(loss):
+            raise TrainingError(f"the training loss is {loss} at iteration {iteration}: training "
+                                "diverged (is the learning rate too high?); nothing from this "
+                                "iteration on is saved")
         window["seconds"] += time.perf_counter() - start
         window["loss"] += loss
         window["weighted"] += weighted
