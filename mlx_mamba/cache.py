@@ -87,6 +87,10 @@ class Mamba3Cache:
     def keep(self, rows):
         self.state = [a[rows] for a in self.state]
 
+    @classmethod
+    def merge(cls, caches):
+        return cls(*(mx.concatenate(arrays) for arrays in zip(*(c.state for c in caches))))
+
     def copy(self):
         return Mamba3Cache(*self.state)
 
@@ -192,7 +196,7 @@ class KVCache:
         """The rows of `caches` in one cache: each is left-padded to the longest, its padding
         marked invalid (keys carry their RoPE already, and `positions` stay each row's own)."""
         first = caches[0]
-        merged = cls(sum(c.batch_size for c in caches), first.shape[1], first.shape[3], first.dtype)
+        merged = cls(sum(c.batch_size for c in caches), first.shape[1], first.shape[3])
         merged.positions = mx.concatenate([c.positions for c in caches])
         merged.length = max(c.length for c in caches)
         if merged.length == 0:

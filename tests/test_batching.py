@@ -8,13 +8,17 @@ import pytest
 
 import mlx_mamba
 from mlx_mamba.cache import KVCache, cache_rows, merge_caches
+from mlx_mamba.config import ModelConfig
 from mlx_mamba.generate import Decoder, Row, stream_generate
 from mlx_mamba.prompt_cache import prefill
 from mlx_mamba.sample import greedy, make_logits_processors, make_sampler
 
 # Mamba caches only; KV caches with Mamba and MoE layers; Falcon-H1's and Zamba2's layers of two
-# parts (LayerCaches), Zamba2's attention with RoPE.
-FLAVOURS = ["mamba1_untied", "mamba2", "nemotron_h", "falcon_h1", "zamba2"]
+# parts (LayerCaches), Zamba2's attention with RoPE; Mamba-3 (MIMO) caches.
+FLAVOURS = ["mamba1_untied", "mamba2", "nemotron_h", "falcon_h1", "zamba2", "mamba3"]
+MAMBA3 = {"d_model": 32, "n_layer": 2, "vocab_size": 100, "rms_norm": True,
+          "ssm_cfg": dict(layer="Mamba3", d_state=16, expand=2, headdim=16, ngroups=1,
+                          chunk_size=8, is_mimo=True, mimo_rank=2)}
 PROMPTS = [np.random.RandomState(r).randint(0, 100, n).tolist()
            for r, n in ((0, 3), (1, 17), (2, 9))]
 
@@ -36,6 +40,11 @@ def relative_error(ours, theirs):
 
 @pytest.fixture(scope="module", params=FLAVOURS)
 def model(request, checkpoint):
+    if request.param == "mamba3":
+        mx.random.seed(0)
+        model = mlx_mamba.Model(ModelConfig.from_dict(MAMBA3))
+        mx.eval(model.parameters())
+        return model
     return mlx_mamba.load(checkpoint(request.param)[0])[0]
 
 

@@ -65,12 +65,13 @@ class Server:
         return Path(self.log).read_text()
 
     def stop(self):
+        """SIGTERM; the exit status (0: a clean shutdown)."""
         self.process.terminate()
         try:
-            self.process.wait(30)
+            return self.process.wait(30)
         except subprocess.TimeoutExpired:
             self.process.kill()
-            self.process.wait(30)
+            return self.process.wait(30)
 
     def client(self, api_key=API_KEY):
         return openai.OpenAI(base_url=f"http://127.0.0.1:{self.port}/v1", api_key=api_key,
@@ -284,7 +285,7 @@ def test_prompt_cache_survives_a_restart(model_dir, loaded, tmp_path):
     try:
         first = converse(server.client(), loaded, "mamba", turns[:1])[0]
     finally:
-        server.stop()
+        assert server.stop() == 0
     assert list((tmp_path / "cache").glob("*.safetensors"))
     server = Server(directory, flags, tmp_path / "second.log")
     try:

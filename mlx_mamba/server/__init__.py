@@ -6,14 +6,17 @@ the longest cached prefix of its tokens, and the next turn of a conversation cos
 tokens. Requests decode together, joining and leaving the batch between steps, and each gets
 exactly the tokens it gets alone.
 
-The engine (engine.py, one thread doing all MLX work) is the library's generation engine; the
-HTTP side (app.py) is FastAPI on uvicorn, the `server` extra, imported only when serving.
+The engine (engine.py, the main thread, which does all MLX work) runs the library's generation
+engine; the HTTP side (app.py) is FastAPI on uvicorn in a thread of its own, the `server` extra,
+imported only when serving.
 """
 
 import ipaddress
 import logging
+import signal
 import socket
 import sys
+import threading
 
 from .. import cli
 from ..checkpoint import CheckpointError
@@ -91,16 +94,31 @@ def serve(args):
                           "pip install 'mlx-mamba[server]'") from None
     sock = listen(args.host, args.port)
     engine = Engine(args)
-    engine.start()
+    server = uvicorn.Server(uvicorn.Config(make_app(engine, args), log_level=args.log_level,
+                                           timeout_graceful_shutdown=2))
+    # The web stack runs in a thread of its own; this thread, which loaded the model, runs the
+    # engine, and takes the signals for both (uvicorn shuts down, then the engine stops).
+    web = threading.Thread(target=_serve_web, args=(server, sock, engine), name="web")
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, server.handle_exit)
+    web.start()
     host, port = sock.getsockname()[:2]
     if not _is_loopback(args.host) and args.api_key is None:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can "
               "use it", file=sys.stderr)
     print(f"Serving {args.model} at http://{host}:{port} (OpenAI API under /v1)",
           file=sys.stderr, flush=True)
-    config = uvicorn.Config(make_app(engine, args), log_level=args.log_level,
-                            timeout_graceful_shutdown=2)
-    uvicorn.Server(config).run(sockets=[sock])
+    engine.run()
+    web.join()
+    if not server.started:
+        raise ServerError("the web server did not start (see the messages above)")
+
+
+def _serve_web(server, sock, engine):
+    try:
+        server.run(sockets=[sock])
+    finally:
+        engine.stop()
 
 
 def main(argv=None):

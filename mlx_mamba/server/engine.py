@@ -1,4 +1,4 @@
-"""The server's engine: one thread that does all MLX work. It prefills each request's prompt
+"""The server's engine: the thread that does all MLX work. It prefills each request's prompt
 from the longest cached prefix of its tokens (a PrefixCache), keeping the state every
 `prefill_step_size` tokens and at the end of each request, and decodes every running request in
 one Decoder, which requests join and leave between steps.
@@ -62,22 +62,20 @@ class Overloaded(RuntimeError):
 
 
 class Engine:
+    """Loads the model and serves it in the thread that creates it (MLX's work then stays in
+    one thread: MLX used from a second thread can abort the process at exit); `submit`, `cancel`
+    and `stop` are called from other threads."""
+
     def __init__(self, args):
         self.args = args
-        self.model = self.tokenizer = self.prefix_cache = self.decoder = None
+        self.model, self.tokenizer = _load(args)
+        self.prefix_cache = PrefixCache(self.model, args.prompt_cache_bytes,
+                                        args.prompt_cache_dir, args.model)
+        self.decoder = Decoder(self.model, on_leave=self._left)
         self.lock = threading.Condition()
         self.incoming = collections.deque()
         self.active = 0  # requests submitted and not yet out of the engine
-        self.ready = threading.Event()
-        self.failure = None
-
-    def start(self):
-        """Load the model in the engine thread (which does all MLX work) and start serving;
-        raises what loading raised."""
-        threading.Thread(target=self._run, name="mlx_mamba.server engine", daemon=True).start()
-        self.ready.wait()
-        if self.failure is not None:
-            raise self.failure
+        self.stopped = False
 
     def submit(self, job):
         with self.lock:
@@ -93,22 +91,22 @@ class Engine:
         with self.lock:
             self.lock.notify()
 
-    def _run(self):
-        try:
-            self.model, self.tokenizer = _load(self.args)
-            self.prefix_cache = PrefixCache(self.model, self.args.prompt_cache_bytes,
-                                            self.args.prompt_cache_dir, self.args.model)
-            self.decoder = Decoder(self.model, on_leave=self._left)
-        except Exception as e:  # handed to the main thread, which reports it
-            self.failure = e
-            self.ready.set()
-            return
-        self.ready.set()
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            self.lock.notify()
+
+    def run(self):
+        """Prefill and decode requests until `stop`: one prefill chunk, then one decoding step
+        of every running request, in turn."""
         waiting, prefilling = collections.deque(), None
         while True:
             with self.lock:
-                while not (self.incoming or waiting or prefilling or self.decoder):
+                while not (self.stopped or self.incoming or waiting or prefilling or
+                           self.decoder):
                     self.lock.wait()
+                if self.stopped:
+                    return
                 waiting.extend(self.incoming)
                 self.incoming.clear()
             for job in [job for job in waiting if job.cancelled]:
