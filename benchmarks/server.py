@@ -39,7 +39,7 @@ from mlx_mamba.config import ModelConfig
 from mlx_mamba.convert import save_model
 from mlx_mamba.models import Model
 
-TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+TEXT = Path(__file__).resolve().parents[1] / "tests" / "data" / "tinyshakespeare-excerpt.txt"
 CHARACTERS = string.printable[:95] + "\n" + "àáâä"  # 100 ids, each one character
 SHAPES = {
     "small": dict(arch="mamba2", d_model=256, n_layer=8, d_state=64, head_dim=32),
