@@ -357,6 +357,18 @@ def test_a_client_that_leaves_frees_its_place(servers):
     connection.sock.shutdown(socket.SHUT_RDWR)
     connection.close()
     assert server.wait_idle()  # 100000 tokens would take minutes
+    # A whole (not streamed) request whose client leaves.
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=REQUEST_SECONDS)
+    connection.request("POST", "/v1/completions", json.dumps(
+        {"prompt": "Go on", "max_tokens": 100000, "ignore_eos": True}),
+        {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while not server.active_requests() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.active_requests() == 1
+    connection.sock.shutdown(socket.SHUT_RDWR)
+    connection.close()
+    assert server.wait_idle()
 
 
 def test_overload_is_a_503_not_a_hang(servers):

@@ -42,7 +42,8 @@ def build_parser():
     add("--tokenizer", default=None,
         help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
              "model's own (default: the model's)")
-    add("--host", default="127.0.0.1", help="address to listen on (127.0.0.1: this machine only)")
+    add("--host", default="127.0.0.1",
+        help="address to listen on; 127.0.0.1 takes requests from this machine only")
     add("--port", type=cli.integer(0, 65535), default=8080, help="0 picks a free port")
     add("--api-key", default=None,
         help="require 'Authorization: Bearer KEY' on every request (default: none)")
@@ -57,12 +58,13 @@ def build_parser():
     add("--max-prompt-tokens", type=cli.integer(1), default=32768,
         help="longer prompts are refused")
     add("--max-tokens", type=cli.integer(1), default=4096,
-        help="the most tokens a request may generate, and the default")
+        help="the most tokens a request may generate; also what it gets without max_tokens")
     add("--max-body-bytes", type=cli.integer(1024), default=4 * 2 ** 20,
         help="larger request bodies are refused with 413")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward; a state is kept after each")
-    add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
+        help="what the server logs to stderr")
     return parser
 
 

@@ -20,9 +20,10 @@ from starlette.exceptions import HTTPException
 
 from ..generate import GenerationError, encode
 from ..sample import MAX_SEED, SamplerError, check_settings
-from .engine import MAX_LOGPROBS, Job, Overloaded
+from .engine import Job, Overloaded, Piece
 
 log = logging.getLogger("mlx_mamba.server")
+MAX_LOGPROBS = 20  # top alternatives a request may ask for, per token
 MAX_STOPS = 4
 
 
@@ -32,6 +33,11 @@ class RequestError(ValueError):
     def __init__(self, message, status=400, param=None):
         super().__init__(message)
         self.status, self.param = status, param
+
+
+def busy():
+    return RequestError("the server is busy (every batch row and queue place is taken): "
+                        "retry later", status=503)
 
 
 # ---- request schemas -------------------------------------------------------------------------
@@ -98,6 +104,8 @@ def make_app(engine, settings):
     tokenizer_lock = asyncio.Lock()  # one tokenization at a time, beside the engine's decoding
 
     async def tokenized(work):
+        if engine.busy():  # refused before the work of tokenizing (submit checks again)
+            raise busy()
         async with tokenizer_lock:
             ids = await run_in_threadpool(work)
         if not ids:
@@ -239,20 +247,13 @@ def submit(engine, settings, body, ids, logprobs):
               logprobs, deliver)
     if max_tokens == 0:
         job.finished = True
-        deliver(_Finished())
+        deliver(Piece("", "length"))
         return job, queue
     try:
         engine.submit(job)
     except Overloaded:
-        raise RequestError("the server is busy (every batch row and queue place is taken): "
-                           "retry later", status=503) from None
+        raise busy() from None
     return job, queue
-
-
-class _Finished:
-    """The piece of a request for no tokens."""
-
-    text, finish_reason, logprob = "", "length", None
 
 
 async def respond(engine, request, body, job, queue, reply):
@@ -269,20 +270,24 @@ async def respond(engine, request, body, job, queue, reply):
 
 
 async def collect(request, queue):
-    """Every piece of a request, or None if the client disconnects first."""
-    pieces = []
+    """Every piece of a request, or None if the client disconnects first (looked at every
+    second, whether pieces come or not)."""
+    pieces, looked = [], time.monotonic()
     while True:
         try:
             piece = await asyncio.wait_for(queue.get(), timeout=1.0)
         except asyncio.TimeoutError:
+            piece = None
+        if time.monotonic() - looked >= 1.0:
             if await request.is_disconnected():
                 return None
-            continue
+            looked = time.monotonic()
         if isinstance(piece, Exception):
             raise piece
-        pieces.append(piece)
-        if piece.finish_reason:
-            return pieces
+        if piece is not None:
+            pieces.append(piece)
+            if piece.finish_reason:
+                return pieces
 
 
 class EventStream(StreamingResponse):

@@ -17,7 +17,6 @@ from ..prompt_cache import PrefixCache, prefill
 from ..sample import make_logits_processors, make_sampler
 
 log = logging.getLogger("mlx_mamba.server")
-MAX_LOGPROBS = 20  # top alternatives a request may ask for, per token
 
 
 @dataclasses.dataclass
@@ -77,9 +76,13 @@ class Engine:
         self.active = 0  # requests submitted and not yet out of the engine
         self.stopped = False
 
+    def busy(self):
+        """Every batch row and queue place is taken."""
+        return self.active >= self.args.max_batch_size + self.args.max_queue
+
     def submit(self, job):
         with self.lock:
-            if self.active >= self.args.max_batch_size + self.args.max_queue:
+            if self.busy():
                 raise Overloaded
             self.active += 1
             self.incoming.append(job)
