@@ -6,11 +6,13 @@ that key. Attention solves this by looking back; a recurrent model must already 
 in its fixed-size state, so recall measures how much a state holds and how selectively it is
 written. This is the multi-query form (MQAR, Arora et al. 2023) that the Mamba2 paper uses:
 several queries per sequence give more training signal than one; `--queries 1` is the classic
-single-query task. The comparison to make is the state size: Mamba2's larger state (d_state 64,
-shared by all heads) against Mamba1's (d_state 16 per channel).
+single-query task. The comparisons to make: the state size, Mamba2's larger state (d_state 64,
+shared by all heads) against Mamba1's (d_state 16 per channel); and the state update, Mamba-3's
+trapezoidal, rotated update against Mamba2's at the same d_state and width.
 
     python examples/associative_recall.py --arch mamba2
     python examples/associative_recall.py --arch mamba1
+    python examples/associative_recall.py --arch mamba3
 """
 
 import time
@@ -35,7 +37,8 @@ def make_batch(rng, batch, pairs, queries, keys, values):
 
 
 def main():
-    p = parser(__doc__.splitlines()[0], steps=600, batch_size=64, lr=3e-3, arch="mamba2")
+    p = parser(__doc__.splitlines()[0], steps=600, batch_size=64, lr=3e-3, arch="mamba2",
+               archs=("mamba1", "mamba2", "mamba3"))
     p.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
     p.add_argument("--queries", type=int, default=4, help="queries per sequence (at most --pairs)")
     p.add_argument("--keys", type=int, default=16, help="distinct keys")
@@ -43,7 +46,7 @@ def main():
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--d-state", type=int, default=None,
-                   help="SSM state size (default: 16 for mamba1, 64 for mamba2, as in the papers)")
+                   help="SSM state size (default: 16 for mamba1, 64 for mamba2 and mamba3)")
     args = p.parse_args()
     if not 1 <= args.queries <= args.pairs <= args.keys:
         p.error("expected 1 <= --queries <= --pairs <= --keys")

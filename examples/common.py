@@ -16,7 +16,7 @@ import numpy as np
 DEFAULT_OUT = Path(__file__).resolve().parent / "out"
 
 
-def parser(description, *, steps, batch_size, lr, arch=None):
+def parser(description, *, steps, batch_size, lr, arch=None, archs=("mamba1", "mamba2")):
     """The flags every example has; the defaults are sized to finish in minutes on a laptop CPU."""
     try:  # fail now rather than after minutes of training, when the loss curve is drawn
         import matplotlib  # noqa: F401
@@ -25,7 +25,7 @@ def parser(description, *, steps, batch_size, lr, arch=None):
     p = argparse.ArgumentParser(description=description,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if arch is not None:
-        p.add_argument("--arch", choices=("mamba1", "mamba2"), default=arch)
+        p.add_argument("--arch", choices=archs, default=arch)
     p.add_argument("--steps", type=int, default=steps, help="training steps")
     p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=lr, help="peak learning rate")
