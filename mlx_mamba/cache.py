@@ -1,8 +1,8 @@
 """Per-layer decoding state. Every cache answers the same operations, so generation, the prompt
 cache and the tuner never ask which kind of layer it belongs to:
-`batch_size`, `state` (arrays to evaluate), `keep(rows)` (drop finished batch rows), `copy()`,
-`arrays()` and `restore(arrays)` (save to and load from a file). Layers without state (MLP, MoE)
-have None."""
+`batch_size`, `state` (arrays to evaluate), `keep(rows)` (drop finished batch rows),
+`merge(caches)` (one batch from the rows of several), `copy()`, `arrays()` and `restore(arrays)`
+(save to and load from a file). Layers without state (MLP, MoE) have None."""
 
 import mlx.core as mx
 
@@ -34,6 +34,11 @@ class MambaCache:
 
     def keep(self, rows):
         self.conv, self.ssm = self.conv[rows], self.ssm[rows]
+
+    @classmethod
+    def merge(cls, caches):
+        return cls(mx.concatenate([c.conv for c in caches]),
+                   mx.concatenate([c.ssm for c in caches]))
 
     def copy(self):
         return MambaCache(self.conv, self.ssm)
@@ -81,6 +86,10 @@ class Mamba3Cache:
 
     def keep(self, rows):
         self.state = [a[rows] for a in self.state]
+
+    @classmethod
+    def merge(cls, caches):
+        return cls(*(mx.concatenate(arrays) for arrays in zip(*(c.state for c in caches))))
 
     def copy(self):
         return Mamba3Cache(*self.state)
@@ -169,7 +178,43 @@ class KVCache:
             self.keys, self.values = self.keys[rows], self.values[rows]
         if self.valid is not None:
             self.valid = self.valid[rows]
+            self._drop_shared_padding()
         self.positions = self.positions[rows]
+
+    def _drop_shared_padding(self):
+        """Drop the leading positions that are padding in every row, so that a batch does not
+        keep attending over the padding of a longer row that has left."""
+        used = self.valid[:, :self.length].any(axis=0)  # (S,)
+        unused = int(mx.argmax(used).item()) if mx.any(used).item() else self.length
+        if unused:
+            self.keys, self.values = self.keys[..., unused:, :], self.values[..., unused:, :]
+            self.valid = self.valid[:, unused:]
+            self.length -= unused
+
+    @classmethod
+    def merge(cls, caches):
+        """The rows of `caches` in one cache: each is left-padded to the longest, its padding
+        marked invalid (keys carry their RoPE already, and `positions` stay each row's own)."""
+        first = caches[0]
+        merged = cls(sum(c.batch_size for c in caches), first.shape[1], first.shape[3])
+        merged.positions = mx.concatenate([c.positions for c in caches])
+        merged.length = max(c.length for c in caches)
+        if merged.length == 0:
+            return merged
+        dtype = next(c.keys.dtype for c in caches if c.keys is not None)
+        keys, values, valid = [], [], []
+        for c in caches:
+            pad = merged.length - c.length
+            held = c.arrays()
+            empty = mx.zeros((c.batch_size, first.shape[1], 0, first.shape[3]), dtype)
+            keys.append(mx.pad(held.get("keys", empty), [(0, 0), (0, 0), (pad, 0), (0, 0)]))
+            values.append(mx.pad(held.get("values", empty), [(0, 0), (0, 0), (pad, 0), (0, 0)]))
+            real = held.get("valid", mx.ones((c.batch_size, c.length), mx.bool_))
+            valid.append(mx.pad(real, [(0, 0), (pad, 0)]))  # padding is False
+        merged.keys, merged.values = mx.concatenate(keys), mx.concatenate(values)
+        if any(c.length < merged.length or c.valid is not None for c in caches):
+            merged.valid = mx.concatenate(valid)
+        return merged
 
     def copy(self):
         other = KVCache.__new__(KVCache)
@@ -224,6 +269,22 @@ def cache_state(cache):
     return [a for layer in cache if layer is not None for a in layer.state]
 
 
+def merge_caches(caches):
+    """One per-layer cache list holding the rows of several (each from `model.make_cache`), in
+    order: sequences of any lengths decode together as they would alone."""
+    return [None if layers[0] is None else type(layers[0]).merge(layers)
+            for layers in zip(*caches)]
+
+
+def cache_rows(cache, rows):
+    """A per-layer cache list of only `rows` (an index array) of `cache`, which is unchanged."""
+    taken = [None if layer is None else layer.copy() for layer in cache]
+    for layer in taken:
+        if layer is not None:
+            layer.keep(rows)
+    return taken
+
+
 class LayerCaches:
     """The caches of a layer made of several stateful parts (Falcon-H1's parallel Mamba and
     attention), by name; answers the same operations, arrays named `{part}.{array}`."""
@@ -248,6 +309,11 @@ class LayerCaches:
     def keep(self, rows):
         for part in self.parts.values():
             part.keep(rows)
+
+    @classmethod
+    def merge(cls, caches):
+        return cls(**{k: type(part).merge([c.parts[k] for c in caches])
+                      for k, part in caches[0].parts.items()})
 
     def copy(self):
         return LayerCaches(**{k: v.copy() for k, v in self.parts.items()})

@@ -17,6 +17,7 @@ import mlx.core as mx
 from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .cache import cache_rows, merge_caches
 from .detokenizer import StreamingDetokenizer
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
                            load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
@@ -100,56 +101,170 @@ def _check_prompt(tokenizer, prompt, what="the prompt"):
         _check_text(prompt, what)
 
 
-def generate_step(model, cache, next_inputs, histories, sampler, processors, max_tokens, eos):
-    """Decode a batch from `cache`, whose next inputs are `next_inputs` (one id per row).
+@dataclasses.dataclass(eq=False)
+class Row:
+    """One sequence in a Decoder: its settings and tokens. The decoder's cache holds the state
+    after tokens[:fed]; the next input is tokens[-1]."""
 
-    histories: each row's tokens so far, for the logits processors. Yields, per step, a list of
-    (row, token, logprobs (V,), finish_reason) for the rows still running; a row finishes at an
-    EOS token or after max_tokens, and leaves the batch (and the cache) at the next step.
-    While one step's tokens are handed out, the next step is already being computed.
+    key: object  # the caller's name for the sequence, handed back with each of its tokens
+    tokens: list  # the prompt, then each generated token
+    sampler: object  # (n, V) -> (n,); rows sharing a sampler are sampled in one call
+    processors: list  # logits processors, (tokens so far (T,), logits (1, V)) -> logits
+    max_tokens: int
+    eos: set
+    fed: int = 0
+    generated: int = 0
+    history: object = None  # tokens as an array, for the processors
+
+
+class Decoder:
+    """The decoding engine: sequences decoded together, one token each per `step`, that join
+    (with the cache of their prompt) and leave (finished or dropped) between steps. Each row
+    gets exactly the tokens it gets alone: rows only share the batch dimension.
+
+    While one step's tokens are handed out, the next step is already being computed; a row
+    that joins gets its first token at the step after next.
     """
-    rows = list(range(len(next_inputs)))
-    history = [mx.array(h, dtype=mx.int32) for h in histories] if processors else []
 
-    def advance(tokens):  # (b,) -> next tokens (b,), logprobs (b, V)
-        logits = model.step(tokens, cache).astype(mx.float32)
-        if processors:
-            processed = []
-            for i, seen in enumerate(history):
-                row = logits[i:i + 1]
-                for process in processors:
-                    row = process(seen, row)
-                processed.append(row)
-            logits = mx.concatenate(processed)
+    def __init__(self, model, on_leave=None):
+        """on_leave(row, cache): called for each row that leaves, with its own cache (batch 1),
+        which holds the state after row.tokens[:row.fed]."""
+        self.model, self.on_leave = model, on_leave
+        self.rows, self.cache = [], None  # the rows in the batch, in cache order, and the cache
+        self.joining = []  # (cache, rows) that enter at the next step
+        self.dropped = set()  # keys of rows to take out without another token
+        self.pending = None  # (tokens (b,), logprobs (b, V)) being computed for self.rows
+
+    def __len__(self):
+        return len(self.rows) + sum(len(rows) for _, rows in self.joining)
+
+    def join(self, cache, rows):
+        """Add `rows`, one per row of `cache`, which holds each row's tokens but the last."""
+        for row in rows:
+            if row.max_tokens < 1:
+                raise GenerationError(f"max_tokens is {row.max_tokens}: a row joins for >= 1")
+            row.fed = len(row.tokens) - 1
+        self.joining.append((cache, rows))
+
+    def drop(self, key):
+        """Take the row named `key` out at the next step, without giving it another token."""
+        self.dropped.add(key)
+
+    def step(self):
+        """[(key, token, logprobs (V,), finish_reason)] for each row but dropped ones;
+        finish_reason is "stop" (an EOS token), "length" (max_tokens) or None while going."""
+        if self.pending is None:
+            self._admit(None)
+            if self.pending is None:
+                return []
+        tokens, logprobs = self.pending
+        rows = list(self.rows)
+        for row in rows:
+            row.generated += 1
+        going = self._leave([i for i, row in enumerate(rows)
+                             if row.generated >= row.max_tokens or row.key in self.dropped])
+        for i in going:
+            if rows[i].processors:
+                rows[i].history = mx.concatenate([rows[i].history,
+                                                  tokens[i:i + 1].astype(mx.int32)])
+        self._admit(None if not going else tokens if len(going) == len(rows)
+                    else tokens[mx.array(going)])
+        events = []
+        for i, (row, token) in enumerate(zip(rows, tokens.tolist())):
+            row.tokens.append(token)
+            if row.key not in self.dropped:
+                finish = "stop" if token in row.eos else \
+                    "length" if row.generated >= row.max_tokens else None
+                events.append((row.key, token, logprobs[i], finish))
+        # Rows that met their EOS were computed another step: they leave now.
+        ended = [i for i, row in enumerate(self.rows) if row.tokens[-1] in row.eos and
+                 row in rows]
+        kept = self._leave(ended)
+        if ended and kept:
+            index = mx.array(kept)
+            self.pending = tuple(computed[index] for computed in self.pending)
+        present = {row.key for row in self.rows} | {r.key for _, j in self.joining for r in j}
+        self.dropped &= present
+        return events
+
+    def _leave(self, indices):
+        """Take the rows at `indices` out of the batch; returns the indices of those kept."""
+        if not indices:
+            return list(range(len(self.rows)))
+        if self.on_leave:
+            for i in indices:
+                self.on_leave(self.rows[i], cache_rows(self.cache, mx.array([i])))
+        kept = [i for i in range(len(self.rows)) if i not in set(indices)]
+        self.rows = [self.rows[i] for i in kept]
+        if kept:
+            for layer in self.cache:
+                if layer is not None:
+                    layer.keep(mx.array(kept))
+        else:
+            self.cache, self.pending = None, None
+        return kept
+
+    def _admit(self, inputs):
+        """Bring in the joining rows and start the next step; inputs (b,): the next tokens of
+        the rows already in the batch (None when there are none)."""
+        caches, parts = ([self.cache], [inputs]) if self.rows else ([], [])
+        for cache, rows in self.joining:
+            for row in rows:
+                if row.processors:
+                    row.history = mx.array(row.tokens, dtype=mx.int32)
+            caches.append(cache)
+            parts.append(mx.array([row.tokens[-1] for row in rows], dtype=mx.int32))
+            self.rows += rows
+        self.joining = []
+        if not self.rows:
+            self.cache, self.pending = None, None
+            return
+        self.cache = caches[0] if len(caches) == 1 else merge_caches(caches)
+        self._launch(parts[0] if len(parts) == 1 else mx.concatenate(parts))
+
+    def _launch(self, inputs):  # inputs (b,): each row's next token
+        for row in self.rows:
+            row.fed += 1
+        logits = self.model.step(inputs, self.cache).astype(mx.float32)
+        if any(row.processors for row in self.rows):
+            logits = mx.concatenate([_processed(row, logits[i:i + 1])
+                                     for i, row in enumerate(self.rows)])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        return sampler(logprobs), logprobs
+        tokens = self._sample(logprobs)
+        mx.async_eval(tokens, logprobs)
+        self.pending = (tokens, logprobs)
 
+    def _sample(self, logprobs):  # (b, V) -> (b,)
+        groups = {}
+        for i, row in enumerate(self.rows):
+            groups.setdefault(row.sampler, []).append(i)
+        if len(groups) == 1:
+            return self.rows[0].sampler(logprobs)
+        order = [i for rows in groups.values() for i in rows]
+        sampled = mx.concatenate([sampler(logprobs[mx.array(rows)])
+                                  for sampler, rows in groups.items()])
+        return sampled[mx.argsort(mx.array(order))]
+
+
+def _processed(row, logits):
+    for process in row.processors:
+        logits = process(row.history, logits)
+    return logits
+
+
+def generate_step(model, cache, histories, sampler, processors, max_tokens, eos):
+    """Decode a batch from `cache`, which holds each row's tokens (`histories`) but the last.
+
+    Yields, per step, a list of (row, token, logprobs (V,), finish_reason) for the rows still
+    running; a row finishes at an EOS token or after max_tokens, and leaves the batch.
+    """
     if max_tokens <= 0:
         return
-    y, logprobs = advance(mx.array(next_inputs, dtype=mx.int32))
-    mx.async_eval(y, logprobs)
-    for n in range(1, max_tokens + 1):
-        history = [mx.concatenate([seen, y[i:i + 1].astype(mx.int32)])
-                   for i, seen in enumerate(history)]
-        if n < max_tokens:
-            next_y, next_logprobs = advance(y)
-            mx.async_eval(next_y, next_logprobs)
-        tokens = y.tolist()
-        finish = ["stop" if t in eos else "length" if n == max_tokens else None for t in tokens]
-        yield [(row, token, logprobs[i], f) for i, (row, token, f) in
-               enumerate(zip(rows, tokens, finish))]
-        keep = [i for i, f in enumerate(finish) if f is None]
-        if not keep:
-            return
-        if len(keep) < len(rows):
-            index = mx.array(keep)
-            for layer in cache:
-                if layer is not None:
-                    layer.keep(index)
-            next_y, next_logprobs = next_y[index], next_logprobs[index]
-            history = [history[i] for i in keep] if processors else []
-            rows = [rows[i] for i in keep]
-        y, logprobs = next_y, next_logprobs
+    decoder = Decoder(model)
+    decoder.join(cache, [Row(i, list(tokens), sampler, processors, max_tokens, eos)
+                         for i, tokens in enumerate(histories)])
+    while decoder:
+        yield decoder.step()
 
 
 def _decoding(tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
@@ -187,8 +302,8 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
     state = make_prompt_cache(model, tokens, prompt_cache, step_size=prefill_step_size,
                               progress=progress)
     detokenizer = StreamingDetokenizer(_NO_TEXT if tokenizer is None else tokenizer)
-    steps = generate_step(model, state.layers, state.tokens[-1:], [state.tokens], sampler,
-                          processors, max_tokens, eos)
+    steps = generate_step(model, state.layers, [state.tokens], sampler, processors, max_tokens,
+                          eos)
     for n, [(_, token, logprobs, finish)] in enumerate(steps, 1):
         now = time.perf_counter()
         if n == 1:
@@ -246,8 +361,7 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     cache = model.make_cache(len(rows))
     prefill(model, [r[:-1] for r in rows], cache, step_size=prefill_step_size)
     outputs, finished, first = [[] for _ in rows], ["length"] * len(rows), None
-    steps = generate_step(model, cache, [r[-1] for r in rows], rows, sampler, processors,
-                          max_tokens, eos)
+    steps = generate_step(model, cache, rows, sampler, processors, max_tokens, eos)
     for step in steps:
         first = first or time.perf_counter()
         for row, token, _, finish in step:

@@ -3,18 +3,26 @@
 A Mamba's whole context is a few MB of constant-size state. A PromptCache holds the state after
 every one of its tokens but the last, which is still to be fed: the next run feeds it first,
 so resuming needs no stored logits and continues exactly where an uninterrupted run would.
+A PrefixCache (the server's) keeps many states, each after all of its tokens, and finds the
+longest one that a new prompt starts with.
 Files are safetensors: per layer `layers.{i}.{name}` for each array of its cache (`conv` and `ssm`
 for Mamba layers; `keys`, `values`, `positions` and `valid` for attention layers), the token ids
-as `tokens`, and metadata naming the model and its configuration.
+as `tokens`, and metadata naming the model and its configuration and saying whether the state
+is after all the tokens (`fed` "all") or all but the last ("all_but_last").
 """
 
+import collections
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
+import os
 import re
 from pathlib import Path
 
 import mlx.core as mx
+import numpy as np
 
 from .cache import cache_state
 from .files import replace_atomically, save_safetensors
@@ -122,19 +130,33 @@ def check_cache_file(file):
 def save_prompt_cache(file, prompt_cache, model, model_name=""):
     """Write `prompt_cache` (made with `model`) to the safetensors `file`, atomically."""
     check_cache_file(file)
-    arrays = {"tokens": mx.array(prompt_cache.tokens, dtype=mx.int32)}
-    for i, layer in enumerate(prompt_cache.layers):
+    _write(file, prompt_cache.layers, prompt_cache.tokens, model, model_name, "all_but_last")
+
+
+def load_prompt_cache(file, model):
+    """The PromptCache in `file`; PromptCacheError if it is unreadable or from another model."""
+    layers, tokens, fed = _read(file, model)
+    if fed != "all_but_last":
+        raise PromptCacheError(f"{file}: holds the state after all of its tokens (a server's "
+                               "prefix cache file), not a prompt cache to resume")
+    return PromptCache(layers, tokens)
+
+
+def _write(file, layers, tokens, model, model_name, fed):
+    """Write the per-layer `layers` and `tokens` to `file`, atomically; fed: "all_but_last" (a
+    PromptCache) or "all" (a PrefixCache state)."""
+    arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
+    for i, layer in enumerate(layers):
         if layer is not None:
             arrays.update({f"layers.{i}.{k}": v for k, v in layer.arrays().items()})
     metadata = {"format": FORMAT, "version": VERSION, "model": str(model_name),
                 "config": json.dumps(state_config(model.config), sort_keys=True),
                 "config_hash": config_hash(model.config),
-                "token_count": str(len(prompt_cache.tokens))}
+                "token_count": str(len(tokens)), "fed": fed}
     replace_atomically(file, lambda f: save_safetensors(f, arrays, metadata))
 
 
-def load_prompt_cache(file, model):
-    """The PromptCache in `file`; PromptCacheError if it is unreadable or from another model."""
+def _read_metadata(file):
     file = Path(file)
     if not file.is_file():
         raise PromptCacheError(f"{file}: no such prompt cache file")
@@ -147,9 +169,19 @@ def load_prompt_cache(file, model):
     if metadata.get("version") != VERSION:
         raise PromptCacheError(f"{file}: prompt cache version {metadata.get('version')!r}; this "
                                f"mlx-mamba reads version {VERSION}")
+    return arrays, metadata
+
+
+def _check_model(file, metadata, model):
     if metadata.get("config_hash") != config_hash(model.config):
         raise PromptCacheError(f"{file}: made by a model of another configuration "
                                f"({_differences(metadata.get('config'), model.config)})")
+
+
+def _read(file, model):
+    """(per-layer caches, tokens, fed) from `file`, checked against `model`."""
+    arrays, metadata = _read_metadata(file)
+    _check_model(file, metadata, model)
     layers = model.make_cache(1)
     by_layer, names = {}, [n for n in arrays if n != "tokens"]
     for name in names:
@@ -170,9 +202,147 @@ def load_prompt_cache(file, model):
         tokens = check_token_ids(arrays["tokens"], model.config.vocab_size)
     except TokenIdError as e:
         raise PromptCacheError(f"{file}: damaged prompt cache ({e})") from None
+    fed = metadata.get("fed", "all_but_last")  # files from before PrefixCache have no "fed"
     if not tokens or str(len(tokens)) != metadata.get("token_count"):
         raise PromptCacheError(f"{file}: damaged prompt cache (token count does not match)")
-    return PromptCache(layers, tokens)
+    if fed not in ("all", "all_but_last"):
+        raise PromptCacheError(f"{file}: damaged prompt cache (fed is {fed!r})")
+    return layers, tokens, fed
+
+
+@dataclasses.dataclass
+class _Entry:
+    tokens: np.ndarray  # (T,) int64: the state is after all of them
+    layers: list
+    nbytes: int
+
+
+class PrefixCache:
+    """States after token prefixes, in an LRU bounded in bytes: `add(tokens, layers)` keeps the
+    state after `tokens`; `longest(tokens)` resumes from the longest kept prefix of `tokens`.
+
+    With a directory, each state is also a file there (written atomically, removed when evicted)
+    and a new PrefixCache reads back those of a previous run; a directory holding the states of
+    another model is refused (PromptCacheError).
+    """
+
+    def __init__(self, model, max_bytes, directory=None, model_name=""):
+        self.model, self.max_bytes, self.model_name = model, max_bytes, model_name
+        self.directory = Path(directory) if directory is not None else None
+        self.entries = collections.OrderedDict()  # prefix hash -> _Entry, least recent first
+        self.lengths = collections.Counter()  # prefix length -> entries of that length
+        self.nbytes = 0
+        if self.directory is not None:
+            self._read_directory()
+
+    def __len__(self):
+        return len(self.entries)
+
+    def add(self, tokens, layers):
+        """Keep (a copy of) `layers`, the per-layer caches (batch 1) after all of `tokens`."""
+        key = _prefix_hash(tokens)
+        if not tokens or key in self.entries:
+            if key in self.entries:
+                self.entries.move_to_end(key)
+            return
+        layers = [None if layer is None else layer.copy() for layer in layers]
+        arrays = cache_state(layers)
+        mx.eval(arrays)  # also lets go of whatever the arrays were computed from
+        entry = _Entry(np.asarray(tokens, np.int64), layers, sum(a.nbytes for a in arrays))
+        if entry.nbytes > self.max_bytes:
+            return
+        self._insert(key, entry)
+        if self.directory is not None:
+            _write(self._file(key), layers, tokens, self.model, self.model_name, "all")
+        self._evict()
+
+    def longest(self, tokens, limit=None):
+        """(n, per-layer caches after tokens[:n]) for the longest kept prefix with
+        n <= limit (default len(tokens)), or (0, None). The caches are the caller's to update."""
+        limit = len(tokens) if limit is None else min(limit, len(tokens))
+        data = np.asarray(tokens[:limit], np.int64)
+        hasher, hashed, best = hashlib.blake2b(digest_size=16), 0, None
+        for length in sorted(n for n in self.lengths if n <= limit):
+            hasher.update(data[hashed:length].tobytes())
+            hashed = length
+            entry = self.entries.get(hasher.copy().hexdigest())
+            if entry is not None and np.array_equal(entry.tokens, data[:length]):
+                best = hasher.copy().hexdigest()
+        if best is None:
+            return 0, None
+        self.entries.move_to_end(best)
+        entry = self.entries[best]
+        if self.directory is not None:  # the file's time orders the next run's LRU
+            with contextlib.suppress(OSError):
+                os.utime(self._file(best))
+        return len(entry.tokens), [None if layer is None else layer.copy()
+                                   for layer in entry.layers]
+
+    def _insert(self, key, entry):
+        self.entries[key] = entry
+        self.lengths[len(entry.tokens)] += 1
+        self.nbytes += entry.nbytes
+
+    def _evict(self):
+        while self.nbytes > self.max_bytes:
+            key, entry = self.entries.popitem(last=False)
+            self.nbytes -= entry.nbytes
+            self.lengths[len(entry.tokens)] -= 1
+            if not self.lengths[len(entry.tokens)]:
+                del self.lengths[len(entry.tokens)]
+            if self.directory is not None:
+                self._file(key).unlink(missing_ok=True)
+
+    def _file(self, key):
+        return self.directory / f"{key}.safetensors"
+
+    def _read_directory(self):
+        """Take back the states a previous run left, newest first while they fit."""
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PromptCacheError(f"{self.directory}: cannot make the prompt cache directory "
+                                   f"({e.strerror})") from None
+        for partial in self.directory.glob(".tmp-*.safetensors"):
+            if re.fullmatch(r"\.tmp-\d+-[0-9a-f]{32}\.safetensors", partial.name):
+                partial.unlink()  # a write that a crash interrupted (see replace_atomically)
+        files = [f for f in self.directory.glob("*.safetensors")
+                 if re.fullmatch(r"[0-9a-f]{32}\.safetensors", f.name)]
+        for file in files:  # refuse another model's directory before touching any of it
+            try:
+                _, metadata = _read_metadata(file)
+            except PromptCacheError:
+                continue  # damaged: dropped below
+            try:
+                _check_model(file, metadata, self.model)
+            except PromptCacheError as e:
+                raise PromptCacheError(f"{self.directory} holds the prompt cache of another "
+                                       f"model: {e}") from None
+        kept = []
+        for file in sorted(files, key=lambda f: f.stat().st_mtime, reverse=True):
+            try:
+                layers, tokens, fed = _read(file, self.model)
+                tokens = tokens if fed == "all" else tokens[:-1]
+                if _prefix_hash(tokens) != file.stem:
+                    raise PromptCacheError(f"{file}: damaged prompt cache (name and tokens "
+                                           "differ)")
+            except PromptCacheError as e:
+                logging.getLogger(__name__).warning("removing %s", e)
+                file.unlink()
+                continue
+            arrays = cache_state(layers)
+            mx.eval(arrays)
+            nbytes = sum(a.nbytes for a in arrays)
+            if nbytes > self.max_bytes - sum(entry.nbytes for _, entry in kept):
+                file.unlink()  # does not fit any more (a smaller budget than last time)
+                continue
+            kept.append((file.stem, _Entry(np.asarray(tokens, np.int64), layers, nbytes)))
+        for key, entry in reversed(kept):  # least recent first
+            self._insert(key, entry)
+
+
+def _prefix_hash(tokens):
+    return hashlib.blake2b(np.asarray(tokens, np.int64).tobytes(), digest_size=16).hexdigest()
 
 
 def _differences(saved_json, config):

@@ -79,7 +79,7 @@ def commands():
 
 def test_readme_names_every_command():
     assert set(commands()) == {"mlx_mamba.convert", "mlx_mamba.generate", "mlx_mamba.lora",
-                               "mlx_mamba.fuse"}
+                               "mlx_mamba.fuse", "mlx_mamba.server"}
 
 
 @pytest.mark.parametrize("module, flags", sorted(commands().items()))

@@ -1,0 +1,227 @@
+"""The server's engine: the thread that does all MLX work. It prefills each request's prompt
+from the longest cached prefix of its tokens (a PrefixCache), keeping the state every
+`prefill_step_size` tokens and at the end of each request, and decodes every running request in
+one Decoder, which requests join and leave between steps.
+"""
+
+import collections
+import dataclasses
+import logging
+import threading
+
+import mlx.core as mx
+
+from ..detokenizer import StreamingDetokenizer
+from ..generate import Decoder, Row, _load, eos_token_ids
+from ..prompt_cache import PrefixCache, prefill
+from ..sample import make_logits_processors, make_sampler
+
+log = logging.getLogger("mlx_mamba.server")
+
+
+@dataclasses.dataclass
+class Piece:
+    """What a request gets for one generated token."""
+
+    text: str
+    finish_reason: str | None
+    logprob: tuple | None = None  # (token text, logprob, [(text, logprob) of the top ones])
+
+
+@dataclasses.dataclass(eq=False)
+class Job:
+    """One request, from the web side to the engine and back."""
+
+    prompt: list  # token ids
+    sampling: dict  # make_sampler's keyword arguments
+    repetition_penalty: float | None
+    max_tokens: int
+    ignore_eos: bool
+    stop: list  # strings that end the text (not included in it)
+    logprobs: int | None  # top alternatives to report per token; None: no logprobs
+    deliver: object  # deliver(Piece | Exception), called from the engine thread
+    eos: set = dataclasses.field(default_factory=set)
+    cached_tokens: int = 0
+    completion_tokens: int = 0
+    finished: bool = False
+    cancelled: bool = False
+    detokenizer: object = None
+    held: str = ""  # text not sent yet: it may be the start of a stop string
+
+
+@dataclasses.dataclass
+class Prefill:
+    job: Job
+    cache: list
+    done: int  # prompt tokens in the cache
+
+
+class Overloaded(RuntimeError):
+    pass
+
+
+class Engine:
+    """Loads the model and serves it in the thread that creates it (MLX's work then stays in
+    one thread: MLX used from a second thread can abort the process at exit); `submit`, `cancel`
+    and `stop` are called from other threads."""
+
+    def __init__(self, args):
+        self.args = args
+        self.model, self.tokenizer = _load(args)
+        self.prefix_cache = PrefixCache(self.model, args.prompt_cache_bytes,
+                                        args.prompt_cache_dir, args.model)
+        self.decoder = Decoder(self.model, on_leave=self._left)
+        self.lock = threading.Condition()
+        self.incoming = collections.deque()
+        self.active = 0  # requests submitted and not yet out of the engine
+        self.stopped = False
+
+    def busy(self):
+        """Every batch row and queue place is taken."""
+        return self.active >= self.args.max_batch_size + self.args.max_queue
+
+    def submit(self, job):
+        with self.lock:
+            if self.busy():
+                raise Overloaded
+            self.active += 1
+            self.incoming.append(job)
+            self.lock.notify()
+
+    def cancel(self, job):
+        """The client is gone: free the job's place (a no-op once it has finished)."""
+        job.cancelled = True
+        with self.lock:
+            self.lock.notify()
+
+    def stop(self):
+        with self.lock:
+            self.stopped = True
+            self.lock.notify()
+
+    def run(self):
+        """Prefill and decode requests until `stop`: one prefill chunk, then one decoding step
+        of every running request, in turn."""
+        waiting, prefilling = collections.deque(), None
+        while True:
+            with self.lock:
+                while not (self.stopped or self.incoming or waiting or prefilling or
+                           self.decoder):
+                    self.lock.wait()
+                if self.stopped:
+                    return
+                waiting.extend(self.incoming)
+                self.incoming.clear()
+            for job in [job for job in waiting if job.cancelled]:
+                waiting.remove(job)
+                self._release(job)
+            if prefilling is None and waiting and len(self.decoder) < self.args.max_batch_size:
+                prefilling = self._guarded(self._start_prefill, waiting.popleft())
+            if prefilling is not None:
+                prefilling = self._guarded(self._prefill_chunk, prefilling)
+            if self.decoder:
+                self._decode()
+
+    def _guarded(self, work, item):
+        """work(item) for one job; if it fails, that job fails (and the engine goes on)."""
+        job = item.job if isinstance(item, Prefill) else item
+        try:
+            if job.cancelled:
+                self._release(job)
+                return None
+            return work(item)
+        except Exception as e:
+            log.exception("request failed")
+            job.deliver(e)
+            self._release(job)
+            return None
+
+    def _start_prefill(self, job):
+        # At least the last prompt token is left to feed: it gives the first token's logits.
+        done, cache = self.prefix_cache.longest(job.prompt, len(job.prompt) - 1)
+        job.cached_tokens = done
+        job.detokenizer = StreamingDetokenizer(self.tokenizer)
+        job.eos = set() if job.ignore_eos else eos_token_ids(self.tokenizer)
+        return Prefill(job, cache if cache is not None else self.model.make_cache(1), done)
+
+    def _prefill_chunk(self, p):
+        """Feed the next chunk of the prompt (chunks end at multiples of the step size, where
+        states are kept); returns None once the job has joined the decoder."""
+        step, end = self.args.prefill_step_size, len(p.job.prompt) - 1
+        if p.done < end:
+            stop = min((p.done // step + 1) * step, end)
+            prefill(self.model, [p.job.prompt[p.done:stop]], p.cache, step_size=step)
+            p.done = stop
+            if stop % step == 0 or stop == end:
+                self._keep(p.job.prompt[:stop], p.cache)
+            if stop < end:
+                return p
+        job = p.job
+        row = Row(job, list(job.prompt), make_sampler(**job.sampling),
+                  make_logits_processors(job.repetition_penalty), job.max_tokens, job.eos)
+        self.decoder.join(p.cache, [row])
+        return None
+
+    def _decode(self):
+        for row in self.decoder.rows:
+            if row.key.cancelled or row.key.finished:
+                self.decoder.drop(row.key)
+        try:
+            events = self.decoder.step()
+        except Exception as e:
+            log.exception("decoding failed")
+            for row in self.decoder.rows + [r for _, rows in self.decoder.joining for r in rows]:
+                row.key.deliver(e)
+                self._release(row.key)
+            self.decoder = Decoder(self.model, on_leave=self._left)
+            return
+        for job, token, logprobs, finish in events:
+            if not job.finished:
+                self._hand_out(job, token, logprobs, finish)
+
+    def _hand_out(self, job, token, logprobs, finish):
+        job.completion_tokens += 1
+        text = job.detokenizer.add_token(token) if finish != "stop" else ""
+        if finish:
+            text += job.detokenizer.finalize()
+        text, job.held, stopped = _cut_at_stop(job.held + text, job.stop, finish is not None)
+        logprob = None
+        if job.logprobs is not None and not (finish == "stop" and token in job.eos):
+            logprob = self._logprob(token, logprobs, job.logprobs)
+        job.finished = stopped or finish is not None
+        job.deliver(Piece(text, "stop" if stopped else finish, logprob))
+
+    def _logprob(self, token, logprobs, count):
+        top = mx.argpartition(-logprobs, count - 1)[:count] if count else mx.array([], mx.int32)
+        values = logprobs[mx.concatenate([mx.array([token]), top.astype(mx.int32)])].tolist()
+        ranked = sorted(zip(top.tolist(), values[1:]), key=lambda pair: -pair[1])
+        decode = self.tokenizer.decode
+        return decode([token]), values[0], [(decode([t]), v) for t, v in ranked]
+
+    def _left(self, row, cache):
+        """A row left the decoder: keep its state, free its place."""
+        self._keep(row.tokens[:row.fed], cache)
+        self._release(row.key)
+
+    def _keep(self, tokens, cache):
+        try:
+            self.prefix_cache.add(tokens, cache)
+        except OSError as e:  # a full disk costs the persisted copy, not the request
+            log.warning("cannot write to the prompt cache directory: %s", e)
+
+    def _release(self, job):
+        with self.lock:
+            self.active -= 1
+
+
+def _cut_at_stop(text, stops, final):
+    """(text to send now, text held back, whether a stop string ended the text there).
+
+    Text that could be the start of a stop string is held until the next tokens decide."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    if hits:
+        return text[:min(hits)], "", True
+    if final or not stops:
+        return text, "", False
+    held = max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+    return text[:len(text) - held], text[len(text) - held:], False
