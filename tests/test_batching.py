@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_mamba
+from comparing import IdTokenizer, relative_error
 from mlx_mamba.cache import KVCache, cache_rows, merge_caches
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.generate import Decoder, Row, stream_generate
@@ -21,21 +22,6 @@ MAMBA3 = {"d_model": 32, "n_layer": 2, "vocab_size": 100, "rms_norm": True,
                           chunk_size=8, is_mimo=True, mimo_rank=2)}
 PROMPTS = [np.random.RandomState(r).randint(0, 100, n).tolist()
            for r, n in ((0, 3), (1, 17), (2, 9))]
-
-
-class IdTokenizer:
-    eos_token_id = None
-
-    def encode(self, text):
-        return [ord(c) - 32 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i + 32) for i in ids)
-
-
-def relative_error(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 @pytest.fixture(scope="module", params=FLAVOURS)

@@ -19,6 +19,7 @@ import torch
 
 import mlx_mamba
 from checkpoints import FLAVOURS, VOCAB, write_checkpoint
+from comparing import relative_error
 from corpus import SHAKESPEARE
 from mlx_mamba import convert as convert_module
 from mlx_mamba.checkpoint import read_weights
@@ -27,10 +28,6 @@ from mlx_mamba.convert import convert, main
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 2e-4  # float32 logits, relative to their scale, as in test_parity.py
 IDS = np.random.default_rng(1).integers(0, VOCAB, size=(2, 37))
-
-
-def relative_error(ours, theirs):
-    return float(np.abs(np.array(ours, dtype=np.float64) - theirs).max() / np.abs(theirs).max())
 
 
 def reference_logits(torch_model):

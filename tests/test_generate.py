@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mlx_mamba
+from comparing import IdTokenizer
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.detokenizer import StreamingDetokenizer
 from mlx_mamba.generate import GenerationError, batch_generate, main, stream_generate
@@ -26,19 +27,6 @@ from mlx_mamba.sample import (SamplerError, apply_min_p, apply_top_k, apply_top_
 # The tied tiny Mamba1 only repeats its last token, which would hide mistakes; the untied one talks.
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["mamba1_untied", "mamba2"]
-
-
-class IdTokenizer:
-    """The minimal tokenizer interface, over the tiny checkpoints' 100 ids."""
-
-    def __init__(self, eos_token_id=None):
-        self.eos_token_id = eos_token_id
-
-    def encode(self, text):
-        return [ord(c) - 32 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i + 32) for i in ids)
 
 
 def tokens_of(model, tokenizer, prompt, **kwargs):

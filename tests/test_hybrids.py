@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 
 import mlx_mamba
 from checkpoints import HYBRIDS
+from comparing import IdTokenizer, relative_error
 from mlx_mamba.cache import KVCache, LayerCaches, MambaCache
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.convert import convert, save_model
@@ -30,21 +31,6 @@ from mlx_mamba.prompt_cache import (load_prompt_cache, make_prompt_cache, prefil
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = sorted(HYBRIDS)
 IDS = np.random.RandomState(0).randint(0, 100, (3, 29))
-
-
-class IdTokenizer:
-    eos_token_id = None
-
-    def encode(self, text):
-        return [ord(c) - 32 for c in text]
-
-    def decode(self, ids):
-        return "".join(chr(i + 32) for i in ids)
-
-
-def relative_error(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 @pytest.fixture(scope="module", params=FAMILIES)

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten, tree_map
 
 import float64_reference as ref
 import mlx_mamba
+from comparing import relative_error
 from mlx_mamba import fuse
 from mlx_mamba.config import ConfigError, ModelConfig
 from mlx_mamba.convert import convert
@@ -83,10 +84,6 @@ def reference_logits(weights, ssm_cfg, ids):
                             ssm_cfg.get("is_outproj_norm", False))
         residual = residual + out
     return rms_norm(residual, weights["backbone.norm_f.weight"]) @ embedding.T
-
-
-def relative_error(ours, theirs):
-    return float(np.abs(np.array(ours, np.float64) - theirs).max() / np.abs(theirs).max())
 
 
 IDS = np.random.default_rng(5).integers(0, VOCAB, (2, 19))

@@ -7,12 +7,9 @@ import torch
 
 import mlx_mamba
 from checkpoints import FLAVOURS
+from comparing import relative_error
 
 TOLERANCE = 2e-4  # max |ours - transformers| relative to the logits' scale, float32
-
-
-def relative_error(ours, theirs):
-    return float(np.abs(np.array(ours) - theirs).max() / np.abs(theirs).max())
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import mlx_mamba
+from comparing import relative_error
 from mlx_mamba.cache import cache_state
 from mlx_mamba.prompt_cache import PrefixCache, PromptCacheError, load_prompt_cache, prefill
 
@@ -26,11 +27,6 @@ def state(model, tokens, cache=None):
 
 def nbytes(layers):
     return sum(a.nbytes for a in cache_state(layers))
-
-
-def relative_error(ours, theirs):
-    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
-    return float(np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
 def test_longest_kept_prefix_exactly(model):

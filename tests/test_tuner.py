@@ -13,6 +13,7 @@ import torch
 from mlx.utils import tree_flatten, tree_map
 
 import mlx_mamba
+from comparing import relative_error
 from mlx_mamba import fuse, lora
 from mlx_mamba.checkpoint import to_model_names
 from mlx_mamba.tuner import (Batch, DoRALinear, LoRALinear, apply_adapters, checkpoint_layers,
@@ -42,10 +43,6 @@ def tiny_model(checkpoint, tmp_path_factory):
 @pytest.fixture(scope="session")
 def text_data(tmp_path_factory):
     return write_data(tmp_path_factory.mktemp("data"))
-
-
-def relative_error(ours, theirs):
-    return float(np.abs(np.array(ours) - theirs).max() / np.abs(theirs).max())
 
 
 def random_batch(seed=0, rows=3, length=23, vocab=100):
