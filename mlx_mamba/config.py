@@ -143,7 +143,7 @@ class ModelConfig:
         for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand",
                      "head_dim", "n_groups", "chunk_size"):
             value = getattr(self, name)
-            if not _is_int(value) or value <= 0:
+            if not is_integer(value) or value <= 0:
                 raise ConfigError(f"field {name!r} is {value!r}: expected a positive integer")
         if self.n_layer > MAX_LAYERS:
             raise ConfigError(f"field 'n_layer' is {self.n_layer}: more than {MAX_LAYERS} layers "
@@ -335,7 +335,7 @@ def _as_float(value, name="time_step_limit"):
         raise ConfigError(f"field {name!r} holds {value!r}: expected a number") from None
 
 
-def _is_int(value):
+def is_integer(value):
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -347,14 +347,15 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
     (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool",
     "ids" (token ids: an int, a list of ints or null). The error names the field."""
     label = where + name
-    absent = name not in config or (config[name] is None and kind != "ids")
-    if absent and (name not in config or default is not REQUIRED):
+    if name not in config:
         if default is REQUIRED:
             raise ConfigError(f"missing field {label!r}")
         return default
     value = config[name]
+    if value is None and kind != "ids" and default is not REQUIRED:
+        return default  # configs spell some unset fields as null
     if kind in ("positive", "count"):
-        if not _is_int(value) or value < (1 if kind == "positive" else 0):
+        if not is_integer(value) or value < (1 if kind == "positive" else 0):
             raise ConfigError(f"field {label!r} is {value!r}: expected "
                               f"{'a positive' if kind == 'positive' else 'a non-negative'} integer")
     elif kind in ("number", "positive_number"):
@@ -367,7 +368,7 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
             raise ConfigError(f"field {label!r} is {value!r}: expected true or false")
     elif kind == "ids":
         items = value if isinstance(value, list) else [value]
-        if not all(v is None or (_is_int(v) and v >= 0) for v in items):
+        if not all(v is None or (is_integer(v) and v >= 0) for v in items):
             raise ConfigError(f"field {label!r} is {value!r}: expected token ids")
     return value
 

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from ..config import is_integer
 from ..files import replace_atomically, save_safetensors
 from ..models.mamba1 import Mamba1
 from ..models.mamba2 import Mamba2
@@ -51,10 +52,6 @@ class AdapterError(ValueError):
     """Adapter files or settings that do not fit; the message names the file or setting."""
 
 
-def _is_int(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _is_number(value):
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -68,7 +65,7 @@ def check_adapter_config(config, n_layer=None):
     if kind not in ("lora", "dora", "full"):
         raise AdapterError(f"fine_tune_type {kind!r}: expected lora, dora or full")
     num_layers = config.get("num_layers", -1)  # absent: the default, which fits every model
-    if not (_is_int(num_layers) and (num_layers == -1 or num_layers >= 1)):
+    if not (is_integer(num_layers) and (num_layers == -1 or num_layers >= 1)):
         raise AdapterError(f"num_layers {num_layers!r}: expected a positive integer, or -1 for all")
     if n_layer is not None and num_layers > n_layer:
         raise AdapterError(f"num_layers {num_layers}: the model has {n_layer} layers (use -1 for "
@@ -81,7 +78,7 @@ def check_adapter_config(config, n_layer=None):
         raise AdapterError(f"lora_parameters {lora!r}: expected an object")
     rank, scale = lora.get("rank", 8), lora.get("scale", 20.0)
     dropout, keys = lora.get("dropout", 0.0), lora.get("keys")
-    if not (_is_int(rank) and rank >= 1):
+    if not (is_integer(rank) and rank >= 1):
         raise AdapterError(f"lora_parameters.rank {rank!r}: expected a positive integer")
     if not _is_number(scale):
         raise AdapterError(f"lora_parameters.scale {scale!r}: expected a finite number")
