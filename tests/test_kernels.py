@@ -200,13 +200,14 @@ def test_launch_matches_mlx_conventions(backend):
     """The text built from what the package passed carries MLX's signature for that backend."""
     ops.selective_scan(**mamba1_inputs(**M1), backend=backend)
     launch = harness.LAUNCHES[-1]
-    assert launch["grid"] == (M1["D"] * 16, M1["b"], 1) and launch["threadgroup"] == (64, 1, 1)
+    # 12 channels of 16 lanes, 4 channels a thread: threadgroups of 4 channels, 16 threads
+    assert launch["grid"] == (M1["D"] // 4 * 16, M1["b"], 1) and launch["threadgroup"] == (16, 1, 1)
     if backend == "metal":
-        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_4_64_float_" in launch["text"]
+        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_4_4_64_float_" in launch["text"]
         assert "const constant int32_t* params [[buffer(9)]]" in launch["text"]
         assert "uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]]" in launch["text"]
     else:
-        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_4_64(" in launch["text"]
+        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_4_4_64(" in launch["text"]
         assert "  using T = float;\n  constexpr int S = 16;" in launch["text"]
 
 
@@ -216,8 +217,8 @@ MUTANTS = {
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
     "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
     "wrong group of a head": ("g = head / HPG", "g = head % G"),
-    "an output never written": ("      if (lane == 0) {\n        float yv", "      if (lane == 0 && c > 0) {\n        float yv"),
-    "a write past the end": ("y[row * CH + c] =", "y[row * CH + c + 1] ="),
+    "an output never written": ("        if (lane == 0) {\n          float yv", "        if (lane == 0 && cr > 0) {\n          float yv"),
+    "a write past the end": ("y[row * CH + cr] =", "y[row * CH + cr + 1] ="),
     "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
 }
 
@@ -295,3 +296,73 @@ def test_emulator_reports_divergent_barrier():
     with pytest.raises(harness.EmulatorError, match="deadlock"):
         k(inputs=[mx.zeros((8,))], output_shapes=[(8,)], output_dtypes=[mx.float32], grid=(8, 1, 1),
           threadgroup=(8, 1, 1))
+
+
+# Counts work in the emulator: every MM_EXP, and every global load of B or C in the staging loop.
+COUNTER = """
+struct MmCount {
+  std::atomic<long> exps{0}, loads{0};
+  ~MmCount() {
+    if (FILE* f = std::fopen(std::getenv("MM_COUNT_FILE"), "w")) {
+      std::fprintf(f, "%ld %ld", exps.load(), loads.load());
+      std::fclose(f);
+    }
+  }
+};
+inline MmCount mm_count;
+inline float mm_counted(std::atomic<long>& n) { n.fetch_add(1, std::memory_order_relaxed); return 1.0f; }
+"""
+
+
+def counted_work(monkeypatch, tmp_path, run):
+    """{kernel name: [exponentials, global loads of B and C]} of the launches of run(), summed."""
+    for prelude in ("_METAL_PRELUDE", "_CUDA_PRELUDE"):
+        text = getattr(kernel_source, prelude).replace("#define MM_EXP(x) ", "#define MM_EXP(x) mm_counted(mm_count.exps) * ")
+        monkeypatch.setattr(kernel_source, prelude, COUNTER + text)
+    for kind, body in kernel_source.BODIES.items():
+        for m in ("Bm", "Cm"):
+            body = body.replace(f"float({m}[src])", f"(mm_counted(mm_count.loads) * float({m}[src]))")
+        monkeypatch.setitem(kernel_source.BODIES, kind, body)
+    kernel_ops._kernel.cache_clear()
+    monkeypatch.setenv("MM_COUNT_FILE", str(tmp_path / "count"))
+    counts = {}
+    launch = harness.EmulatedKernel.__call__
+
+    def counting_launch(self, **kw):
+        outs = launch(self, **kw)
+        done = counts.setdefault(self.name, [0, 0])
+        for i, n in enumerate((tmp_path / "count").read_text().split()):
+            done[i] += int(n)
+        return outs
+    monkeypatch.setattr(harness.EmulatedKernel, "__call__", counting_launch)
+    mx.eval(run())
+    kernel_ops._kernel.cache_clear()
+    return counts
+
+
+def test_work_per_token_mamba2_2_7b(monkeypatch, tmp_path):
+    """A decode step of Mamba2 2.7B's layer (H=80, P=64, N=128, G=1): one exp(dt * A) and one
+    softplus per thread (4 channels of one head), one gate per channel; B and C read once per
+    threadgroup of 16 channels (KERNELS.md has the numbers before and after)."""
+    harness.install(monkeypatch)
+    x = mamba2_inputs(b=1, L=1, H=80, P=64, G=1, N=128)
+    args = dict(state=x["initial_states"], x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0],
+                C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0], dt_bias=x["dt_bias"], dt_softplus=True)
+    counts = counted_work(monkeypatch, tmp_path, lambda: ops.ssd_step(**args, backend="metal"))
+    CH = 80 * 64
+    assert counts == {"mlx_mamba_scan_fwd": [CH // 4 * 32 * 2 + CH, CH // 16 * 2 * 128]}
+
+
+def test_backward_work_per_token(monkeypatch, tmp_path):
+    """The backward kernel at N=128: per lane and step, one exp(dt * A) and one softplus in the
+    recomputation, the same and the gate's sigmoid in the reverse walk, and the softplus'
+    derivative on lane 0; B and C read once per threadgroup of 8 channels."""
+    harness.install(monkeypatch)
+    b, L, H, P, N = 1, 8, 2, 64, 128
+    x = mamba2_inputs(b=b, L=L, H=H, P=P, G=1, N=N)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+    weights = [mx.ones(x["x"].shape), mx.ones(x["initial_states"].shape)]
+    scan = lambda **a: ops.ssd(**a, chunk_size=16, dt_softplus=True, return_final_states=True, backend="metal")  # noqa: E731
+    counts = counted_work(monkeypatch, tmp_path, lambda: _grads(scan, x, names, weights))
+    CH = H * P
+    assert counts["mlx_mamba_scan_bwd"] == [L * CH * (32 * 5 + 2), L * CH // 8 * 2 * N]
