@@ -66,6 +66,8 @@ def mamba2_inputs(b, L, H, P, G, N, options=True, dt_limit=(0.0, math.inf)):
 M1 = dict(b=2, L=37, D=12, N=12)  # N: 16 lanes, 12 used; 4 channels (2 simdgroups) a threadgroup
 M2 = dict(b=2, L=71, H=8, P=5, G=2, N=12)  # two chunks of 64 steps; 2 groups of 4 heads
 M2_WIDE = dict(b=1, L=37, H=4, P=3, G=2, N=40)  # 2 states a lane, chunks of 16 steps
+M2_CPT = dict(b=2, L=37, H=6, P=4, G=3, N=24)  # forward: 4 channels (one head) a thread; chunks of 32
+M2_P1 = dict(b=1, L=37, H=8, P=1, G=2, N=12)  # heads of one channel: 4 heads a thread
 
 
 @pytest.mark.parametrize("options", [True, False])
@@ -86,7 +88,8 @@ def with_D_per_head_dim(x):
 
 @pytest.mark.parametrize("shape, options, dt_limit, D_per_head_dim", [
     (M2, True, (0.05, 1.5), False), (M2_WIDE, False, (0.0, math.inf), False),
-    (M2, True, (0.0, math.inf), True)], ids=["groups-limit", "wide-N", "D-per-head-dim"])
+    (M2, True, (0.0, math.inf), True), (M2_CPT, True, (0.05, 1.5), False), (M2_P1, True, (0.0, math.inf), False)],
+    ids=["groups-limit", "wide-N", "D-per-head-dim", "4-channels-a-thread", "1-channel-heads"])
 def test_ssd(backend, shape, options, dt_limit, D_per_head_dim):
     x = mamba2_inputs(**shape, options=options, dt_limit=dt_limit)
     if D_per_head_dim:
@@ -140,7 +143,7 @@ def _grads(fn, inputs, names, weights):
     return mx.grad(loss, argnums=tuple(range(len(names))))(*(inputs[k] for k in names))
 
 
-@pytest.mark.parametrize("model", ["mamba1", "mamba2", "mamba2-D-per-head-dim"])
+@pytest.mark.parametrize("model", ["mamba1", "mamba2", "mamba2-D-per-head-dim", "mamba2-4-channels-a-thread"])
 def test_gradients(backend, model):
     if model == "mamba1":
         x = mamba1_inputs(**M1)
@@ -149,13 +152,13 @@ def test_gradients(backend, model):
             **a, delta_softplus=True, return_last_state=True, backend=be)
         shapes = [(M1["b"], M1["L"], M1["D"]), (M1["b"], M1["D"], M1["N"])]
     else:
-        x = mamba2_inputs(**M2, dt_limit=(0.05, 1.5))
+        s = M2_CPT if model == "mamba2-4-channels-a-thread" else M2
+        x = mamba2_inputs(**s, dt_limit=(0.05, 1.5))
         if model == "mamba2-D-per-head-dim":
             x = with_D_per_head_dim(x)
         names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
         run = lambda be: lambda **a: ops.ssd(  # noqa: E731
             **a, chunk_size=16, dt_softplus=True, dt_limit=(0.05, 1.5), return_final_states=True, backend=be)
-        s = M2
         shapes = [(s["b"], s["L"], s["H"], s["P"]), (s["b"], s["H"], s["P"], s["N"])]
     mx.random.seed(3)
     weights = [mx.random.normal(sh) for sh in shapes]
@@ -366,3 +369,23 @@ def test_backward_work_per_token(monkeypatch, tmp_path):
     counts = counted_work(monkeypatch, tmp_path, lambda: _grads(scan, x, names, weights))
     CH = H * P
     assert counts["mlx_mamba_scan_bwd"] == [L * CH * (32 * 5 + 2), L * CH // 8 * 2 * N]
+
+
+@pytest.mark.parametrize("N, what", [(4097, "forward"), (2049, "gradient")])
+def test_threadgroup_memory_bound(backend, monkeypatch, N, what):
+    """A state too large for 32 KB of threadgroup memory is refused by name, never launched."""
+    launched = []
+
+    def launch(self, *, output_shapes, output_dtypes, **_):  # only the forward kernel may run
+        launched.append(self.name)
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+    monkeypatch.setattr(harness.EmulatedKernel, "__call__", launch)
+    x = mamba2_inputs(b=1, L=3, H=1, P=1, G=1, N=N, options=False)
+    scan = lambda **a: ops.ssd(**a, chunk_size=16, backend=backend)  # noqa: E731
+    with pytest.raises(ValueError, match=f"d_state N={N} is too large for the {what} scan kernel: "
+                                         r"it needs \d+ bytes of threadgroup memory, over the limit of 32768"):
+        if what == "forward":
+            scan(**x)
+        else:
+            mx.grad(lambda B: scan(**dict(x, B=B)).sum())(x["B"])
+    assert "mlx_mamba_scan_bwd" not in launched and (what == "gradient" or not launched)
