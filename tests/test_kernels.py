@@ -220,7 +220,8 @@ MUTANTS = {
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
     "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
     "wrong group of a head": ("g = head / HPG", "g = head % G"),
-    "an output never written": ("        if (lane == 0) {\n          float yv", "        if (lane == 0 && cr > 0) {\n          float yv"),
+    "an output never written": ("        if (lane == 0) {\n          float yv",
+                                "        if (lane == 0 && cr > 0) {\n          float yv"),
     "a write past the end": ("y[row * CH + cr] =", "y[row * CH + cr + 1] ="),
     "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
 }
@@ -320,7 +321,8 @@ inline float mm_counted(std::atomic<long>& n) { n.fetch_add(1, std::memory_order
 def counted_work(monkeypatch, tmp_path, run):
     """{kernel name: [exponentials, global loads of B and C]} of the launches of run(), summed."""
     for prelude in ("_METAL_PRELUDE", "_CUDA_PRELUDE"):
-        text = getattr(kernel_source, prelude).replace("#define MM_EXP(x) ", "#define MM_EXP(x) mm_counted(mm_count.exps) * ")
+        text = getattr(kernel_source, prelude).replace(
+            "#define MM_EXP(x) ", "#define MM_EXP(x) mm_counted(mm_count.exps) * ")
         monkeypatch.setattr(kernel_source, prelude, COUNTER + text)
     for kind, body in kernel_source.BODIES.items():
         for m in ("Bm", "Cm"):
@@ -365,7 +367,8 @@ def test_backward_work_per_token(monkeypatch, tmp_path):
     x = mamba2_inputs(b=b, L=L, H=H, P=P, G=1, N=N)
     names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
     weights = [mx.ones(x["x"].shape), mx.ones(x["initial_states"].shape)]
-    scan = lambda **a: ops.ssd(**a, chunk_size=16, dt_softplus=True, return_final_states=True, backend="metal")  # noqa: E731
+    scan = lambda **a: ops.ssd(  # noqa: E731
+        **a, chunk_size=16, dt_softplus=True, return_final_states=True, backend="metal")
     counts = counted_work(monkeypatch, tmp_path, lambda: _grads(scan, x, names, weights))
     CH = H * P
     assert counts["mlx_mamba_scan_bwd"] == [L * CH * (32 * 5 + 2), L * CH // 8 * 2 * N]
