@@ -218,10 +218,9 @@ def test_launch_matches_mlx_conventions(backend):
 MUTANTS = {
     "no barrier after staging": ("      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    MM_SYNC();\n",
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
-    "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
+    "short lane reduction": ("sum = mm_xor_sum(acc[0], 1, S / CPT);", "sum = mm_xor_sum(acc[0], 2, S / CPT);"),
     "wrong group of a head": ("g = head / HPG", "g = head % G"),
-    "an output never written": ("        if (lane == 0) {\n          float yv",
-                                "        if (lane == 0 && cr > 0) {\n          float yv"),
+    "an output never written": ("if (lane % (S / CPT) == 0) {", "if (lane % (S / CPT) == 0 && cr > 0) {"),
     "a write past the end": ("y[row * CH + cr] =", "y[row * CH + cr + 1] ="),
     "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
 }
@@ -302,13 +301,13 @@ def test_emulator_reports_divergent_barrier():
           threadgroup=(8, 1, 1))
 
 
-# Counts work in the emulator: every MM_EXP, and every global load of B or C in the staging loop.
+# Counts work in the emulator: every MM_EXP and MM_SHFL_XOR, every global load of B or C (staging).
 COUNTER = """
 struct MmCount {
-  std::atomic<long> exps{0}, loads{0};
+  std::atomic<long> exps{0}, shuffles{0}, loads{0};
   ~MmCount() {
     if (FILE* f = std::fopen(std::getenv("MM_COUNT_FILE"), "w")) {
-      std::fprintf(f, "%ld %ld", exps.load(), loads.load());
+      std::fprintf(f, "%ld %ld %ld", exps.load(), shuffles.load(), loads.load());
       std::fclose(f);
     }
   }
@@ -319,10 +318,11 @@ inline float mm_counted(std::atomic<long>& n) { n.fetch_add(1, std::memory_order
 
 
 def counted_work(monkeypatch, tmp_path, run):
-    """{kernel name: [exponentials, global loads of B and C]} of the launches of run(), summed."""
+    """{kernel name: [exponentials, shuffles, global loads of B and C]} of run()'s launches."""
     for prelude in ("_METAL_PRELUDE", "_CUDA_PRELUDE"):
         text = getattr(kernel_source, prelude).replace(
-            "#define MM_EXP(x) ", "#define MM_EXP(x) mm_counted(mm_count.exps) * ")
+            "#define MM_EXP(x) ", "#define MM_EXP(x) mm_counted(mm_count.exps) * ").replace(
+            "#define MM_SHFL_XOR(v, m) ", "#define MM_SHFL_XOR(v, m) mm_counted(mm_count.shuffles) * ")
         monkeypatch.setattr(kernel_source, prelude, COUNTER + text)
     for kind, body in kernel_source.BODIES.items():
         for m in ("Bm", "Cm"):
@@ -335,7 +335,7 @@ def counted_work(monkeypatch, tmp_path, run):
 
     def counting_launch(self, **kw):
         outs = launch(self, **kw)
-        done = counts.setdefault(self.name, [0, 0])
+        done = counts.setdefault(self.name, [0, 0, 0])
         for i, n in enumerate((tmp_path / "count").read_text().split()):
             done[i] += int(n)
         return outs
@@ -346,22 +346,22 @@ def counted_work(monkeypatch, tmp_path, run):
 
 
 def test_work_per_token_mamba2_2_7b(monkeypatch, tmp_path):
-    """A decode step of Mamba2 2.7B's layer (H=80, P=64, N=128, G=1): one exp(dt * A) and one
-    softplus per thread (4 channels of one head), one gate per channel; B and C read once per
-    threadgroup of 16 channels (KERNELS.md has the numbers before and after)."""
+    """A decode step of Mamba2 2.7B's layer (H=80, P=64, N=128, G=1): per thread (4 channels of
+    one head, 32 lanes each) one exp(dt * A), one softplus and 3 + 3 shuffles, one gate per
+    channel; B and C read once per threadgroup of 16 channels (KERNELS.md: before and after)."""
     harness.install(monkeypatch)
     x = mamba2_inputs(b=1, L=1, H=80, P=64, G=1, N=128)
     args = dict(state=x["initial_states"], x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0],
                 C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0], dt_bias=x["dt_bias"], dt_softplus=True)
     counts = counted_work(monkeypatch, tmp_path, lambda: ops.ssd_step(**args, backend="metal"))
     CH = 80 * 64
-    assert counts == {"mlx_mamba_scan_fwd": [CH // 4 * 32 * 2 + CH, CH // 16 * 2 * 128]}
+    assert counts == {"mlx_mamba_scan_fwd": [CH // 4 * 32 * 2 + CH, CH // 4 * 32 * 6, CH // 16 * 2 * 128]}
 
 
 def test_backward_work_per_token(monkeypatch, tmp_path):
     """The backward kernel at N=128: per lane and step, one exp(dt * A) and one softplus in the
     recomputation, the same and the gate's sigmoid in the reverse walk, and the softplus'
-    derivative on lane 0; B and C read once per threadgroup of 8 channels."""
+    derivative on lane 0; 3 sums of 5 shuffles; B and C read once per threadgroup of 8 channels."""
     harness.install(monkeypatch)
     b, L, H, P, N = 1, 8, 2, 64, 128
     x = mamba2_inputs(b=b, L=L, H=H, P=P, G=1, N=N)
@@ -371,7 +371,7 @@ def test_backward_work_per_token(monkeypatch, tmp_path):
         **a, chunk_size=16, dt_softplus=True, return_final_states=True, backend="metal")
     counts = counted_work(monkeypatch, tmp_path, lambda: _grads(scan, x, names, weights))
     CH = H * P
-    assert counts["mlx_mamba_scan_bwd"] == [L * CH * (32 * 5 + 2), L * CH // 8 * 2 * N]
+    assert counts["mlx_mamba_scan_bwd"] == [L * CH * (32 * 5 + 2), L * CH * 32 * 15, L * CH // 8 * 2 * N]
 
 
 @pytest.mark.parametrize("N, what", [(4097, "forward"), (2049, "gradient")])

@@ -64,7 +64,7 @@ def _layout(kind, N, P, channels_per_group):
     TC = max(1, min(64, 1024 // (S * NPL)))
     if kind == "fwd":
         CPT = next(r for r in (4, 2, 1) if r == 1 or (
-            r * NPL <= 16 and (P == 1 or P % r == 0) and channels_per_group % r == 0))
+            r * NPL <= 16 and r <= S and (P == 1 or P % r == 0) and channels_per_group % r == 0))
         threads = 128
     else:
         CPT, threads = 1, 256

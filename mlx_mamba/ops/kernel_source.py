@@ -146,29 +146,45 @@ FWD_BODY = _SETUP + """
         bv[k] = sB[tt * NP + lane + S * k];
         cv[k] = sC[tt * NP + lane + S * k];
       }
-      float d = 0.0f, dA = 0.0f;
+      float d = 0.0f, dA = 0.0f, uv[CPT], acc[CPT];
       for (int r = 0; r < CPT; ++r) {
         const int cr = c + r;
         if (r == 0 || cr % P == 0) {  // a new head: its dt, and its decay when A is per head
           d = mm_dt(float(dt[row * NH + cr / P]) + bias[r], F, lo, hi);
           dA = mm_head_decay(d, a[r * NPL], F);
         }
-        const float uv = float(u[row * CH + cr]);
-        float acc = 0.0f;
+        uv[r] = float(u[row * CH + cr]);
+        acc[r] = 0.0f;
         for (int k = 0; k < NPL; ++k) {
           const int j = r * NPL + k;
-          h[j] = mm_decay(d, a[j], dA, F) * h[j] + d * uv * bv[k];
-          acc += h[j] * cv[k];
+          h[j] = mm_decay(d, a[j], dA, F) * h[j] + d * uv[r] * bv[k];
+          acc[r] += h[j] * cv[k];
         }
-        acc = mm_xor_sum(acc, 1, S);
-        if (lane == 0) {
-          float yv = acc + Dc[r] * uv;
-          if (F & MM_Z) {
-            const float zv = float(z[row * CH + cr]);
-            yv *= zv * mm_sigmoid(zv);
-          }
-          y[row * CH + cr] = static_cast<T>(yv);
+      }
+      // Each channel's acc summed over its S lanes in log2(S) + CPT - 1 shuffles, not CPT log2(S):
+      // exchanges over the high lane bits halve the channels a lane holds (it keeps half and adds
+      // its partner's copy of that half), then a plain xor sum over the S / CPT low lanes.
+      for (int m = CPT / 2, o = S / 2; m > 0; m /= 2, o /= 2) {
+        const bool upper = (lane & o) != 0;
+        for (int i = 0; i < m; ++i) {
+          const float kept = upper ? acc[i + m] : acc[i], sent = upper ? acc[i] : acc[i + m];
+          acc[i] = kept + MM_SHFL_XOR(sent, o);
         }
+      }
+      const float sum = mm_xor_sum(acc[0], 1, S / CPT);
+      const int r = lane / (S / CPT), cr = c + r;  // the channel whose sum this lane holds
+      if (lane % (S / CPT) == 0) {
+        float uw = 0.0f, Dw = 0.0f;
+        for (int i = 0; i < CPT; ++i) {  // uv[r], Dc[r] without indexing registers at run time
+          uw = i == r ? uv[i] : uw;
+          Dw = i == r ? Dc[i] : Dw;
+        }
+        float yv = sum + Dw * uw;
+        if (F & MM_Z) {
+          const float zv = float(z[row * CH + cr]);
+          yv *= zv * mm_sigmoid(zv);
+        }
+        y[row * CH + cr] = static_cast<T>(yv);
       }
     }
   }
