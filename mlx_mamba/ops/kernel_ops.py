@@ -54,11 +54,11 @@ class Layout(NamedTuple):
 
 
 def _layout(kind, N, P, channels_per_group):
-    """The layout of kernel `kind` for N states, P channels per head. The forward kernel gives a
-    thread up to 4 channels (of one head when P > 1; at most 16 states in registers) in groups of
-    128 threads;
-    the backward kernel, which holds TC states per channel, one channel in groups of up to 256
-    threads, fewer when its threadgroup memory would pass SHARED_LIMIT."""
+    """The layout of kernel `kind` for N states and P channels per head (see KERNELS.md). The
+    forward kernel gives a thread up to 4 channels (of one head when P > 1; at most 16 states in
+    registers), in groups of 128 threads. The backward kernel, which holds TC states per lane,
+    gives a thread one channel, in groups of 256 threads, fewer where its threadgroup memory would
+    pass SHARED_LIMIT."""
     S = min(32, 1 << (N - 1).bit_length())
     NPL = -(-N // S)
     TC = max(1, min(64, 1024 // (S * NPL)))
@@ -69,14 +69,16 @@ def _layout(kind, N, P, channels_per_group):
     else:
         CPT, threads = 1, 256
     CPG = CPT * max(1, threads // S)
-    while channels_per_group % CPG or (CPG > CPT and Layout(S, NPL, CPT, CPG, TC).shared_bytes(kind) > SHARED_LIMIT):
+    too_big = lambda cpg: Layout(S, NPL, CPT, cpg, TC).shared_bytes(kind) > SHARED_LIMIT  # noqa: E731
+    while channels_per_group % CPG or (CPG > CPT and too_big(CPG)):
         CPG //= 2
     layout = Layout(S, NPL, CPT, CPG, TC)
     if layout.shared_bytes(kind) > SHARED_LIMIT:
         what = "forward" if kind == "fwd" else "gradient"
         raise OpArgumentError(
-            f"d_state N={N} is too large for the {what} scan kernel: it needs {layout.shared_bytes(kind)} "
-            f"bytes of threadgroup memory, over the limit of {SHARED_LIMIT}; use backend='reference'")
+            f"d_state N={N} is too large for the {what} scan kernel: it needs "
+            f"{layout.shared_bytes(kind)} bytes of threadgroup memory, over the limit of {SHARED_LIMIT}; "
+            "use backend='reference'")
     return layout
 
 
