@@ -68,6 +68,7 @@ M2 = dict(b=2, L=71, H=8, P=5, G=2, N=12)  # two chunks of 64 steps; 2 groups of
 M2_WIDE = dict(b=1, L=37, H=4, P=3, G=2, N=40)  # 2 states a lane, chunks of 16 steps
 M2_CPT = dict(b=2, L=37, H=6, P=4, G=3, N=24)  # forward: 4 channels (one head) a thread; chunks of 32
 M2_P1 = dict(b=1, L=37, H=8, P=1, G=2, N=12)  # heads of one channel: 4 heads a thread
+M2_N2 = dict(b=2, L=9, H=4, P=2, G=1, N=2)  # 2 lanes a channel, 2 channels a thread: one lane each
 
 
 @pytest.mark.parametrize("options", [True, False])
@@ -88,8 +89,9 @@ def with_D_per_head_dim(x):
 
 @pytest.mark.parametrize("shape, options, dt_limit, D_per_head_dim", [
     (M2, True, (0.05, 1.5), False), (M2_WIDE, False, (0.0, math.inf), False),
-    (M2, True, (0.0, math.inf), True), (M2_CPT, True, (0.05, 1.5), False), (M2_P1, True, (0.0, math.inf), False)],
-    ids=["groups-limit", "wide-N", "D-per-head-dim", "4-channels-a-thread", "1-channel-heads"])
+    (M2, True, (0.0, math.inf), True), (M2_CPT, True, (0.05, 1.5), False), (M2_P1, True, (0.0, math.inf), False),
+    (M2_N2, True, (0.0, math.inf), False)],
+    ids=["groups-limit", "wide-N", "D-per-head-dim", "4-channels-a-thread", "1-channel-heads", "N-2"])
 def test_ssd(backend, shape, options, dt_limit, D_per_head_dim):
     x = mamba2_inputs(**shape, options=options, dt_limit=dt_limit)
     if D_per_head_dim:
