@@ -1,0 +1,152 @@
+"""The first-use check of the kernels: a kernel that does not build, does not run or gives a wrong
+answer is reported once and replaced by the reference path, for forward, step and gradient work.
+
+Failures are injected into the emulated kernels of tests/metal_emulator: source text the compiler
+rejects, a kernel factory that raises, and outputs that are off.
+"""
+import warnings
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from metal_emulator import harness
+from mlx_mamba import ops
+from mlx_mamba.ops import kernel_ops, kernel_source
+
+pytestmark = pytest.mark.skipif(harness.compiler() is None,
+                                reason="g++ is missing: the kernel emulator compiles kernels with it")
+
+SHAPE = dict(b=1, L=5, H=2, P=4, G=1, N=16)  # 8 channels a group: 16 lanes, CPG = 8, TC = 64
+
+
+@pytest.fixture(params=["metal", "cuda"])
+def backend(request, monkeypatch):
+    harness.install(monkeypatch)
+    monkeypatch.delenv("MLX_MAMBA_KERNEL_CHECK")  # the suite turns the check off (conftest.py)
+    kernel_ops._kernel.cache_clear()
+    kernel_ops._trusted.cache_clear()
+    yield request.param
+    kernel_ops._kernel.cache_clear()
+    kernel_ops._trusted.cache_clear()
+
+
+def inputs():
+    # x, z (b, L, H, P); dt (b, L, H); A, D, dt_bias (H,); B, C (b, L, G, N); states (b, H, P, N)
+    s = SHAPE
+    mx.random.seed(7)
+    r = lambda *shape: mx.random.normal(shape)  # noqa: E731
+    return dict(x=r(s["b"], s["L"], s["H"], s["P"]), dt=r(s["b"], s["L"], s["H"]), A=-mx.exp(r(s["H"])),
+                B=r(s["b"], s["L"], s["G"], s["N"]), C=r(s["b"], s["L"], s["G"], s["N"]), D=r(s["H"]),
+                z=r(s["b"], s["L"], s["H"], s["P"]), dt_bias=r(s["H"]) * 0.1, dt_softplus=True,
+                initial_states=r(s["b"], s["H"], s["P"], s["N"]))
+
+
+def forward(backend):
+    return ops.ssd(**inputs(), chunk_size=4, return_final_states=True, backend=backend)
+
+
+def step(backend):
+    x = inputs()
+    first = {k: x[k][:, 0] for k in ("x", "dt", "B", "C", "z")}
+    return ops.ssd_step(x["initial_states"], **first, A=x["A"], D=x["D"], dt_bias=x["dt_bias"],
+                        dt_softplus=True, backend=backend)
+
+
+def gradients(backend):
+    x = inputs()
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+
+    def loss(*arrays):
+        y, last = ops.ssd(**dict(x, **dict(zip(names, arrays))), chunk_size=4, return_final_states=True,
+                          backend=backend)
+        return (y * y).sum() + last.sum()
+    return mx.grad(loss, argnums=tuple(range(len(names))))(*(x[k] for k in names))
+
+
+PATHS = {"forward": (forward, "fwd"), "step": (step, "fwd"), "gradient": (gradients, "bwd")}
+
+
+def reject_source(monkeypatch, kind):
+    monkeypatch.setitem(kernel_source.BODIES, kind, kernel_source.BODIES[kind] + "\n  this is not C++;\n")
+
+
+def factory_raises(monkeypatch, kind):
+    for backend, factory in (("metal", "metal_kernel"), ("cuda", "cuda_kernel")):
+        build = getattr(mx.fast, factory)
+
+        def refuse(*args, _build=build, **kw):
+            if kw["name"].endswith(kind):
+                raise RuntimeError(f"[{factory}] planted compile error")
+            return _build(*args, **kw)
+        monkeypatch.setattr(mx.fast, factory, refuse)
+
+
+def wrong_answer(monkeypatch, kind):
+    run = harness.EmulatedKernel.__call__
+
+    def off_by_one(self, **kw):
+        outs = run(self, **kw)
+        return [outs[0] + 1, *outs[1:]] if self.name.endswith(kind) else outs
+    monkeypatch.setattr(harness.EmulatedKernel, "__call__", off_by_one)
+
+
+INJECTIONS = {"source rejected": (reject_source, "EmulatorError"),
+              "factory raises": (factory_raises, "planted compile error"),
+              "wrong answer": (wrong_answer, "differs from the reference")}
+
+
+def launches(kind):
+    return sum(launch["name"].endswith(kind) for launch in harness.LAUNCHES)
+
+
+@pytest.mark.parametrize("injection", INJECTIONS)
+@pytest.mark.parametrize("path", PATHS)
+def test_a_failing_kernel_falls_back_once(backend, monkeypatch, path, injection):
+    run, kind = PATHS[path]
+    inject, named = INJECTIONS[injection]
+    inject(monkeypatch, kind)
+    want = run("reference")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = run(backend)
+        tried = launches(kind)
+        again = run(backend)
+    for got in (first, again):
+        for g, w in zip(got, want):
+            np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert named in messages[0] and "MLX_MAMBA_BACKEND=reference" in messages[0]
+    assert f"the {backend} " in messages[0]
+    assert launches(kind) == tried  # the broken kernel is not tried again
+
+
+def test_a_working_kernel_is_checked_once_and_used(backend):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gradients(backend)
+        checked = len(harness.LAUNCHES)
+        got = gradients(backend)
+    assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
+    # Again: no check, only the op's own launches (forward, forward saving states, backward).
+    assert len(harness.LAUNCHES) - checked == 3
+    for g, w in zip(got, gradients("reference")):
+        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
+    assert kernel_ops._trusted.cache_info().currsize == 2  # forward and backward, one key each
+
+
+def test_import_checks_nothing():
+    import importlib
+    kernel_ops._trusted.cache_clear()
+    for name in ("metal", "cuda"):
+        importlib.import_module(f"mlx_mamba.ops.{name}")
+    assert kernel_ops._trusted.cache_info().currsize == 0
+
+
+def test_check_runs_the_instantiation_it_vouches_for():
+    """The check's input (N = S * NPL states, CPG channels a group) gets the same template sizes."""
+    for N in (1, 4, 12, 16, 17, 40, 64, 100, 128, 256):
+        for channels_per_group in (1, 3, 5, 8, 12, 64, 96, 1536):
+            S, NPL, CPG, TC = kernel_ops._layout(N, channels_per_group)
+            assert kernel_ops._layout(S * NPL, CPG) == (S, NPL, CPG, TC), (N, channels_per_group)
