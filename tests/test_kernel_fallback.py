@@ -20,15 +20,21 @@ pytestmark = pytest.mark.skipif(harness.compiler() is None,
 SHAPE = dict(b=1, L=5, H=2, P=4, G=1, N=16)  # 8 channels a group: 16 lanes, CPG = 8, TC = 64
 
 
-@pytest.fixture(params=["metal", "cuda"])
-def backend(request, monkeypatch):
+@pytest.fixture
+def checking(monkeypatch):
+    """Emulated kernels, checked on first use as outside the tests."""
     harness.install(monkeypatch)
     monkeypatch.delenv("MLX_MAMBA_KERNEL_CHECK")  # the suite turns the check off (conftest.py)
     kernel_ops._kernel.cache_clear()
     kernel_ops._trusted.cache_clear()
-    yield request.param
+    yield
     kernel_ops._kernel.cache_clear()
     kernel_ops._trusted.cache_clear()
+
+
+@pytest.fixture(params=["metal", "cuda"])
+def backend(request, checking):
+    return request.param
 
 
 def inputs():
@@ -150,3 +156,20 @@ def test_check_runs_the_instantiation_it_vouches_for():
         for channels_per_group in (1, 3, 5, 8, 12, 64, 96, 1536):
             S, NPL, CPG, TC = kernel_ops._layout(N, channels_per_group)
             assert kernel_ops._layout(S * NPL, CPG) == (S, NPL, CPG, TC), (N, channels_per_group)
+
+
+@pytest.mark.parametrize("model", ["mamba1", "mamba2"])
+def test_the_check_runs_the_kernel_that_ops_without_options_run(checking, model):
+    """Metal compiles a kernel apart for inputs of fewer than 8 elements: the placeholders of
+    absent inputs must not make the op's kernel another one than the check's."""
+    mx.random.seed(8)
+    r = lambda *shape: mx.random.normal(shape)  # noqa: E731
+    if model == "mamba1":  # 16 channels, N = 16
+        ops.selective_scan(r(1, 3, 16), mx.abs(r(1, 3, 16)), -mx.exp(r(16, 16)), r(1, 3, 16), r(1, 3, 16),
+                           backend="metal")
+    else:  # 8 heads of 4 channels, one group, N = 16
+        ops.ssd(r(1, 3, 8, 4), mx.abs(r(1, 3, 8)), -mx.exp(r(8)), r(1, 3, 1, 16), r(1, 3, 1, 16), 4,
+                backend="metal")
+    checked, used = harness.LAUNCHES[-2:]
+    assert kernel_ops._trusted.cache_info().currsize == 1
+    assert used["kernel"] == checked["kernel"] and used["text"] == checked["text"]

@@ -22,9 +22,10 @@ from mlx_mamba.ops import kernel_ops, kernel_source
 pytestmark = pytest.mark.skipif(harness.compiler() is None,
                                 reason="g++ is missing: the kernel emulator compiles kernels with it")
 
-# Error relative to the reference's scale (max |ref|, at least 1). Halves: the inputs are the same
-# in both paths; y and the gradients are rounded to the input's dtype.
-TOLERANCE = {mx.float32: 2e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}
+# Error relative to the reference's scale (max |ref|, at least 1); measured: float32 1e-6, float16
+# 7e-4, bfloat16 7e-3 (the halves' inputs are the same in both paths; y and the gradients are
+# rounded to the input's dtype).
+TOLERANCE = {mx.float32: 1e-5, mx.float16: 5e-3, mx.bfloat16: 3e-2}
 
 MAMBA1_16 = dict(family="mamba1", b=2, D=16, N=16)   # 16 lanes, 8 channels a threadgroup, TC = 64
 MAMBA2_64 = dict(family="mamba2", b=1, P=64, N=64)    # 32 lanes x 2 states, TC = 16
@@ -160,6 +161,4 @@ def test_real_sizes_catch_broken_kernels(emulated, monkeypatch, mutant):
                                   "backward kernel once; re-target MUTANTS to kernel_source.py")
     monkeypatch.setitem(kernel_source.BODIES, "bwd", body.replace(old, new))
     errs = errors(case(MAMBA2_128, L=11, dtype=mx.float32), "metal")
-    worst = max(errs.values())
-    assert not worst < TOLERANCE[mx.float32], f"the mutant {mutant!r} passed: {errs}"  # NaN counts as caught
-    print(f"{mutant}: worst error {worst:.3g}", {k: f"{v:.3g}" for k, v in errs.items()})
+    assert not max(errs.values()) < TOLERANCE[mx.float32], f"the mutant {mutant!r} passed: {errs}"  # NaN: caught
