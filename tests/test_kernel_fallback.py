@@ -7,9 +7,9 @@ rejects, a kernel factory that raises, and outputs that are off.
 import warnings
 
 import mlx.core as mx
-import numpy as np
 import pytest
 
+from comparing import relative_error
 from metal_emulator import harness
 from mlx_mamba import ops
 from mlx_mamba.ops import kernel_ops, kernel_source
@@ -17,14 +17,14 @@ from mlx_mamba.ops import kernel_ops, kernel_source
 pytestmark = pytest.mark.skipif(harness.compiler() is None,
                                 reason="g++ is missing: the kernel emulator compiles kernels with it")
 
-SHAPE = dict(b=1, L=5, H=2, P=4, G=1, N=16)  # 8 channels a group: 16 lanes, CPG = 8, TC = 64
+SHAPE = dict(b=1, L=5, H=2, P=4, G=1, N=128)  # 8 channels a group: 32 lanes x 4 states, CPG = 4, TC = 8
 
 
 @pytest.fixture
 def checking(monkeypatch):
     """Emulated kernels, checked on first use as outside the tests."""
     harness.install(monkeypatch)
-    monkeypatch.delenv("MLX_MAMBA_KERNEL_CHECK")  # the suite turns the check off (conftest.py)
+    monkeypatch.delenv("MLX_MAMBA_KERNEL_CHECK", raising=False)  # the suite turns the check off (conftest.py)
     kernel_ops._kernel.cache_clear()
     kernel_ops._trusted.cache_clear()
     yield
@@ -118,9 +118,9 @@ def test_a_failing_kernel_falls_back_once(backend, monkeypatch, path, injection)
         first = run(backend)
         tried = launches(kind)
         again = run(backend)
+    # The reference's answer (gradients: up to the kernel's forward y, which the loss uses)
     for got in (first, again):
-        for g, w in zip(got, want):
-            np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-5, atol=1e-5)
+        assert max(relative_error(g, w) for g, w in zip(got, want)) < 1e-5
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert named in messages[0] and "MLX_MAMBA_BACKEND=reference" in messages[0]
@@ -137,8 +137,7 @@ def test_a_working_kernel_is_checked_once_and_used(backend):
     assert not [w for w in caught if issubclass(w.category, RuntimeWarning)]
     # Again: no check, only the op's own launches (forward, forward saving states, backward).
     assert len(harness.LAUNCHES) - checked == 3
-    for g, w in zip(got, gradients("reference")):
-        np.testing.assert_allclose(np.array(g), np.array(w), rtol=1e-4, atol=1e-4)
+    assert max(relative_error(g, w) for g, w in zip(got, gradients("reference"))) < 1e-5
     assert kernel_ops._trusted.cache_info().currsize == 2  # forward and backward, one key each
 
 
