@@ -1,12 +1,12 @@
 // Stand-in for MLX's "mlx/backend/cuda/device/utils.cuh" (MLX 0.32), the header that
-// mx.fast.cuda_kernel puts first in every kernel. MLX's copy exists only as a string inside the
-// mlx-cuda wheel's libmlx.so, and that wheel cannot be installed next to the CPU build that the
-// tests run on, so tests/test_nvrtc.py compiles against this file. It is written here, not copied:
-// it includes the same CUDA headers, defines the same macros and declares the same names in
-// mlx::core::cu as MLX's utils.cuh and the two headers it includes (complex.cuh, config.h) - what
-// can change the meaning of a kernel body. Functions are declared with a catch-all signature:
-// what matters to a body is that the names exist (an unqualified call inside mlx::core::cu finds
-// them before any global function of the same name).
+// mx.fast.cuda_kernel puts first in every kernel. An installed MLX has it only as a string inside
+// the mlx-cuda wheel's libmlx.so, and that wheel cannot be installed next to the CPU build the
+// tests run on (mlx_mamba/ops/KERNELS.md says why), so tests/test_nvrtc.py compiles against this
+// file. It is written here, not copied: it includes the same CUDA headers, defines the same macros
+// and declares the same names in mlx::core::cu as MLX's utils.cuh and the two headers it includes
+// (complex.cuh, config.h): what can change the meaning of a kernel body. Functions are declared
+// with a catch-all signature: what matters to a body is that the names exist (an unqualified call
+// inside mlx::core::cu finds them before any global function of the same name).
 #pragma once
 
 #define MAX_NDIM 10

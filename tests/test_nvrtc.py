@@ -1,11 +1,11 @@
 """The CUDA kernels through NVIDIA's compiler: every kernel the package hands to
 `mx.fast.cuda_kernel` (forward and backward; a decode step is the forward kernel with L = 1), for
-each dtype and the template sizes of real checkpoints, wrapped as MLX wraps it (the emulator's
-`harness.cuda_source`), compiled by NVRTC from its PyPI wheel for sm_80 and sm_90 as MLX compiles
-custom kernels on those GPUs (see nvrtc_compiler.py).
+each dtype and the template sizes of real checkpoints, wrapped as MLX wraps it
+(kernel_texts.wrapped), compiled by NVRTC from its PyPI wheel for sm_80 and sm_90 as MLX compiles
+custom kernels on those GPUs (nvrtc_compiler.py).
 
 MLX's own utils.cuh cannot be installed here (KERNELS.md says why): the kernels are compiled
-against nvrtc_mlx_utils.cuh, which declares what it declares. To compile against MLX's real device
+against nvrtc_mlx_utils.cuh, which declares the same names. To compile against MLX's real device
 headers, point MLX_MAMBA_MLX_DEVICE_HEADERS at a directory holding them (mlx/backend/cuda/device of
 an MLX source tree at the installed version).
 """
