@@ -59,7 +59,6 @@ class Nvrtc:
             "nvrtcGetLoweredName": [p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p)],
             "nvrtcGetCUBINSize": [p, ctypes.POINTER(ctypes.c_size_t)],
             "nvrtcDestroyProgram": [ctypes.POINTER(p)],
-            "nvrtcVersion": [ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_int)],
             "nvrtcSetPCHHeapSize": [ctypes.c_size_t],
         }.items():
             getattr(self.lib, name).argtypes = args
@@ -71,15 +70,11 @@ class Nvrtc:
         if result != 0:
             raise NvrtcError(f"{what} failed: {self.lib.nvrtcGetErrorString(result).decode()}")
 
-    def version(self):
-        major, minor = ctypes.c_int(), ctypes.c_int()
-        self._check("nvrtcVersion", self.lib.nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
-        return major.value, minor.value
-
     def compile(self, kernel_name, source, arch, headers):
-        """Compiles `source`, which defines the kernel `kernel_name`, for `arch` (a key of ARCHITECTURES) with the in-memory `headers`
-        {include name: text}; returns (mangled name of `kernel_name`, cubin size, log).
-        A rejected program raises NvrtcError carrying NVRTC's log."""
+        """Compiles `source`, which defines the kernel `kernel_name`, for `arch` (a key of
+        ARCHITECTURES) with the in-memory `headers` {include name: text}; returns (the mangled name
+        of `kernel_name`, the size of the cubin, NVRTC's log). A rejected program raises
+        NvrtcError carrying NVRTC's log."""
         prog = ctypes.c_void_p()
         strings = lambda xs: (ctypes.c_char_p * len(xs))(*[x.encode() for x in xs])  # noqa: E731
         self._check("nvrtcCreateProgram", self.lib.nvrtcCreateProgram(

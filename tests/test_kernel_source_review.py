@@ -64,17 +64,15 @@ def _close(code, i):
 
 def statements(code):
     """[(statement, headers)]: the simple statements of a function body with the headers of the
-    if/for/while/switch/else around each, outermost first (a for header counts for its own
-    increment, not for its initialisation)."""
+    if/for/while/switch around each, outermost first (an `else` branch gets its `if` header; a
+    for header counts for its own increment, not for its initialisation)."""
     out = []
 
     def walk(i, headers):  # one statement at code[i:]; returns the index after it
         i = len(code) - len(code[i:].lstrip())
-        m = re.match(r"(if|for|while|switch|else|do)\b", code[i:])
+        m = re.match(r"(if|for|while|switch|do)\b", code[i:])
         if m and m.group(1) == "do":
             raise ValueError("the review does not read do-while loops")
-        if m and m.group(1) == "else":
-            return walk(i + 4, headers)
         if m:
             start = code.index("(", i)
             end = _close(code, start)
@@ -216,10 +214,12 @@ def threadgroup_problems(header, source, template):
         for m in _shared_arrays(statement):
             if headers:
                 problems.append(f"threadgroup array `{m.group(2)}` inside `{headers[-1].strip()}`")
-            size = SIZES.get(m.group(1)) or dtype_size.get(m.group(1))
-            total += _evaluate(m.group(3), env) * size
+            try:
+                total += _evaluate(m.group(3), env) * (SIZES.get(m.group(1)) or dtype_size[m.group(1)])
+            except (NameError, SyntaxError, KeyError):
+                problems.append(f"threadgroup array `{m.group(2)}`: no compile-time size and type")
     if total > THREADGROUP_LIMIT:
-        problems.append(f"{total} bytes of threadgroup memory for {template[1:]} (the limit is {THREADGROUP_LIMIT})")
+        problems.append(f"{total} bytes of threadgroup memory for {template[1:]} (limit {THREADGROUP_LIMIT})")
     return problems
 
 
@@ -279,11 +279,12 @@ PLANTED = {  # check: [(where, text added at the end of the header or the body),
                 ("header", "MM_FN void mm_set(float& r) { r = 0.0f; }\n")],
     "threadgroup": [("header", "MM_FN float mm_scratch() { MM_SHARED float t[4]; return t[0]; }\n"),
                     ("body", "  if (L > 1) { MM_SHARED float late[4]; late[0] = 0.0f; }\n"),
-                    ("body", "  MM_SHARED float big[8192];\n")],
+                    ("body", "  MM_SHARED float big[8192];\n"), ("body", "  MM_SHARED float per_run[L];\n")],
     "uniform": [("body", "  if (lane == 0) MM_SYNC();\n"),
                 ("body", "  for (int i = tid; i < N; i += CPG * S) { MM_SYNC(); }\n"),
                 ("body", "  const int mine = c * 2;\n  if (mine > 3) { MM_SYNC(); }\n"),
-                ("body", "  int turns = 0;\n  if (lane < 4) turns = 1;\n  for (int i = 0; i < turns; ++i) MM_SYNC();\n"),
+                ("body", "  int turns = 0;\n  if (lane < 4) turns = 1;\n"
+                         "  for (int i = 0; i < turns; ++i) MM_SYNC();\n"),
                 ("body", "  if (lane < 4) { const float s = mm_xor_sum(1.0f, 1, S); }\n"),
                 ("body", "  if (tid >= 64) return;\n")],
 }
