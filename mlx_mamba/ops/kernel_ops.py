@@ -7,10 +7,12 @@ steps, then runs the backward kernel.
 """
 import functools
 import math
+from typing import NamedTuple
 
 import mlx.core as mx
 
 from . import kernel_source as ks
+from .arguments import OpArgumentError
 
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 
@@ -27,15 +29,57 @@ def _kernel(backend, kind):
                                header=header)
 
 
-def _layout(N, channels_per_group):
-    """Template sizes: S lanes per channel, NPL states per lane, CPG channels per group, TC steps."""
+# Threadgroup memory a kernel may ask for: Apple GPUs have 32 KB (CUDA allows 48 KB static).
+SHARED_LIMIT = 32 * 1024
+
+
+class Layout(NamedTuple):
+    """Template sizes: S lanes per channel, NPL states per lane, CPT channels per thread, CPG
+    channels per threadgroup, TC steps per chunk (the same for both kernels: checkpoints)."""
+    S: int
+    NPL: int
+    CPT: int
+    CPG: int
+    TC: int
+
+    @property
+    def threads(self):
+        return self.CPG // self.CPT * self.S
+
+    def shared_bytes(self, kind):
+        staged = 2 * self.TC * self.S * self.NPL  # sB, sC
+        if kind == "bwd":  # and red: 2 rows of S * NPL per simdgroup
+            staged += 2 * max(1, self.threads // 32) * self.S * self.NPL
+        return 4 * staged
+
+
+def _layout(kind, N, P, channels_per_group):
+    """The layout of kernel `kind` for N states and P channels per head (see KERNELS.md). The
+    forward kernel gives a thread up to 4 channels (of one head when P > 1; at most 16 states in
+    registers), in groups of 128 threads. The backward kernel, which holds TC states per lane,
+    gives a thread one channel, in groups of 256 threads, fewer where its threadgroup memory would
+    pass SHARED_LIMIT."""
     S = min(32, 1 << (N - 1).bit_length())
     NPL = -(-N // S)
     TC = max(1, min(64, 1024 // (S * NPL)))
-    CPG = max(1, 128 // S)
-    while channels_per_group % CPG:
+    if kind == "fwd":
+        CPT = next(r for r in (4, 2, 1) if r == 1 or (
+            r * NPL <= 16 and r <= S and (P == 1 or P % r == 0) and channels_per_group % r == 0))
+        threads = 128
+    else:
+        CPT, threads = 1, 256
+    CPG = CPT * max(1, threads // S)
+    too_big = lambda cpg: Layout(S, NPL, CPT, cpg, TC).shared_bytes(kind) > SHARED_LIMIT  # noqa: E731
+    while channels_per_group % CPG or (CPG > CPT and too_big(CPG)):
         CPG //= 2
-    return S, NPL, CPG, TC
+    layout = Layout(S, NPL, CPT, CPG, TC)
+    if layout.shared_bytes(kind) > SHARED_LIMIT:
+        what = "forward" if kind == "fwd" else "gradient"
+        raise OpArgumentError(
+            f"d_state N={N} is too large for the {what} scan kernel: it needs "
+            f"{layout.shared_bytes(kind)} bytes of threadgroup memory, over the limit of {SHARED_LIMIT}; "
+            "use backend='reference'")
+    return layout
 
 
 def _launch(backend, kind, cfg, arrays, extra=()):
@@ -45,13 +89,12 @@ def _launch(backend, kind, cfg, arrays, extra=()):
     u, dt, A, Bm = arrays[:4]
     batch, L, CH = u.shape
     G, N = Bm.shape[2:]
-    S, NPL, CPG, TC = _layout(N, HPG * P)
-    NC = -(-L // TC)
+    layout = _layout(kind, N, P, HPG * P)
+    NC = -(-L // layout.TC)
     params = mx.array([L, CH, N, P, HPG, G, flags], dtype=mx.int32)
     lims = mx.array([lo, hi], dtype=mx.float32)
-    kw = dict(inputs=[*arrays, params, lims, *extra], grid=(CH * S, batch, 1),
-              threadgroup=(CPG * S, 1, 1),
-              template=[("T", u.dtype), ("S", S), ("NPL", NPL), ("CPG", CPG), ("TC", TC)])
+    kw = dict(inputs=[*arrays, params, lims, *extra], grid=(CH // layout.CPT * layout.S, batch, 1),
+              threadgroup=(layout.threads, 1, 1), template=[("T", u.dtype), *layout._asdict().items()])
     if kind == "fwd":
         save = flags & ks.FLAGS["save"]
         shapes = [(batch, L, CH), (batch, CH, N), (batch, NC, CH, N) if save else (1,)]
