@@ -9,25 +9,26 @@ from mlx_mamba.ops import kernel_ops
 from mlx_mamba.ops import kernel_source as ks
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-# (N, channels per B/C group) of real checkpoints. Mamba1 (N = 16): d_inner 1536 (130m) to 5120
-# (2.8b). Mamba2, P = 64: N = 128 with one group (mamba2-130m: 1536, mamba2-2.7b: 5120) or eight
-# (Codestral, Nemotron-H: 16 heads = 1024 channels a group); N = 64 (Zamba2: 64 heads, one group).
-CHECKPOINT_SHAPES = [(16, 1536), (16, 5120), (128, 1536), (128, 5120), (128, 1024), (64, 4096)]
+# (N, P, channels per B/C group) of real checkpoints. Mamba1 (N = 16, P = 1): d_inner 1536 (130m)
+# to 8192 (falcon-mamba-7b). Mamba2, P = 64: N = 128 with one group (mamba2-130m: 1536,
+# mamba2-2.7b: 5120) or eight (Codestral, Nemotron-H: 16 heads = 1024 channels a group); N = 64
+# (Zamba2: 64 heads, one group).
+CHECKPOINT_SHAPES = [(16, 1, 1536), (16, 1, 8192), (128, 64, 1536), (128, 64, 5120), (128, 64, 1024),
+                     (64, 64, 4096)]
 # Inputs in the scan's dtype T; `params` is int32, every other input float32 (kernel_ops._launch).
 T_INPUTS = {"u", "dt", "Bm", "Cm", "z", "gy"}
 
 
-def template(dtype, N, channels_per_group):
-    """The `template` argument of the kernels' launch (kernel_ops._launch)."""
-    S, NPL, CPG, TC = kernel_ops._layout(N, channels_per_group)
-    return [("T", dtype), ("S", S), ("NPL", NPL), ("CPG", CPG), ("TC", TC)]
+def template(kind, dtype, N, P, channels_per_group):
+    """The `template` argument of kernel `kind`'s launch (kernel_ops._launch)."""
+    return [("T", dtype), *kernel_ops._layout(kind, N, P, channels_per_group)._asdict().items()]
 
 
-def checkpoint_templates(dtype):
-    """{name of the sizes: template} of CHECKPOINT_SHAPES for `dtype`, without repeats."""
+def checkpoint_templates(kind, dtype):
+    """{name of the sizes: template} of kernel `kind` on CHECKPOINT_SHAPES for `dtype`, no repeats."""
     out = {}
-    for N, cpg in CHECKPOINT_SHAPES:
-        t = template(dtype, N, cpg)
+    for shape in CHECKPOINT_SHAPES:
+        t = template(kind, dtype, *shape)
         out["_".join(f"{k}{v}" for k, v in t[1:])] = t
     return out
 

@@ -8,19 +8,21 @@ so the rules that Apple's compiler and GPUs impose are checked here on the text 
   (device, constant, threadgroup, thread), and threadgroup arrays are declared only at the top
   level of the kernel body, never in a helper, a branch or a loop.
 - Threadgroup memory (Metal): the threadgroup arrays of each kernel, sized with the template
-  arguments, fit in 32 KB (Apple GPUs' limit per threadgroup).
+  arguments, fit in 32 KB (Apple GPUs' limit per threadgroup), and are what kernel_ops._layout
+  counts when it bounds them.
 - Uniform barriers (Metal and CUDA): every barrier, every simd/warp shuffle and every call of a
   helper that contains one sits only in `if`/`for`/`while`/`switch` whose headers use no
   thread-varying value, and no `return`/`break`/`continue`/`goto` sits under a thread-varying
   condition (the rule does not check whether a barrier follows: stricter than needed).
   Thread-varying: the thread-index built-ins (Metal's thread_position_in_threadgroup, ...;
-  CUDA's threadIdx) and, across the whole body regardless of order, every variable (or array)
-  assigned from a thread-varying value or under a thread-varying condition. What a text check
-  cannot tell: a value that is equal in every thread but read through a thread-varying index
-  counts as varying (the safe side); inside a helper, a collective may sit under a condition on
-  the helper's parameters, which are not followed back to the call.
+  CUDA's threadIdx) and every variable or array (a declaration, in its scope, regardless of
+  order) assigned from a thread-varying value or under a thread-varying condition. What a text
+  check cannot tell: a value that is equal in every thread but read through a thread-varying
+  index counts as varying (the safe side); inside a helper, a collective may sit under a
+  condition on the helper's parameters, which are not followed back to the call.
 """
 import re
+from typing import NamedTuple
 
 import mlx.core as mx
 import pytest
@@ -62,13 +64,44 @@ def _close(code, i):
     raise ValueError(f"unbalanced {code[i]!r}")
 
 
-def statements(code):
-    """[(statement, headers)]: the simple statements of a function body with the headers of the
-    if/for/while/switch around each, outermost first (an `else` branch gets its `if` header; a
-    for header counts for its own increment, not for its initialisation)."""
-    out = []
+class Statement(NamedTuple):
+    text: str
+    headers: tuple  # the if/for/while/switch headers around it, outermost first
+    header_uses: tuple  # the variables each header reads
+    assigns: list  # [(variable, the variables its new value depends on)]
 
-    def walk(i, headers):  # one statement at code[i:]; returns the index after it
+
+# A declaration: qualifiers and a type, then the first declarator's name.
+DECLARATION = re.compile(rf"\s*(?:(?:const|constexpr|static|MM_SHARED|threadgroup|thread)\s+)*(?:{SCALARS}|\w+_t|T)\s+(?=[A-Za-z_])")
+
+
+def statements(code):
+    """[Statement] of a function body: its simple statements, in order. Variables are named
+    `name@n` after their declaration, so that the same name in two scopes is two variables; an
+    `else` branch gets its `if` header; a for header counts for its own increment, not for its
+    initialisation."""
+    out, scopes, count = [], [{}], [0]
+
+    def resolve(text):
+        return frozenset(next((sc[n] for sc in reversed(scopes) if n in sc), n) for n in IDENT.findall(text))
+
+    def simple(text, headers, header_uses):
+        m = DECLARATION.match(text)
+        assigns = []
+        for part in _split_top(text[m.end() if m else 0:].rstrip().rstrip(";"), ","):
+            if m:  # a declarator: name [size] [= value]
+                name = IDENT.match(part.strip()).group()
+                value = part.split("=", 1)[1] if re.search(r"(?<![=!<>])=(?!=)", part) else None
+                uses = resolve(value) if value is not None else None
+                count[0] += 1
+                scopes[-1][name] = f"{name}@{count[0]}"
+                if uses is not None:
+                    assigns.append((scopes[-1][name], uses))
+            else:
+                assigns += [(next(iter(resolve(target))), resolve(uses)) for target, uses in _assignments(part)]
+        out.append(Statement(text, headers, header_uses, assigns))
+
+    def walk(i, headers, header_uses):  # one statement at code[i:]; returns the index after it
         i = len(code) - len(code[i:].lstrip())
         m = re.match(r"(if|for|while|switch|do)\b", code[i:])
         if m and m.group(1) == "do":
@@ -77,27 +110,36 @@ def statements(code):
             start = code.index("(", i)
             end = _close(code, start)
             header = code[i:end]
+            scopes.append({})
             if m.group(1) == "for":
-                init, _, step = code[start + 1:end - 1].split(";")
-                out.append((init, headers))
-                out.append((step, headers + (header,)))
-            i = walk(end, headers + (header,))
+                init, cond, step = code[start + 1:end - 1].split(";")
+                simple(init, headers, header_uses)
+                inner = (headers + (header,), header_uses + (resolve(init + ";" + cond + ";" + step),))
+                simple(step, *inner)
+            else:
+                inner = (headers + (header,), header_uses + (resolve(code[start:end]),))
+            i = walk(end, *inner)
             nxt = re.match(r"\s*else\b", code[i:])
-            return walk(i + nxt.end(), headers + (header,)) if m.group(1) == "if" and nxt else i
+            if m.group(1) == "if" and nxt:
+                i = walk(i + nxt.end(), *inner)
+            scopes.pop()
+            return i
         if code[i] == "{":
+            scopes.append({})
             i += 1
             while code[i:].strip()[:1] != "}":
-                i = walk(i, headers)
+                i = walk(i, headers, header_uses)
+            scopes.pop()
             return code.index("}", i) + 1
         j = i
         while code[j] != ";":
             j = _close(code, j) if code[j] in "([{" else j + 1
-        out.append((code[i:j + 1], headers))
+        simple(code[i:j + 1], headers, header_uses)
         return j + 1
 
     i = 0
     while code[i:].strip():
-        i = walk(i, ())
+        i = walk(i, (), ())
     return out
 
 
@@ -112,29 +154,28 @@ def _split_top(s, sep):
     return parts + [s[last:]]
 
 
-def _assignments(statement):
-    """[(target, identifiers it depends on)] of a statement: declarators with initialisers,
-    assignments (plain and compound, to a variable or an array element), ++ and --."""
+def _assignments(expression):
+    """[(target, text its value depends on)] of an expression that declares nothing: an assignment
+    (plain or compound, to a variable or an array element), ++ or --."""
     out = []
-    for part in _split_top(statement.rstrip(";"), ","):
-        m = re.search(r"(?<![=!<>])(?:[-+*/%&|^]|<<|>>)?=(?!=)", part)
-        if m:
-            lhs = re.match(r"\s*(?:[\w:<>]+\s+)*?(\w+)\s*(\[.*\])?\s*$", part[:m.start()])
-            if lhs:
-                out.append((lhs.group(1), set(IDENT.findall(part[m.end():] + (lhs.group(2) or "")))))
-        for name in re.findall(r"(?:\+\+|--)\s*(\w+)|(\w+)\s*(?:\+\+|--)", part):
-            out.append((name[0] or name[1], set()))
+    m = re.search(r"(?<![=!<>])(?:[-+*/%&|^]|<<|>>)?=(?!=)", expression)
+    if m:
+        lhs = re.match(r"\s*(\w+)\s*(\[.*\])?\s*$", expression[:m.start()])
+        if lhs:
+            out.append((lhs.group(1), expression[m.end():] + (lhs.group(2) or "")))
+    for name in re.findall(r"(?:\+\+|--)\s*(\w+)|(\w+)\s*(?:\+\+|--)", expression):
+        out.append((name[0] or name[1], ""))
     return out
 
 
-def varying_names(stmts, seeds=VARYING_BUILTINS):
-    """The thread-varying identifiers of a body (see the module docstring), to a fixed point."""
+def varying_variables(stmts, seeds=VARYING_BUILTINS):
+    """The thread-varying variables of a body (see the module docstring), to a fixed point."""
     varying = set(seeds)
     while True:
         before = len(varying)
-        for statement, headers in stmts:
-            under_varying = any(varying & set(IDENT.findall(h)) for h in headers)
-            for target, uses in _assignments(statement):
+        for st in stmts:
+            under_varying = any(varying & uses for uses in st.header_uses)
+            for target, uses in st.assigns:
                 if under_varying or varying & uses:
                     varying.add(target)
         if len(varying) == before:
@@ -164,12 +205,12 @@ def nonuniform_collectives(header, source):
     bodies.update({f"helper {n}": body[1:-1] for n, body in helpers(header).items()})
     for where, code in bodies.items():
         stmts = statements(code)
-        varying = varying_names(stmts)
-        for statement, headers in stmts:
-            bad = [h for h in headers if varying & set(IDENT.findall(h))]
-            what = collective.search(statement) or re.search(r"\b(return|break|continue|goto)\b", statement)
+        varying = varying_variables(stmts)
+        for st in stmts:
+            bad = [h for h, uses in zip(st.headers, st.header_uses) if varying & uses]
+            what = collective.search(st.text) or re.search(r"\b(return|break|continue|goto)\b", st.text)
             if bad and what:
-                problems.append(f"{where}: `{what.group(1)}` in `{statement.strip()}` under the "
+                problems.append(f"{where}: `{what.group(1)}` in `{st.text.strip()}` under the "
                                 f"thread-varying `{bad[-1].strip()}`")
     return problems
 
@@ -200,24 +241,33 @@ def _shared_arrays(code):
     return re.compile(r"\b(?:MM_SHARED|threadgroup)\s+(\w+)\s+(\w+)\s*\[([^\]]*)\]").finditer(code)
 
 
-def threadgroup_problems(header, source, template):
-    """Threadgroup arrays outside the kernel body's top level, or more than 32 KB of them."""
-    problems = [f"helper text: threadgroup array `{m.group(2)}`" for m in _shared_arrays(code_of(header))]
+def threadgroup_arrays(source, template):
+    """[(name, the header around its declaration or None, bytes or None when not a compile-time
+    size)] of the kernel body's threadgroup arrays, sized with `template` and the body's constexprs."""
     env = {name: (v if isinstance(v, int) else 0) for name, v in template}
     dtype_size = {name: v.size for name, v in template if not isinstance(v, int)}
-    total = 0
-    for statement, headers in statements(code_of(source)):
+    out = []
+    for statement, headers, *_ in statements(code_of(source)):
         for m in re.finditer(r"\bconstexpr\s+int\s+(.*);", statement):
             for part in _split_top(m.group(1), ","):
                 name, expr = part.split("=", 1)
                 env[name.strip()] = _evaluate(expr, env)
         for m in _shared_arrays(statement):
-            if headers:
-                problems.append(f"threadgroup array `{m.group(2)}` inside `{headers[-1].strip()}`")
             try:
-                total += _evaluate(m.group(3), env) * (SIZES.get(m.group(1)) or dtype_size[m.group(1)])
+                size = _evaluate(m.group(3), env) * (SIZES.get(m.group(1)) or dtype_size[m.group(1)])
             except (NameError, SyntaxError, KeyError):
-                problems.append(f"threadgroup array `{m.group(2)}`: no compile-time size and type")
+                size = None
+            out.append((m.group(2), headers[-1].strip() if headers else None, size))
+    return out
+
+
+def threadgroup_problems(header, source, template):
+    """Threadgroup arrays outside the kernel body's top level, or more than 32 KB of them."""
+    problems = [f"helper text: threadgroup array `{m.group(2)}`" for m in _shared_arrays(code_of(header))]
+    arrays = threadgroup_arrays(source, template)
+    problems += [f"threadgroup array `{name}` inside `{where}`" for name, where, _ in arrays if where]
+    problems += [f"threadgroup array `{name}`: no compile-time size" for name, _, size in arrays if size is None]
+    total = sum(size or 0 for *_, size in arrays)
     if total > THREADGROUP_LIMIT:
         problems.append(f"{total} bytes of threadgroup memory for {template[1:]} (limit {THREADGROUP_LIMIT})")
     return problems
@@ -241,7 +291,7 @@ def _review(backend, kind, dname, header=None, source=None):
     rendered = ks.render(backend, kind)
     header, source = header or rendered[0], source or rendered[1]
     out = {"double": [], "address": [], "threadgroup": [], "uniform": nonuniform_collectives(header, source)}
-    for template in kernel_texts.checkpoint_templates(dtype).values():
+    for template in kernel_texts.checkpoint_templates(kind, dtype).values():
         text = kernel_texts.wrapped(backend, kind, dtype, template, header, source)[1]
         out["double"] += double_uses(text)
         if backend == "metal":
@@ -258,16 +308,34 @@ def test_the_kernels_pass_the_review(backend, kind, dname):
     assert problems == {"double": [], "address": [], "threadgroup": [], "uniform": []}
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_layout_bound_is_the_text(kind):
+    """kernel_ops._layout bounds threadgroup memory with its own arithmetic: for every layout it
+    accepts (N = 1 .. 1024, Mamba1 and Mamba2 heads), the kernel's text asks for exactly that much."""
+    source = ks.render("metal", kind)[1]
+    layouts = set()
+    for N in range(1, 1025):
+        for P, channels_per_group in ((1, 1024), (64, 4096), (64, 64)):
+            try:
+                layouts.add(kernel_ops._layout(kind, N, P, channels_per_group))
+            except ValueError:  # too large: refused by name (tests/test_kernels.py)
+                pass
+    for layout in layouts:
+        template = [("T", mx.float32), *layout._asdict().items()]
+        text_bytes = sum(size for *_, size in threadgroup_arrays(source, template))
+        assert text_bytes == layout.shared_bytes(kind) <= THREADGROUP_LIMIT, layout
+
+
 def test_the_review_reads_the_body():
     """The rules above see what they check: barriers inside loops, threadgroup arrays, pointers."""
     header, source = ks.render("metal", "bwd")
     stmts = statements(code_of(source))
-    syncs = [h for s, h in stmts if "MM_SYNC" in s]
+    syncs = [st.headers for st in stmts if "MM_SYNC" in st.text]
     assert len(syncs) >= 3 and all(syncs)  # staging and the reduction, inside the chunk loops
-    varying = varying_names(stmts)
+    varying = {v.split("@")[0] for v in varying_variables(stmts)}
     assert {"tid", "lane", "c"} <= varying and not {"L", "N", "NC", "t0", "tt", "j"} & varying
     assert len(list(_shared_arrays(code_of(source)))) >= 3
-    text = kernel_texts.wrapped("metal", "bwd", mx.float32, kernel_texts.template(mx.float32, 16, 1536))[1]
+    text = kernel_texts.wrapped("metal", "bwd", mx.float32, kernel_texts.template("bwd", mx.float32, 16, 1, 1536))[1]
     pointers = re.findall(r"(?:device|constant)\s+[\w<>]+\s*\*", text)
     assert len(pointers) == len(ks.BWD_INPUTS) + len(ks.BWD_OUTPUTS) and unqualified_pointers(text, ["T"]) == []
 
@@ -339,4 +407,4 @@ def test_the_checked_text_is_what_kernel_ops_launches(monkeypatch):
     assert {kind for kind, *_ in launches} == {"fwd", "bwd"}
     for kind, ins, outs, template in launches:
         assert (ins, outs) == kernel_texts.signature(kind, mx.float16)
-        assert template == kernel_texts.template(mx.float16, N, H // G * P)
+        assert template == kernel_texts.template(kind, mx.float16, N, P, H // G * P)

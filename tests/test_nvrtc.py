@@ -38,7 +38,7 @@ def _device_headers():
 HEADERS = _device_headers()
 CASES = {f"{kind}-{dname}-{sizes}-{arch}": (kind, dtype, template, arch)
          for kind in ("fwd", "bwd") for dname, dtype in kernel_texts.DTYPES.items()
-         for sizes, template in kernel_texts.checkpoint_templates(dtype).items()
+         for sizes, template in kernel_texts.checkpoint_templates(kind, dtype).items()
          for arch in nvrtc_compiler.ARCHITECTURES}
 
 
@@ -75,7 +75,7 @@ def test_kernel_compiles(compiled, case):
     ("  float broken = ;\n", "expected an expression"),
 ])
 def test_a_broken_kernel_fails_with_the_compiler_log(compiler, planted, message):
-    template = kernel_texts.template(mx.float16, 128, 1024)
+    template = kernel_texts.template("bwd", mx.float16, 128, 64, 1024)
     body = ks.render("cuda", "bwd")[1] + planted
     name, text = kernel_texts.wrapped("cuda", "bwd", mx.float16, template, source=body)
     with pytest.raises(nvrtc_compiler.NvrtcError) as e:
