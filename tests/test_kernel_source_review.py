@@ -72,7 +72,8 @@ class Statement(NamedTuple):
 
 
 # A declaration: qualifiers and a type, then the first declarator's name.
-DECLARATION = re.compile(rf"\s*(?:(?:const|constexpr|static|MM_SHARED|threadgroup|thread)\s+)*(?:{SCALARS}|\w+_t|T)\s+(?=[A-Za-z_])")
+DECLARATION = re.compile(rf"\s*(?:(?:const|constexpr|static|MM_SHARED|threadgroup|thread)\s+)*"
+                         rf"(?:{SCALARS}|\w+_t|T)\s+(?=[A-Za-z_])")
 
 
 def statements(code):
