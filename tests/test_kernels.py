@@ -18,6 +18,8 @@ from mlx_mamba.ops import kernel_ops, kernel_source
 
 pytestmark = pytest.mark.skipif(harness.compiler() is None,
                                 reason="g++ is missing: the kernel emulator compiles kernels with it")
+needs_race_detector = pytest.mark.skipif(not harness.RACE_DETECTOR,
+                                         reason="the race detector needs Linux (ELF thread-local storage)")
 TOL = 1e-5
 
 
@@ -212,7 +214,7 @@ def test_launch_matches_mlx_conventions(backend):
 
 # Mutants of the kernel bodies that the harness must catch: it is only worth what it detects.
 # name: (body changed, text, its replacement, the race message expected; None: wrong results).
-# Those run forward only, but for the backward kernel and the checkpoints (seen in gradients).
+# They run forward only, except those of the backward kernel and the checkpoints (gradients).
 RACE = r"data race \((read after write|write after read|write after write)\) on threadgroup array '{}'\[\d+\]: " \
        r"thread \d+ of threadgroup \(\d+,\d+,\d+\) .*, then thread \d+ of threadgroup \(\d+,\d+,\d+\) "
 MUTANTS = {
@@ -220,6 +222,8 @@ MUTANTS = {
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n", RACE.format("s[BC]")),
     "no barrier before staging": ("fwd", "    MM_SYNC();  // everyone is done with the previous chunk\n", "",
                                   RACE.format("s[BC]")),
+    "no barrier before red is read": ("bwd", "      MM_SYNC();\n      for (int n = tid; n < N; n += CPG * S) {",
+                                      "      for (int n = tid; n < N; n += CPG * S) {", RACE.format("red")),
     "no barrier before red is rewritten": ("bwd", "      MM_SYNC();  // red is rewritten at the next step\n", "",
                                            RACE.format("red")),
     "short lane reduction": ("fwd", "acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);", None),
@@ -249,7 +253,8 @@ def run_mutant(mutant, monkeypatch):
     return max(err(g, r) for g, r in zip(got, ref))
 
 
-@pytest.mark.parametrize("mutant", MUTANTS)
+@pytest.mark.parametrize("mutant", [pytest.param(m, marks=needs_race_detector) if MUTANTS[m][3] else m
+                                    for m in MUTANTS])
 def test_harness_catches_broken_kernels(mutant, monkeypatch):
     harness.install(monkeypatch)
     monkeypatch.setattr(harness.EmulatedKernel, "order", 1)  # reversed: a deterministic worst case
@@ -262,7 +267,7 @@ def test_harness_catches_broken_kernels(mutant, monkeypatch):
         kernel_ops._kernel.cache_clear()
 
 
-@pytest.mark.skipif(not harness.RACE_DETECTOR, reason="the race detector needs Linux (ELF thread-local storage)")
+@needs_race_detector
 @pytest.mark.parametrize("mutant", [m for m in MUTANTS if MUTANTS[m][3]])
 def test_missing_barrier_is_a_race_under_every_schedule(mutant, monkeypatch):
     """The race is reported, naming the array and both threads, whatever order the fibers run in."""
@@ -327,7 +332,7 @@ def test_emulator_reports_divergent_barrier():
 def run_toy(src, n=64, tg=64, order=0, backend="metal", atomic=False):
     """Runs a toy kernel over inp = 0 .. n-1 into out (n,), zeroed; returns out."""
     k = harness.EmulatedKernel(backend, "toy", ["inp"], ["out"], src, atomic_outputs=atomic)
-    k.order = order
+    k.order, k.workers = order, 1  # threadgroups one after the other, in order
     out = k(inputs=[mx.arange(n).astype(mx.float32)], output_shapes=[(n,)], output_dtypes=[mx.float32],
             grid=(n, 1, 1), threadgroup=(tg, 1, 1), init_value=0.0)
     return np.array(out[0])
@@ -337,16 +342,15 @@ SYNC = "threadgroup_barrier(mem_flags::mem_threadgroup);"
 STAGE = "threadgroup float s[64];\n  const uint t = thread_position_in_threadgroup.x;\n  s[t] = inp[t];\n"
 # Each thread takes its right neighbour's value: read s[t + 1] before the neighbour overwrites it.
 SHIFT = STAGE + "  {}\n  const float v = s[(t + 1) % 64];\n  {}\n  s[t] = v;\n  {}\n  out[t] = s[t];\n"
-TOY_RACES = {  # the race, the schedule (fibers in order), the kernel
+TOY_RACES = {  # race: a kernel that has it, seen as such with the fibers in order
     "read after write": STAGE + "  out[t] = s[(t + 63) % 64];\n",
     "write after read": SHIFT.format(SYNC, "", SYNC),
     "write after write": "threadgroup float s[32];\n  const uint t = thread_position_in_threadgroup.x;\n"
                          f"  s[t / 2] = inp[t];\n  {SYNC}\n  out[t] = s[t / 2];\n",
 }
-pytestmark_races = pytest.mark.skipif(not harness.RACE_DETECTOR, reason="the race detector needs Linux")
 
 
-@pytestmark_races
+@needs_race_detector
 @pytest.mark.parametrize("race", TOY_RACES)
 def test_emulator_reports_each_race(race):
     with pytest.raises(harness.EmulatorError, match=rf"data race \({race}\) on threadgroup array 's'\[\d+\]: "
@@ -357,14 +361,14 @@ def test_emulator_reports_each_race(race):
             run_toy(TOY_RACES[race], order=order)
 
 
-@pytestmark_races
+@needs_race_detector
 @pytest.mark.parametrize("order", [0, 1, 2])
 def test_emulator_passes_barrier_separated_accesses(order):
     out = run_toy(SHIFT.format(SYNC, SYNC, SYNC), order=order)
     np.testing.assert_array_equal(out, (np.arange(64) + 1) % 64)
 
 
-@pytestmark_races
+@needs_race_detector
 def test_emulator_atomics_do_not_race_with_each_other():
     src = """
       const uint t = thread_position_in_grid.x;
@@ -374,15 +378,15 @@ def test_emulator_atomics_do_not_race_with_each_other():
     """
     out = run_toy(src, n=64, tg=16, atomic=True)  # 4 threadgroups
     assert list(out[:4]) == [16.0] * 4 and out[4] in (2.0, 3.0)
-    mixed = src.replace("atomic_fetch_add_explicit(&out[4], 1.0f, memory_order_relaxed)",
+    mixed = src.replace("atomic_fetch_add_explicit(&out[4], 1.0f, memory_order_relaxed)",  # a plain store
                         "*(device float*)&out[4] = 1.0f")
     with pytest.raises(harness.EmulatorError, match=r"data race \(write after write\) on device output 'out'\[4\]"):
         run_toy(mixed, n=64, tg=16, atomic=True)
 
 
-@pytestmark_races
+@needs_race_detector
 def test_emulator_barriers_do_not_order_threadgroups():
-    src = f"""
+    src = """
       const uint t = thread_position_in_grid.x;
       if (t == 0) out[0] = 1.0f;
       threadgroup_barrier(mem_flags::mem_device);
@@ -396,14 +400,14 @@ def test_emulator_barriers_do_not_order_threadgroups():
     assert out[1] == 1.0
 
 
-@pytestmark_races
+@needs_race_detector
 def test_emulator_reports_unwritten_threadgroup_memory():
     with pytest.raises(harness.EmulatorError, match=r"threadgroup array 's'\[\d+\] was read by thread \d+ of "
                                                      r"threadgroup \(0,0,0\) before any thread of its threadgroup wrote it"):
         run_toy(STAGE.replace("s[t] = inp[t];", f"if (t > 0) s[t] = inp[t];\n  {SYNC}") + "  out[t] = s[63 - t];\n")
 
 
-@pytestmark_races
+@needs_race_detector
 def test_emulator_reports_cuda_races():
     src = "__shared__ float s[64];\n  const int t = threadIdx.x;\n  s[t] = inp[t];\n  out[t] = s[(t + 63) % 64];\n"
     with pytest.raises(harness.EmulatorError, match=r"data race \(read after write\) on threadgroup array 's'"):
@@ -412,7 +416,7 @@ def test_emulator_reports_cuda_races():
     np.testing.assert_array_equal(out, (np.arange(64) + 63) % 64)
 
 
-@pytestmark_races
+@needs_race_detector
 def test_emulator_simdgroup_barrier_orders_its_lanes_only():
     src = STAGE + "  simdgroup_barrier(mem_flags::mem_threadgroup);\n  out[t] = s[t ^ 1];\n"
     np.testing.assert_array_equal(run_toy(src, order=2), np.arange(64) ^ 1)
