@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path(tempfile.gettempdir()) / f"mlx_mamba_emu_{os.getuid()}"
 LAUNCHES = []  # every launch run, newest last: dicts of what MLX would have received
 BUILT = []     # every kernel object built: (backend, name)
-RACE_DETECTOR = sys.platform.startswith("linux")
+RACE_DETECTOR = sys.platform.startswith("linux") and shutil.which("nm") is not None
 
 # Thread attributes MLX adds to a Metal signature when their name appears in the source, in its order.
 METAL_ATTRIBUTES = [
@@ -221,10 +221,12 @@ def _include_dir():
                             str(inc / path) + ".gch"], capture_output=True, text=True)
         if r.returncode != 0:
             raise EmulatorError(f"cannot precompile {path}:\n{r.stderr[-4000:]}")
-    r = subprocess.run([compiler(), *_FLAGS, "-O2", "-c", str(HERE / "emu_race.cpp"), "-o", str(inc / "race.o")],
+    part = inc / f"race.o.tmp{os.getpid()}"
+    r = subprocess.run([compiler(), *_FLAGS, "-O2", "-c", str(HERE / "emu_race.cpp"), "-o", str(part)],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise EmulatorError(f"cannot compile emu_race.cpp:\n{r.stderr[-4000:]}")
+    os.replace(part, inc / "race.o")
     (inc / "done").write_text("")
     return inc
 
@@ -249,21 +251,20 @@ def build(backend, text):
     obj.unlink()
     if r.returncode != 0:
         raise EmulatorError(f"cannot link the {backend} kernel {src}:\n{r.stderr[-4000:]}")
-    _layout(tmp).write_text(_threadgroup_arrays(tmp))
+    part = Path(f"{_layout(exe)}.tmp{os.getpid()}")
+    part.write_text(_threadgroup_arrays(tmp) if RACE_DETECTOR else "")
+    os.replace(part, _layout(exe))
     os.replace(tmp, exe)
     return exe
 
 
 def _layout(exe):
-    return exe.with_name(exe.name.split(".")[0] + ".layout")
+    return exe.with_name(exe.name + ".layout")
 
 
 def _threadgroup_arrays(exe):
-    """Lines "offset size name" of the kernel's threadgroup arrays (function-local thread_local
-    statics of custom_kernel_...) in the TLS block, after the detector's anchor's; "" where the
-    symbol table cannot be read (no race detection in threadgroup memory then)."""
-    if not RACE_DETECTOR or not shutil.which("nm"):
-        return ""
+    """Lines "offset size name": the detector's anchor, then the kernel's threadgroup arrays
+    (function-local thread_local statics of custom_kernel_...), at their offsets in the TLS block."""
     r = subprocess.run(["nm", "-C", "--defined-only", "-f", "sysv", str(exe)], capture_output=True, text=True)
     anchor, arrays = None, []
     for line in r.stdout.splitlines():
@@ -275,7 +276,9 @@ def _threadgroup_arrays(exe):
             anchor = f"{offset} 1 anchor"
         elif "custom_kernel_" in name and ")::" in name and not name.startswith("guard variable"):
             arrays.append(f"{offset} {size} {name.rsplit('::', 1)[1]}")
-    return "\n".join([anchor, *arrays]) + "\n" if anchor else ""
+    if anchor is None:
+        raise EmulatorError(f"nm finds no emu::race_anchor in {exe}: the race detector cannot locate threadgroup memory")
+    return "\n".join([anchor, *arrays]) + "\n"
 
 
 def _to_numpy(a):
