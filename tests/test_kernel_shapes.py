@@ -160,5 +160,8 @@ def test_real_sizes_catch_broken_kernels(emulated, monkeypatch, mutant):
     assert body.count(old) == 1, (f"the mutant {mutant!r} no longer applies: {old!r} is not in the "
                                   "backward kernel once; re-target MUTANTS to kernel_source.py")
     monkeypatch.setitem(kernel_source.BODIES, "bwd", body.replace(old, new))
-    errs = errors(case(MAMBA2_128, L=11, dtype=mx.float32), "metal")
+    try:
+        errs = errors(case(MAMBA2_128, L=11, dtype=mx.float32), "metal")
+    except harness.EmulatorError:  # the race detector's find (an unwritten slot of red is read)
+        return
     assert not max(errs.values()) < TOLERANCE[mx.float32], f"the mutant {mutant!r} passed: {errs}"  # NaN: caught

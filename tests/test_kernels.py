@@ -18,6 +18,8 @@ from mlx_mamba.ops import kernel_ops, kernel_source
 
 pytestmark = pytest.mark.skipif(harness.compiler() is None,
                                 reason="g++ is missing: the kernel emulator compiles kernels with it")
+needs_race_detector = pytest.mark.skipif(not harness.RACE_DETECTOR,
+                                         reason="the race detector needs Linux (ELF thread-local storage)")
 TOL = 1e-5
 
 
@@ -217,40 +219,72 @@ def test_launch_matches_mlx_conventions(backend):
 
 
 # Mutants of the kernel bodies that the harness must catch: it is only worth what it detects.
+# name: (body changed, text, its replacement, the race message expected; None: wrong results).
+# They run forward only, except those of the backward kernel and the checkpoints (gradients).
+RACE = r"data race \((read after write|write after read|write after write)\) on threadgroup array '{}'\[\d+\]: " \
+       r"thread \d+ of threadgroup \(\d+,\d+,\d+\) .*, then thread \d+ of threadgroup \(\d+,\d+,\d+\) "
 MUTANTS = {
-    "no barrier after staging": ("      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    MM_SYNC();\n",
-                                 "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
-    "short lane reduction": ("sum = mm_xor_sum(acc[0], 1, S / CPT);", "sum = mm_xor_sum(acc[0], 2, S / CPT);"),
-    "wrong group of a head": ("g = head / HPG", "g = head % G"),
-    "an output never written": ("if (lane % (S / CPT) == 0) {", "if (lane % (S / CPT) == 0 && cr > 0) {"),
-    "a write past the end": ("y[row * CH + cr] =", "y[row * CH + cr + 1] ="),
-    "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
+    "no barrier after staging": ("fwd", "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    MM_SYNC();\n",
+                                 "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n", RACE.format("s[BC]")),
+    "no barrier before staging": ("fwd", "    MM_SYNC();  // everyone is done with the previous chunk\n", "",
+                                  RACE.format("s[BC]")),
+    "no barrier before red is read": ("bwd", "      MM_SYNC();\n      for (int n = tid; n < N; n += NT) {",
+                                      "      for (int n = tid; n < N; n += NT) {", RACE.format("red")),
+    "no barrier before red is rewritten": ("bwd", "      MM_SYNC();  // red is rewritten at the next step\n", "",
+                                           RACE.format("red")),
+    "short lane reduction": ("fwd", "sum = mm_xor_sum(acc[0], 1, S / CPT);", "sum = mm_xor_sum(acc[0], 2, S / CPT);",
+                             None),
+    "wrong group of a head": ("fwd", "g = head / HPG", "g = head % G", None),
+    "an output never written": ("fwd", "if (lane % (S / CPT) == 0) {", "if (lane % (S / CPT) == 0 && cr > 0) {",
+                                None),
+    "a write past the end": ("fwd", "y[row * CH + cr] =", "y[row * CH + cr + 1] =", None),
+    "checkpoint off by a chunk": ("fwd", "ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)",
+                                  None),
 }
+BODIES = dict(kernel_source.BODIES)
 
 
-@pytest.mark.parametrize("mutant", MUTANTS)
+def run_mutant(mutant, monkeypatch):
+    """Runs the scan (forward, or forward and gradients) with the mutant; its worst error."""
+    kind, old, new, _ = MUTANTS[mutant]
+    assert old in BODIES[kind]
+    monkeypatch.setitem(kernel_source.BODIES, kind, BODIES[kind].replace(old, new))
+    kernel_ops._kernel.cache_clear()
+    x = mamba2_inputs(**M2)
+    names = ["x", "dt", "A", "B", "C"]
+    fn = lambda be: lambda **a: ops.ssd(**a, chunk_size=16, return_final_states=True, backend=be)  # noqa: E731
+    if kind == "bwd" or "checkpoint" in mutant:
+        w = [mx.ones(x["x"].shape), mx.ones(x["initial_states"].shape)]
+        got, ref = _grads(fn("metal"), x, names, w), _grads(fn("reference"), x, names, w)
+    else:
+        got, ref = fn("metal")(**x), fn("reference")(**x)
+    return max(err(g, r) for g, r in zip(got, ref))
+
+
+@pytest.mark.parametrize("mutant", [pytest.param(m, marks=needs_race_detector) if MUTANTS[m][3] else m
+                                    for m in MUTANTS])
 def test_harness_catches_broken_kernels(mutant, monkeypatch):
     harness.install(monkeypatch)
     monkeypatch.setattr(harness.EmulatedKernel, "order", 1)  # reversed: a deterministic worst case
-    old, new = MUTANTS[mutant]
-    body = "bwd" if mutant.startswith("checkpoint") else "fwd"  # a bad checkpoint shows in gradients
-    assert old in kernel_source.FWD_BODY
-    monkeypatch.setitem(kernel_source.BODIES, "fwd", kernel_source.FWD_BODY.replace(old, new))
-    kernel_ops._kernel.cache_clear()
     try:
-        x = mamba2_inputs(**M2)
-        names = ["x", "dt", "A", "B", "C"]
-        fn = lambda be: lambda **a: ops.ssd(**a, chunk_size=16, return_final_states=True, backend=be)  # noqa: E731
-        if body == "bwd":
-            w = [mx.ones(x["x"].shape), mx.ones(x["initial_states"].shape)]
-            got, ref = _grads(fn("metal"), x, names, w), _grads(fn("reference"), x, names, w)
-        else:
-            got = ops.ssd(**x, chunk_size=16, return_final_states=True, backend="metal")
-            ref = ops.ssd(**x, chunk_size=16, return_final_states=True, backend="reference")
-        worst = max(err(g, r) for g, r in zip(got, ref))
+        worst = run_mutant(mutant, monkeypatch)
         assert not worst < TOL, f"the mutant '{mutant}' passed"  # NaN counts as caught
     except harness.EmulatorError:
         pass
+    finally:
+        kernel_ops._kernel.cache_clear()
+
+
+@needs_race_detector
+@pytest.mark.parametrize("mutant", [m for m in MUTANTS if MUTANTS[m][3]])
+def test_missing_barrier_is_a_race_under_every_schedule(mutant, monkeypatch):
+    """The race is reported, naming the array and both threads, whatever order the fibers run in."""
+    harness.install(monkeypatch)
+    try:
+        for order in (0, 1, 2):
+            monkeypatch.setattr(harness.EmulatedKernel, "order", order)
+            with pytest.raises(harness.EmulatorError, match=MUTANTS[mutant][3]):
+                run_mutant(mutant, monkeypatch)
     finally:
         kernel_ops._kernel.cache_clear()
 
@@ -394,3 +428,98 @@ def test_threadgroup_memory_bound(backend, monkeypatch, N, what):
         else:
             mx.grad(lambda B: scan(**dict(x, B=B)).sum())(x["B"])
     assert "mlx_mamba_scan_bwd" not in launched and (what == "gradient" or not launched)
+
+
+def run_toy(src, n=64, tg=64, order=0, backend="metal", atomic=False):
+    """Runs a toy kernel over inp = 0 .. n-1 into out (n,), zeroed; returns out."""
+    k = harness.EmulatedKernel(backend, "toy", ["inp"], ["out"], src, atomic_outputs=atomic)
+    k.order, k.workers = order, 1  # threadgroups one after the other, in order
+    out = k(inputs=[mx.arange(n).astype(mx.float32)], output_shapes=[(n,)], output_dtypes=[mx.float32],
+            grid=(n, 1, 1), threadgroup=(tg, 1, 1), init_value=0.0)
+    return np.array(out[0])
+
+
+SYNC = "threadgroup_barrier(mem_flags::mem_threadgroup);"
+STAGE = "threadgroup float s[64];\n  const uint t = thread_position_in_threadgroup.x;\n  s[t] = inp[t];\n"
+# Each thread takes its right neighbour's value: read s[t + 1] before the neighbour overwrites it.
+SHIFT = STAGE + "  {}\n  const float v = s[(t + 1) % 64];\n  {}\n  s[t] = v;\n  {}\n  out[t] = s[t];\n"
+TOY_RACES = {  # race: a kernel that has it, seen as such with the fibers in order
+    "read after write": STAGE + "  out[t] = s[(t + 63) % 64];\n",
+    "write after read": SHIFT.format(SYNC, "", SYNC),
+    "write after write": "threadgroup float s[32];\n  const uint t = thread_position_in_threadgroup.x;\n"
+                         f"  s[t / 2] = inp[t];\n  {SYNC}\n  out[t] = s[t / 2];\n",
+}
+
+
+@needs_race_detector
+@pytest.mark.parametrize("race", TOY_RACES)
+def test_emulator_reports_each_race(race):
+    with pytest.raises(harness.EmulatorError, match=rf"data race \({race}\) on threadgroup array 's'\[\d+\]: "
+                                                     r"thread \d+ of threadgroup \(0,0,0\) .*, then thread \d+"):
+        run_toy(TOY_RACES[race])
+    for order in (1, 2):  # another schedule may see the same race from the other side
+        with pytest.raises(harness.EmulatorError, match=r"data race \(.*\) on threadgroup array 's'"):
+            run_toy(TOY_RACES[race], order=order)
+
+
+@needs_race_detector
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_emulator_passes_barrier_separated_accesses(order):
+    out = run_toy(SHIFT.format(SYNC, SYNC, SYNC), order=order)
+    np.testing.assert_array_equal(out, (np.arange(64) + 1) % 64)
+
+
+@needs_race_detector
+def test_emulator_atomics_do_not_race_with_each_other():
+    src = """
+      const uint t = thread_position_in_grid.x;
+      atomic_fetch_add_explicit(&out[t % 4], 1.0f, memory_order_relaxed);
+      if (t == 0) atomic_store_explicit(&out[4], 2.0f, memory_order_relaxed);
+      if (t == 9) atomic_fetch_add_explicit(&out[4], 1.0f, memory_order_relaxed);
+    """
+    out = run_toy(src, n=64, tg=16, atomic=True)  # 4 threadgroups
+    assert list(out[:4]) == [16.0] * 4 and out[4] in (2.0, 3.0)
+    mixed = src.replace("atomic_fetch_add_explicit(&out[4], 1.0f, memory_order_relaxed)",  # a plain store
+                        "*(device float*)&out[4] = 1.0f")
+    with pytest.raises(harness.EmulatorError, match=r"data race \(write after write\) on device output 'out'\[4\]"):
+        run_toy(mixed, n=64, tg=16, atomic=True)
+
+
+@needs_race_detector
+def test_emulator_barriers_do_not_order_threadgroups():
+    src = """
+      const uint t = thread_position_in_grid.x;
+      if (t == 0) out[0] = 1.0f;
+      threadgroup_barrier(mem_flags::mem_device);
+      if (t == 20) out[1] = out[0];
+    """
+    with pytest.raises(harness.EmulatorError, match=r"data race \(read after write\) on device output 'out'\[0\]: "
+                       r"thread 0 of threadgroup \(0,0,0\) wrote it, then thread 4 of threadgroup \(1,0,0\) read it "
+                       r"\(threads of different threadgroups never synchronize\)"):
+        run_toy(src, n=32, tg=16)
+    out = run_toy(src.replace("t == 20", "t == 5"), n=32, tg=16)  # the same threadgroup: ordered
+    assert out[1] == 1.0
+
+
+@needs_race_detector
+def test_emulator_reports_unwritten_threadgroup_memory():
+    with pytest.raises(harness.EmulatorError, match=r"threadgroup array 's'\[\d+\] was read by thread \d+ of "
+                                                     r"threadgroup \(0,0,0\) before any thread of its threadgroup wrote it"):
+        run_toy(STAGE.replace("s[t] = inp[t];", f"if (t > 0) s[t] = inp[t];\n  {SYNC}") + "  out[t] = s[63 - t];\n")
+
+
+@needs_race_detector
+def test_emulator_reports_cuda_races():
+    src = "__shared__ float s[64];\n  const int t = threadIdx.x;\n  s[t] = inp[t];\n  out[t] = s[(t + 63) % 64];\n"
+    with pytest.raises(harness.EmulatorError, match=r"data race \(read after write\) on threadgroup array 's'"):
+        run_toy(src, backend="cuda")
+    out = run_toy(src.replace("  out[t]", "  __syncthreads();\n  out[t]"), backend="cuda", order=2)
+    np.testing.assert_array_equal(out, (np.arange(64) + 63) % 64)
+
+
+@needs_race_detector
+def test_emulator_simdgroup_barrier_orders_its_lanes_only():
+    src = STAGE + "  simdgroup_barrier(mem_flags::mem_threadgroup);\n  out[t] = s[t ^ 1];\n"
+    np.testing.assert_array_equal(run_toy(src, order=2), np.arange(64) ^ 1)
+    with pytest.raises(harness.EmulatorError, match=r"data race \(.*\) on threadgroup array 's'"):
+        run_toy(src.replace("s[t ^ 1]", "s[t ^ 32]"), order=2)

@@ -29,7 +29,7 @@ inline __half __float2half(float x) { return __half(x); }
 inline float __bfloat162float(__nv_bfloat16 x) { return float(x); }
 inline __nv_bfloat16 __float2bfloat16(float x) { return __nv_bfloat16(x); }
 
-inline void __syncthreads() { emu::barrier(); }
+inline void __syncthreads() { emu::barrier(emu::ORDERS_THREADGROUP | emu::ORDERS_DEVICE); }
 
 // Warp shuffles; `mask` must name exactly the lanes that exist (checked), width 32.
 namespace emu {

@@ -2,7 +2,8 @@
 // Every GPU thread of a threadgroup is a fiber (ucontext); the fibers of a group run on one OS
 // thread and switch only at barriers and simd collectives, so a missing barrier reads stale
 // threadgroup memory, and a barrier or collective that some threads never reach is reported as a
-// deadlock. Threadgroups are spread over a few OS threads.
+// deadlock. Threadgroups are spread over a few OS threads. Barriers advance the clocks that the
+// data-race detector (emu_race.h) orders memory accesses by.
 #pragma once
 #include <ucontext.h>
 
@@ -15,6 +16,12 @@
 #include <cstring>
 #include <thread>
 #include <vector>
+
+#include "emu_race.h"
+
+// The runtime's own memory traffic is not the kernel's: the race detector need not see it. (g++
+// inlines nothing instrumented into these functions, so they reach the group through raw pointers.)
+#define EMU_UNWATCHED __attribute__((no_sanitize("thread")))
 
 namespace emu {
 
@@ -30,6 +37,7 @@ struct Fiber {
 
 struct Rendezvous {  // a reusable barrier among `total` fibers
   unsigned count = 0, gen = 0, total = 0;
+  unsigned orders = ~0u;  // the memory that every fiber arrived so far asked to order
 };
 
 struct SimdGroup {
@@ -43,6 +51,11 @@ struct Group {
   std::vector<Fiber> fibers;
   std::vector<SimdGroup> simd;
   Rendezvous bar;
+  RaceClock clock;                    // barriers completed, per memory they order
+  std::vector<RaceClock> simd_clock;  // simdgroup barriers completed, per simdgroup
+  Fiber* fiber = nullptr;             // fibers, simd, simd_clock's data()
+  SimdGroup* simds = nullptr;
+  RaceClock* simd_clocks = nullptr;
   ucontext_t sched;
   int cur = -1;
   unsigned long progress = 0;
@@ -51,7 +64,7 @@ struct Group {
 };
 
 inline thread_local Group* g_group = nullptr;
-inline Fiber& self() { return g_group->fibers[g_group->cur]; }
+EMU_UNWATCHED inline Fiber& self() { return g_group->fiber[g_group->cur]; }
 
 [[noreturn]] inline void fail(const char* what) {
   std::fprintf(stderr, "emu: %s\n", what);
@@ -59,12 +72,17 @@ inline Fiber& self() { return g_group->fibers[g_group->cur]; }
   std::_Exit(3);
 }
 
-inline void wait_all(Rendezvous& r) {
+// Waits until all fibers of the rendezvous arrive; then the memory that all of them asked to
+// order (ORDERS_THREADGROUP, ORDERS_DEVICE) advances one epoch on `clock`.
+EMU_UNWATCHED inline void wait_all(Rendezvous& r, RaceClock* clock = nullptr, unsigned orders = 0) {
   Group& G = *g_group;
   unsigned my = r.gen;
   ++G.progress;
+  r.orders &= orders;
   if (++r.count == r.total) {
+    for (unsigned m = 0; clock && m < 2; ++m) clock->epoch[m] += (r.orders >> m) & 1u;
     r.count = 0;
+    r.orders = ~0u;
     ++r.gen;
     return;
   }
@@ -75,15 +93,18 @@ inline void wait_all(Rendezvous& r) {
   self().waiting = false;
 }
 
-inline void barrier() { wait_all(g_group->bar); }
+EMU_UNWATCHED inline void barrier(unsigned orders) { wait_all(g_group->bar, &g_group->clock, orders); }
 
-inline unsigned lane_id() { return self().index % 32; }
-inline SimdGroup& my_simd() { return g_group->simd[self().index / 32]; }
-inline unsigned simd_width() { return my_simd().rv.total; }
+EMU_UNWATCHED inline unsigned lane_id() { return self().index % 32; }
+EMU_UNWATCHED inline SimdGroup& my_simd() { return g_group->simds[self().index / 32]; }
+EMU_UNWATCHED inline unsigned simd_width() { return my_simd().rv.total; }
+EMU_UNWATCHED inline void simd_barrier(unsigned orders) {
+  wait_all(my_simd().rv, &g_group->simd_clocks[self().index / 32], orders);
+}
 
 // A collective over the fiber's simdgroup: every lane publishes v, then f(values, lane, width).
 template <class T, class F>
-T simd_exchange(T v, F f) {
+EMU_UNWATCHED T simd_exchange(T v, F f) {
   static_assert(sizeof(T) <= 16, "simd value too large");
   SimdGroup& s = my_simd();
   unsigned lane = lane_id();
@@ -95,20 +116,49 @@ T simd_exchange(T v, F f) {
   return f(vals, lane, s.rv.total);
 }
 
-inline void trampoline() {
+EMU_UNWATCHED inline void trampoline() {
   Group& G = *g_group;
-  G.invoke(G.body, G, G.fibers[G.cur]);
-  G.fibers[G.cur].done = true;
+  G.invoke(G.body, G, G.fiber[G.cur]);
+  G.fiber[G.cur].done = true;
+}
+
+// Runs the group's fibers, in the order idx[0..n) each round (order 2: shuffled afresh).
+EMU_UNWATCHED inline void schedule(Group& G, unsigned* idx, int order, unsigned seed) {
+  for (unsigned alive = G.n; alive > 0;) {
+    for (unsigned i = G.n - 1; order == 2 && i > 0; --i) {  // Fisher-Yates with an LCG
+      seed = seed * 1664525u + 1013904223u;
+      const unsigned j = (seed >> 8) % (i + 1), t = idx[i];
+      idx[i] = idx[j];
+      idx[j] = t;
+    }
+    unsigned long before = G.progress;
+    unsigned finished = 0;
+    for (unsigned k = 0; k < G.n; ++k) {
+      Fiber& f = G.fiber[idx[k]];
+      if (f.done) continue;
+      G.cur = static_cast<int>(idx[k]);
+      swapcontext(&G.sched, &f.ctx);
+      if (f.done) ++finished;
+    }
+    alive -= finished;
+    if (alive > 0 && finished == 0 && G.progress == before)
+      fail("deadlock: a barrier or simd collective is not reached by every thread of the group");
+  }
 }
 
 // order: 0 lanes in order, 1 reversed, 2 shuffled afresh every round (seeded).
-inline void run_group(Group& G, std::vector<std::vector<char>>& stacks, int order, unsigned seed) {
+inline void run_group(Group& G, unsigned long id, std::vector<std::vector<char>>& stacks, int order,
+                      unsigned seed) {
   g_group = &G;
   G.n = G.size.x * G.size.y * G.size.z;
   G.fibers.assign(G.n, Fiber{});
   G.bar = Rendezvous{0, 0, G.n};
   G.simd.assign((G.n + 31) / 32, SimdGroup{});
   for (unsigned s = 0; s < G.simd.size(); ++s) G.simd[s].rv.total = std::min(32u, G.n - 32 * s);
+  G.simd_clock.assign(G.simd.size(), RaceClock{});
+  G.fiber = G.fibers.data();
+  G.simds = G.simd.data();
+  G.simd_clocks = G.simd_clock.data();
   if (stacks.size() < G.n) stacks.resize(G.n, std::vector<char>(256 * 1024));
   for (unsigned i = 0; i < G.n; ++i) {
     Fiber& f = G.fibers[i];
@@ -120,25 +170,11 @@ inline void run_group(Group& G, std::vector<std::vector<char>>& stacks, int orde
     f.ctx.uc_link = &G.sched;
     makecontext(&f.ctx, trampoline, 0);
   }
+  race_begin(id, &G.cur, &G.clock, G.simd_clocks);
   std::vector<unsigned> idx(G.n);
   for (unsigned i = 0; i < G.n; ++i) idx[i] = order == 1 ? G.n - 1 - i : i;
-  for (unsigned alive = G.n; alive > 0;) {
-    for (unsigned i = G.n - 1; order == 2 && i > 0; --i) {  // Fisher-Yates with an LCG
-      seed = seed * 1664525u + 1013904223u;
-      std::swap(idx[i], idx[(seed >> 8) % (i + 1)]);
-    }
-    unsigned long before = G.progress;
-    unsigned finished = 0;
-    for (unsigned i : idx) {
-      if (G.fibers[i].done) continue;
-      G.cur = static_cast<int>(i);
-      swapcontext(&G.sched, &G.fibers[i].ctx);
-      if (G.fibers[i].done) ++finished;
-    }
-    alive -= finished;
-    if (alive > 0 && finished == 0 && G.progress == before)
-      fail("deadlock: a barrier or simd collective is not reached by every thread of the group");
-  }
+  schedule(G, idx.data(), order, seed);
+  race_end();
   g_group = nullptr;
 }
 
@@ -158,7 +194,7 @@ void launch(Dim groups, SizeFn size, const Body& body, int order, unsigned seed,
       G.grid_groups = groups;
       G.body = &body;
       G.invoke = [](const void* b, Group& g, Fiber& f) { (*static_cast<const Body*>(b))(g, f); };
-      run_group(G, stacks, order, seed + unsigned(k));
+      run_group(G, k, stacks, order, seed + unsigned(k));
     }
   };
   std::vector<std::thread> pool;

@@ -8,11 +8,18 @@ that text with g++ against the emulation headers here (cached per source hash), 
 (grid counted in threads, threadgroup min(threadgroup, grid)) with one fiber per GPU thread.
 Outputs start as NaN unless the launch gives `init_value`, so an output element that the kernel
 never writes shows up; canary bytes around every buffer catch out-of-bounds writes.
+
+Data races: on Linux (ELF thread-local storage, GNU-compatible `nm`) the kernel is compiled with
+g++'s ThreadSanitizer instrumentation and linked with the detector of emu_race.cpp in place of its
+runtime, so every access to a threadgroup array or a device output is checked (see emu_race.cpp).
+The detector finds the threadgroup arrays (function-local `thread_local` statics, as the emulation
+headers declare them) and their names in the executable's symbol table.
 """
 import hashlib
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -23,6 +30,7 @@ HERE = Path(__file__).resolve().parent
 CACHE = Path(tempfile.gettempdir()) / f"mlx_mamba_emu_{os.getuid()}"
 LAUNCHES = []  # every launch run, newest last: dicts of what MLX would have received
 BUILT = []     # every kernel object built: (backend, name)
+RACE_DETECTOR = sys.platform.startswith("linux") and shutil.which("nm") is not None
 
 # Thread attributes MLX adds to a Metal signature when their name appears in the source, in its order.
 METAL_ATTRIBUTES = [
@@ -139,12 +147,15 @@ def cuda_source(k, inputs, output_dtypes, template):
     return "mlx::core::cu::" + name, text
 
 
-def _launcher(backend, call_name, kernel_text, args):
+def _launcher(backend, call_name, kernel_text, args, outputs):
+    """The program that runs one launch; outputs: (buffer index, name, bytes per element)."""
     inc = '#include "metal_emu.h"\n' if backend == "metal" else ""
+    watch = "\n  ".join(f'emu::race_output(B({i}), bufs.at({i}).size() - 128, {size}, "{name}");'
+                        for i, name, size in outputs)
     per = "tg" if backend == "metal" else "req"  # CUDA: ceil(grid / threadgroup) blocks of min(...)
     body = f"""
 int main(int argc, char** argv) {{
-  if (argc != 12) emu::fail("usage: exe in out grid[3] threadgroup[3] order seed workers");
+  if (argc != 13) emu::fail("usage: exe in out grid[3] threadgroup[3] order seed workers layout");
   auto bufs = emu::read_buffers(argv[1]);
   auto B = [&](int i) {{ return static_cast<void*>(bufs.at(i).data() + 64); }};
   emu::Dim grid{{unsigned(atoi(argv[3])), unsigned(atoi(argv[4])), unsigned(atoi(argv[5]))}};
@@ -153,6 +164,9 @@ int main(int argc, char** argv) {{
   emu::Dim groups{{(grid.x + {per}.x - 1) / {per}.x, (grid.y + {per}.y - 1) / {per}.y,
                   (grid.z + {per}.z - 1) / {per}.z}};
   unsigned tgn = tg.x * tg.y * tg.z; (void)tgn;
+  emu::race_layout(argv[12]);
+  emu::race_grid(groups.x, groups.y, groups.z);
+  {watch}
   {_launch_body(backend, call_name, args)}
   emu::launch(groups, size, body, atoi(argv[9]), unsigned(atoi(argv[10])), unsigned(atoi(argv[11])));
   emu::write_buffers(argv[2], bufs);
@@ -186,11 +200,17 @@ def compiler():
 
 
 _FLAGS = ["-std=c++20", "-O1", "-w", "-pthread"]
+# Calls __tsan_read4(p)... before memory accesses; emu_race.cpp implements them.
+_INSTRUMENT = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"] if RACE_DETECTOR else []
 
 
 def _include_dir():
-    """Stub headers (MLX's CUDA includes) and precompiled emulation headers, per header version."""
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in sorted(HERE.glob("*.h")))).hexdigest()[:12]
+    """Stub headers (MLX's CUDA includes) and precompiled emulation headers, per header version
+    and location: the stubs include the headers by absolute path, and a clone elsewhere (or one
+    deleted since) must not inherit stubs pointing into another tree."""
+    sources = sorted(HERE.glob("*.h")) + [HERE / "emu_race.cpp"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + str(_INSTRUMENT).encode()
+                         + str(HERE).encode()).hexdigest()[:12]
     inc = CACHE / f"include_{key}"
     if (inc / "done").exists():
         return inc
@@ -200,30 +220,68 @@ def _include_dir():
         (inc / path).parent.mkdir(parents=True, exist_ok=True)
         (inc / path).write_text(f'#include "{HERE / target}"\n')
     for path in ("metal_emu.h", "mlx/backend/cuda/device/utils.cuh"):  # g++ picks X.gch before X
-        r = subprocess.run([compiler(), *_FLAGS, "-x", "c++-header", str(inc / path), "-o",
+        r = subprocess.run([compiler(), *_FLAGS, *_INSTRUMENT, "-x", "c++-header", str(inc / path), "-o",
                             str(inc / path) + ".gch"], capture_output=True, text=True)
         if r.returncode != 0:
             raise EmulatorError(f"cannot precompile {path}:\n{r.stderr[-4000:]}")
+    part = inc / f"race.o.tmp{os.getpid()}"
+    r = subprocess.run([compiler(), *_FLAGS, "-O2", "-c", str(HERE / "emu_race.cpp"), "-o", str(part)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise EmulatorError(f"cannot compile emu_race.cpp:\n{r.stderr[-4000:]}")
+    os.replace(part, inc / "race.o")
     (inc / "done").write_text("")
     return inc
 
 
 def build(backend, text):
     """Compiles a launcher, cached per source hash; returns the executable's path."""
-    digest = hashlib.sha256((backend + text).encode()).hexdigest()[:20]
+    inc = _include_dir()
+    digest = hashlib.sha256((backend + inc.name + text).encode()).hexdigest()[:20]
     exe = CACHE / f"{backend}_{digest}"
     if exe.exists():
         return exe
-    inc = _include_dir()
     src = CACHE / f"{backend}_{digest}.cpp"
     src.write_text(text)
     tmp = exe.with_suffix(f".tmp{os.getpid()}")
-    cmd = [compiler(), *_FLAGS, f"-I{inc}", str(src), "-o", str(tmp)]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    obj = tmp.with_suffix(".o")
+    r = subprocess.run([compiler(), *_FLAGS, *_INSTRUMENT, f"-I{inc}", "-c", str(src), "-o", str(obj)],
+                       capture_output=True, text=True)
     if r.returncode != 0:
         raise EmulatorError(f"g++ rejected the {backend} kernel {src}:\n{r.stderr[-4000:]}")
+    r = subprocess.run([compiler(), *_FLAGS, str(obj), str(inc / "race.o"), "-o", str(tmp)],
+                       capture_output=True, text=True)
+    obj.unlink()
+    if r.returncode != 0:
+        raise EmulatorError(f"cannot link the {backend} kernel {src}:\n{r.stderr[-4000:]}")
+    part = Path(f"{_layout(exe)}.tmp{os.getpid()}")
+    part.write_text(_threadgroup_arrays(tmp) if RACE_DETECTOR else "")
+    os.replace(part, _layout(exe))
     os.replace(tmp, exe)
     return exe
+
+
+def _layout(exe):
+    return exe.with_name(exe.name + ".layout")
+
+
+def _threadgroup_arrays(exe):
+    """Lines "offset size name": the detector's anchor, then the kernel's threadgroup arrays
+    (function-local thread_local statics of custom_kernel_...), at their offsets in the TLS block."""
+    r = subprocess.run(["nm", "-C", "--defined-only", "-f", "sysv", str(exe)], capture_output=True, text=True)
+    anchor, arrays = None, []
+    for line in r.stdout.splitlines():
+        fields = [f.strip() for f in line.split("|")]
+        if len(fields) < 7 or fields[3] != "TLS" or not fields[4]:
+            continue
+        name, offset, size = fields[0], int(fields[1], 16), int(fields[4], 16)
+        if name == "emu::race_anchor":
+            anchor = f"{offset} 1 anchor"
+        elif "custom_kernel_" in name and ")::" in name and not name.startswith("guard variable"):
+            arrays.append(f"{offset} {size} {name.rsplit('::', 1)[1]}")
+    if anchor is None:
+        raise EmulatorError(f"nm finds no emu::race_anchor in {exe}: the race detector cannot locate threadgroup memory")
+    return "\n".join([anchor, *arrays]) + "\n"
 
 
 def _to_numpy(a):
@@ -276,15 +334,17 @@ class EmulatedKernel:
                 bufs.append(value)
                 pos += 1
         out_at = pos
-        for shape, d in zip(output_shapes, output_dtypes):
+        watched = []
+        for name, shape, d in zip(self.output_names, output_shapes, output_dtypes):
             ctype = _TYPES[d][0 if self.backend == "metal" else 1]
             ptr = f"metal::atomic<{ctype}>" if self.atomic_outputs else ctype
             args.append(f"static_cast<{ptr}*>(B({pos}))")
             poison = float("nan") if d in (mx.float32, mx.float16, mx.bfloat16) else -1
             bufs.append(_to_numpy(mx.full(tuple(shape), poison if init_value is None else init_value, d)))
+            watched.append((pos, name, bufs[-1].itemsize))
             pos += 1
         args += [_ATTRIBUTE_VALUES[a] for a in attrs]
-        exe = build(self.backend, _launcher(self.backend, call, text, args))
+        exe = build(self.backend, _launcher(self.backend, call, text, args, watched))
         with tempfile.TemporaryDirectory() as tmp:
             fin, fout = Path(tmp, "in"), Path(tmp, "out")
             with open(fin, "wb") as f:
@@ -292,7 +352,7 @@ class EmulatedKernel:
                     f.write(np.int64(b.nbytes).tobytes())
                     f.write(b.tobytes())
             cmd = [str(exe), str(fin), str(fout), *map(str, grid), *map(str, threadgroup),
-                   str(self.order), "1", str(self.workers)]
+                   str(self.order), "1", str(self.workers), str(_layout(exe))]
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             if r.returncode != 0:
                 raise EmulatorError(f"{self.backend} kernel {self.name} failed ({r.returncode}): {r.stderr.strip()}")

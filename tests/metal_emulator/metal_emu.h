@@ -12,10 +12,12 @@ using bfloat = emu::bf16;
 struct uint3 { unsigned x = 0, y = 0, z = 0; };
 
 enum class mem_flags { mem_none = 0, mem_device = 1, mem_threadgroup = 2, mem_texture = 4 };
-inline void threadgroup_barrier(mem_flags) { emu::barrier(); }
-inline void simdgroup_barrier(mem_flags) {
-  emu::simd_exchange(0, [](const int*, unsigned, unsigned) { return 0; });
+inline mem_flags operator|(mem_flags a, mem_flags b) { return mem_flags(unsigned(a) | unsigned(b)); }
+inline unsigned orders(mem_flags f) {  // mem_none: the threads meet, their memory is not ordered
+  return (unsigned(f) & 2u ? emu::ORDERS_THREADGROUP : 0u) | (unsigned(f) & 1u ? emu::ORDERS_DEVICE : 0u);
 }
+inline void threadgroup_barrier(mem_flags f) { emu::barrier(orders(f)); }
+inline void simdgroup_barrier(mem_flags f) { emu::simd_barrier(orders(f)); }
 
 enum memory_order { memory_order_relaxed };
 template <class T> struct atomic { T v; };
