@@ -24,6 +24,11 @@ def heavy_tail(x):
     return mx.maximum(x, 0.0) + 1.0 / (1.0 - mx.minimum(x, 0.0))
 
 
+# A = -f(dd_A): the official module's heavy tail (since June 2026), or the softplus of its
+# March 2026 release, which checkpoints trained then need. Either is clamped at -A_floor.
+A_ACTIVATIONS = {"heavy_tail": heavy_tail, "softplus": nn.softplus}
+
+
 def silu(x):
     """x·sigmoid(x) through `exp` (a power of 2), half the time of nn.silu on MLX's CPU backend,
     where the gate's R·d_inner exponentials per token are much of MIMO's cost outside matrix
@@ -37,9 +42,13 @@ class Mamba3(nn.Module):
     def __init__(self, d_model, d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5,
                  dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, A_floor=1e-4,
                  is_outproj_norm=False, is_mimo=False, mimo_rank=4,
-                 fuse_pregate_headwise_norm=True, chunk_size=64):
-        """fuse_pregate_headwise_norm selects an official kernel; the result is the same."""
+                 fuse_pregate_headwise_norm=True, chunk_size=64, A_activation="heavy_tail"):
+        """fuse_pregate_headwise_norm selects an official kernel; the result is the same.
+        A_activation (ours; the official module has no switch): "heavy_tail" or "softplus"."""
         super().__init__()
+        if A_activation not in A_ACTIVATIONS:
+            raise ValueError(f"A_activation is {A_activation!r}: expected 'heavy_tail' or "
+                             "'softplus'")
         d_inner = int(expand * d_model)
         if rope_fraction not in (0.5, 1.0):
             raise ValueError(f"rope_fraction is {rope_fraction!r}: expected 0.5 or 1.0")
@@ -56,6 +65,7 @@ class Mamba3(nn.Module):
         self.rank = mimo_rank if is_mimo else 1
         self.is_mimo, self.is_outproj_norm = is_mimo, is_outproj_norm
         self.A_floor, self.chunk_size = A_floor, chunk_size
+        self.A_activation = A_activation
         rotated = int(d_state * rope_fraction) // 2 * 2
         self.num_rope_angles = rotated // 2
         H, R, bc = self.nheads, self.rank, d_state * ngroups * self.rank
@@ -117,7 +127,7 @@ class Mamba3(nn.Module):
         dt = nn.softplus(f32(dd_dt) + f32(self.dt_bias))
         if mask is not None:
             dt = dt * f32(mask)[..., None]  # Δ = 0 on padding: no decay, no input, no turn
-        A = mx.minimum(-heavy_tail(f32(dd_A)), -self.A_floor)
+        A = mx.minimum(-A_ACTIVATIONS[self.A_activation](f32(dd_A)), -self.A_floor)
         # θ_t = θ_{t-1} + π tanh(angles_t) Δ_t: shared angles, each head turning with its own Δ.
         turn = math.pi * mx.tanh(f32(angles))[:, :, None, :] * dt[..., None]
         angle = wrap(cache.angle[:, None] + wrapped_cumsum(turn))
