@@ -109,18 +109,20 @@ def mamba3_scan(q, k, v, dA, dt, trap, chunk_size, initial=None):
     scores = scores * mix[..., :, None, :, None]
     y = scores.reshape(batch, chunks, heads, chunk * rank, chunk * rank) @ V  # (b, c, H, l·R, P)
 
-    # Each chunk's own end state, carried across chunks by the same linear scan as Mamba1/2.
+    # Each chunk's own end state, carried across chunks by the same linear scan as Mamba1/2. The
+    # states are kept transposed, hᵀ (N, P), so that Q hᵀ reads a contiguous operand.
     to_end = exp(log_decay[..., -1:] - log_decay) * weight  # (b, c, H, l)
-    chunk_states = (V * per_row(to_end)).swapaxes(-1, -2) @ K  # (b, c, H, P, N)
+    chunk_states = K.swapaxes(-1, -2) @ (V * per_row(to_end))  # (b, c, H, N, P)
     chunk_decay = mx.exp(log_decay[..., -1])[..., None, None]
-    end_states = linear_scan(chunk_decay, chunk_states, state)
-    first = state if state is not None else mx.zeros_like(end_states[:, 0])
+    first = state.swapaxes(-1, -2) if state is not None else None
+    end_states = linear_scan(chunk_decay, chunk_states, first)
+    first = first if first is not None else mx.zeros_like(end_states[:, 0])
     entering = mx.concatenate([first[:, None], end_states[:, :-1]], axis=1)
-    y = y + per_row(exp(log_decay)) * (Q @ entering.swapaxes(-1, -2))
+    y = y + per_row(exp(log_decay)) * (Q @ entering)
 
     y = y.reshape(batch, chunks, heads, chunk, rank, head_dim).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(batch, chunks * chunk, heads, rank, head_dim)[:, :length]
-    return y, end_states[:, -1]
+    return y, end_states[:, -1].swapaxes(-1, -2)
 
 
 def mamba3_step(state, q, k, v, dA, dt, trap, k_prev, v_prev):
