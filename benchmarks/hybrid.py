@@ -1,7 +1,8 @@
-"""Hybrid models (Granite 4.0-H, Nemotron-H): mlx-mamba against mlx-lm on the same weights.
+"""Hybrid models (Granite 4.0-H, Nemotron-H, Falcon-H1, Jamba): mlx-mamba against mlx-lm on the
+same weights.
 
-One set of random weights is made by mlx-mamba, renamed to the checkpoint's tensor names and read
-by mlx-lm through its own `sanitize`; the two models' logits are compared on a prompt longer than a
+One set of random weights is made by mlx-mamba, renamed and laid out as the hub's checkpoint holds
+them and read by mlx-lm through its own `sanitize`; the two models' logits are compared on a prompt longer than a
 chunk; then each generates through its own entry point, timed as in generate.py (prefill tok/s to
 the first token, decode tok/s after it), with its peak MLX memory above the weights.
 
@@ -19,6 +20,7 @@ models do not fit this project's 2-core CPU: a 4096-token prompt through one ful
 """
 
 import argparse
+import dataclasses
 import importlib
 import math
 import platform
@@ -60,30 +62,53 @@ SHAPES = {
         mlp_bias=False, attention_bias=False, time_step_limit=[0.0, math.inf],
         layer_norm_epsilon=1e-5, residual_in_fp32=False, vocab_size=131072,
         tie_word_embeddings=False, max_position_embeddings=8192),
+    # Attention and Mamba2 side by side in every layer. mlx-lm 0.32.2 folds the µP multipliers
+    # into the weights but drops `key_multiplier` (it looks for a `key_proj`) and leaves v
+    # unscaled by `attention_in_multiplier`: both are 1 here, which changes no cost.
+    "falcon-h1-0.5b": dict(
+        model_type="falcon_h1", hidden_size=1024, num_hidden_layers=36, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=64, intermediate_size=2048, mamba_d_ssm=1536,
+        mamba_n_heads=24, mamba_d_head=64, mamba_d_state=128, mamba_n_groups=1, mamba_d_conv=4,
+        mamba_expand=2, mamba_chunk_size=128, mamba_conv_bias=True, mamba_proj_bias=False,
+        mamba_rms_norm=False, mamba_norm_before_gate=False, attention_bias=False, mlp_bias=False,
+        projectors_bias=False, rope_theta=1e11, rms_norm_eps=1e-5, vocab_size=32784,
+        tie_word_embeddings=True, embedding_multiplier=5.66, lm_head_multiplier=0.039,
+        attention_in_multiplier=1.0, key_multiplier=1.0, attention_out_multiplier=0.94,
+        ssm_in_multiplier=1.25, ssm_out_multiplier=0.24, mlp_multipliers=[0.88, 0.59],
+        ssm_multipliers=[0.35, 0.25, 0.35, 0.5, 0.35], max_position_embeddings=16384),
+    # Mamba1 (with norms on Δ, B and C) and attention every 8 layers; a 16-expert MoE every
+    # other layer.
+    "jamba-v0.1": dict(
+        model_type="jamba", hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, intermediate_size=14336, attn_layer_period=8, attn_layer_offset=4,
+        expert_layer_period=2, expert_layer_offset=1, num_experts=16, num_experts_per_tok=2,
+        mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256,
+        mamba_conv_bias=True, mamba_proj_bias=False, rms_norm_eps=1e-6, vocab_size=65536,
+        tie_word_embeddings=False, max_position_embeddings=262144),
 }
+# mlx-lm's Jamba renormalises the top-2 router weights; transformers' (and so our default) does
+# not. For the timing ours renormalises too, so that both compute the same thing (same cost).
+AS_MLX_LM = {"jamba-v0.1": dict(router_normalize=True)}
 # How many times narrower than the checkpoint each model runs by default: about 400-500 wide.
-NARROW = {"granite-4.0-h-tiny": 4, "nemotron-h-8b": 8}
-# Nemotron-H's letters for the layer kinds, for the table.
-LETTERS = {"mamba2": "M", "attention": "*", "mlp": "-", "moe": "E"}
+NARROW = {"granite-4.0-h-tiny": 4, "nemotron-h-8b": 8, "falcon-h1-0.5b": 2, "jamba-v0.1": 8}
+# Nemotron-H's letters for the layer kinds, for the table (P: attention and Mamba2 in parallel).
+LETTERS = {"mamba2": "M", "mamba1": "M", "attention": "*", "mlp": "-", "moe": "E", "parallel": "P"}
 # The fields that make a model wider; --narrow divides them.
 WIDTHS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
           "shared_intermediate_size", "mamba_n_heads", "mamba_num_heads", "moe_intermediate_size",
-          "moe_shared_expert_intermediate_size")
+          "moe_shared_expert_intermediate_size", "mamba_d_ssm", "mamba_dt_rank")
 
 
 def layer_window(kinds, layers):
-    """`layers` consecutive entries of a layer pattern, ending at the first Mamba layer after its
-    first attention layer when there is room (the first `layers` otherwise).
+    """Where `layers` consecutive entries of a layer pattern start: ending at the first Mamba
+    layer after its first attention layer when there is room (at 0 otherwise).
 
     A Mamba layer last: prefill evaluates only the caches, so the layers after the last Mamba
     layer are skipped (by both libraries), and an attention layer there would cost nothing.
     """
-    if not 1 <= layers <= len(kinds):
-        raise SystemExit(f"error: --layers {layers}: expected 1 to {len(kinds)}")
     attention = next(i for i, kind in enumerate(kinds) if kind in ("attention", "*"))
     end = next(i for i in range(attention, len(kinds)) if kinds[i] in ("mamba", "M"))
-    start = max(end + 1 - layers, 0)
-    return kinds[start:start + layers]
+    return max(end + 1 - layers, 0)
 
 
 def pattern(config):
@@ -92,6 +117,9 @@ def pattern(config):
 
 def make_config(name, layers, narrow):
     """The real config of `name`, cut to `layers` layers and narrowed `narrow` times."""
+    total = SHAPES[name]["num_hidden_layers"]
+    if not 1 <= layers <= total:
+        raise SystemExit(f"error: --layers {layers}: {name} has 1 to {total}")
     config = dict(SHAPES[name], vocab_size=VOCAB, num_hidden_layers=layers)
     for field in WIDTHS:
         if field in config:
@@ -99,8 +127,16 @@ def make_config(name, layers, narrow):
                 raise SystemExit(f"error: --narrow {narrow} does not divide {name}'s {field} "
                                  f"({config[field]})")
             config[field] //= narrow
-    kinds = "layer_types" if "layer_types" in config else "hybrid_override_pattern"
-    config[kinds] = layer_window(config[kinds], layers)
+    if "attn_layer_period" in config:  # Jamba: the pattern is two periods and their offsets
+        period, offset = config["attn_layer_period"], config["attn_layer_offset"]
+        kinds = ["attention" if i % period == offset else "mamba" for i in range(total)]
+        start = layer_window(kinds, layers)
+        for name in ("attn_layer", "expert_layer"):
+            config[f"{name}_offset"] = (config[f"{name}_offset"] - start) % config[f"{name}_period"]
+    elif config["model_type"] != "falcon_h1":  # Falcon-H1 has the same layer throughout
+        kinds = "layer_types" if "layer_types" in config else "hybrid_override_pattern"
+        start = layer_window(config[kinds], layers)
+        config[kinds] = config[kinds][start:start + layers]
     return config
 
 
@@ -108,7 +144,11 @@ def mlx_lm_model(config, weights):
     """mlx-lm's model of the same checkpoint config, loaded with the same tensors (strictly)."""
     module = importlib.import_module(f"mlx_lm.models.{config['model_type']}")
     model = module.Model(module.ModelArgs.from_dict(config))
-    model.load_weights(list(model.sanitize(dict(weights)).items()))
+    # As the hub's checkpoint holds them: torch's conv layout (C, 1, K), which is what tells
+    # mlx-lm's Falcon-H1 to fold its multipliers in; copies, as that folding scales in place.
+    weights = {k: v.swapaxes(1, 2) if k.endswith("conv1d.weight") else mx.array(v)
+               for k, v in weights.items()}
+    model.load_weights(list(model.sanitize(weights).items()))
     mx.eval(model.parameters())
     return model
 
@@ -126,7 +166,7 @@ def bench(name, args, tokenizer):
     hf_config = make_config(name, args.layers, args.narrow or NARROW[name])
     mx.random.seed(0)
     try:
-        config = ModelConfig.from_dict(hf_config)
+        config = dataclasses.replace(ModelConfig.from_dict(hf_config), **AS_MLX_LM.get(name, {}))
         ours = build_model(config)
     except ValueError as e:  # a narrowed or cut config that no model has
         raise SystemExit(f"error: {name}: {e}") from None

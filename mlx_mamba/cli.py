@@ -38,6 +38,20 @@ def fail(error):
     print(f"error: {message}", file=sys.stderr, flush=True)
 
 
+def run(command, errors, interrupted=""):
+    """Runs a command line's work, `command()`, and returns its exit status: 0; 1 after one
+    `error:` line for a user error (one of `errors`); 130 on Ctrl-C, saying `interrupted`."""
+    try:
+        command()
+    except errors as e:
+        fail(e)
+        return 1
+    except KeyboardInterrupt:
+        print(f"error: interrupted{'; ' if interrupted else ''}{interrupted}", file=sys.stderr)
+        return 130
+    return 0
+
+
 def integer(minimum, maximum=None):
     """An argparse type: an integer in [minimum, maximum]."""
     def parse(text):

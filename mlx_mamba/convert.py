@@ -358,17 +358,17 @@ def main(argv=None):
         p.error("--q-bits, --q-group-size and --q-mode need -q")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
     try:
-        convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
-                q_bits=args.q_bits, q_group_size=args.q_group_size, q_mode=args.q_mode,
-                tokenizer=args.tokenizer, upload_repo=args.upload_repo)
-    except (ConvertError, ConfigError, CheckpointError, QuantizationError, OSError) as e:
-        cli.fail(e)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("error: interrupted; no partial output was left behind", file=sys.stderr)
-        sys.exit(130)
+        status = cli.run(
+            lambda: convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
+                            q_bits=args.q_bits, q_group_size=args.q_group_size,
+                            q_mode=args.q_mode, tokenizer=args.tokenizer,
+                            upload_repo=args.upload_repo),
+            (ConvertError, ConfigError, CheckpointError, QuantizationError, OSError),
+            interrupted="no partial output was left behind")
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if status:
+        sys.exit(status)
 
 
 if __name__ == "__main__":

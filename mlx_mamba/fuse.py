@@ -82,22 +82,22 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        check_destination(args.save_path, "--save-path")
-        source = resolve(args.model)
-        print("Loading pretrained model", flush=True)
-        model = load_model(source)
-        print(f"Loading adapters from {args.adapter_path}", flush=True)
-        load_adapters(model, args.adapter_path)
-        fuse_adapters(model, args.de_quantize)
-        if args.de_quantize:
-            dequantize_model(model)
-        save_model(model, source, args.save_path)
-    except (AdapterError, CheckpointError, ConfigError, ConvertError, OSError) as e:
-        cli.fail(e)
-        return 1
+    return cli.run(lambda: fuse(args), (AdapterError, CheckpointError, ConfigError, ConvertError,
+                                        OSError), interrupted="nothing was saved")
+
+
+def fuse(args):
+    check_destination(args.save_path, "--save-path")
+    source = resolve(args.model)
+    print("Loading pretrained model", flush=True)
+    model = load_model(source)
+    print(f"Loading adapters from {args.adapter_path}", flush=True)
+    load_adapters(model, args.adapter_path)
+    fuse_adapters(model, args.de_quantize)
+    if args.de_quantize:
+        dequantize_model(model)
+    save_model(model, source, args.save_path)
     print(f"Saved the fused model to {args.save_path}")
-    return 0
 
 
 if __name__ == "__main__":

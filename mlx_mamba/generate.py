@@ -526,16 +526,8 @@ def run(args):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ConfigError, CheckpointError, PromptCacheError, SamplerError, GenerationError,
-            OSError) as e:
-        cli.fail(e)
-        return 1
-    except KeyboardInterrupt:
-        print(file=sys.stderr)
-        return 130
-    return 0
+    return cli.run(lambda: run(args), (ConfigError, CheckpointError, PromptCacheError,
+                                       SamplerError, GenerationError, OSError))
 
 
 if __name__ == "__main__":

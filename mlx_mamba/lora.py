@@ -187,16 +187,9 @@ def main(argv=None):
     if args.batch_size % world.size():
         parser.error(f"--batch-size {args.batch_size} does not split over {world.size()} "
                      "processes: use a multiple of the process count")
-    try:
-        run(args, world)
-    except (AdapterError, CheckpointError, ConfigError, DataError, TrainingError, OSError) as e:
-        cli.fail(e)
-        return 1
-    except KeyboardInterrupt:
-        print(f"error: interrupted; the last checkpoint in {args.adapter_path} is intact",
-              file=sys.stderr)
-        return 130
-    return 0
+    return cli.run(lambda: run(args, world),
+                   (AdapterError, CheckpointError, ConfigError, DataError, TrainingError, OSError),
+                   interrupted=f"the last checkpoint in {args.adapter_path} is intact")
 
 
 if __name__ == "__main__":

@@ -66,6 +66,9 @@ def mamba2_inputs(b, L, H, P, G, N, options=True, dt_limit=(0.0, math.inf)):
 M1 = dict(b=2, L=37, D=12, N=12)  # N: 16 lanes, 12 used; 4 channels (2 simdgroups) a threadgroup
 M2 = dict(b=2, L=71, H=8, P=5, G=2, N=12)  # two chunks of 64 steps; 2 groups of 4 heads
 M2_WIDE = dict(b=1, L=37, H=4, P=3, G=2, N=40)  # 2 states a lane, chunks of 16 steps
+M2_CPT = dict(b=2, L=37, H=6, P=4, G=3, N=24)  # forward: 4 channels (one head) a thread; chunks of 32
+M2_P1 = dict(b=1, L=37, H=8, P=1, G=2, N=12)  # heads of one channel: 4 heads a thread
+M2_N2 = dict(b=2, L=9, H=4, P=2, G=1, N=2)  # 2 lanes a channel, 2 channels a thread: one lane each
 
 
 @pytest.mark.parametrize("options", [True, False])
@@ -86,7 +89,9 @@ def with_D_per_head_dim(x):
 
 @pytest.mark.parametrize("shape, options, dt_limit, D_per_head_dim", [
     (M2, True, (0.05, 1.5), False), (M2_WIDE, False, (0.0, math.inf), False),
-    (M2, True, (0.0, math.inf), True)], ids=["groups-limit", "wide-N", "D-per-head-dim"])
+    (M2, True, (0.0, math.inf), True), (M2_CPT, True, (0.05, 1.5), False), (M2_P1, True, (0.0, math.inf), False),
+    (M2_N2, True, (0.0, math.inf), False)],
+    ids=["groups-limit", "wide-N", "D-per-head-dim", "4-channels-a-thread", "1-channel-heads", "N-2"])
 def test_ssd(backend, shape, options, dt_limit, D_per_head_dim):
     x = mamba2_inputs(**shape, options=options, dt_limit=dt_limit)
     if D_per_head_dim:
@@ -140,7 +145,7 @@ def _grads(fn, inputs, names, weights):
     return mx.grad(loss, argnums=tuple(range(len(names))))(*(inputs[k] for k in names))
 
 
-@pytest.mark.parametrize("model", ["mamba1", "mamba2", "mamba2-D-per-head-dim"])
+@pytest.mark.parametrize("model", ["mamba1", "mamba2", "mamba2-D-per-head-dim", "mamba2-4-channels-a-thread"])
 def test_gradients(backend, model):
     if model == "mamba1":
         x = mamba1_inputs(**M1)
@@ -149,13 +154,13 @@ def test_gradients(backend, model):
             **a, delta_softplus=True, return_last_state=True, backend=be)
         shapes = [(M1["b"], M1["L"], M1["D"]), (M1["b"], M1["D"], M1["N"])]
     else:
-        x = mamba2_inputs(**M2, dt_limit=(0.05, 1.5))
+        s = M2_CPT if model == "mamba2-4-channels-a-thread" else M2
+        x = mamba2_inputs(**s, dt_limit=(0.05, 1.5))
         if model == "mamba2-D-per-head-dim":
             x = with_D_per_head_dim(x)
         names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
         run = lambda be: lambda **a: ops.ssd(  # noqa: E731
             **a, chunk_size=16, dt_softplus=True, dt_limit=(0.05, 1.5), return_final_states=True, backend=be)
-        s = M2
         shapes = [(s["b"], s["L"], s["H"], s["P"]), (s["b"], s["H"], s["P"], s["N"])]
     mx.random.seed(3)
     weights = [mx.random.normal(sh) for sh in shapes]
@@ -200,13 +205,14 @@ def test_launch_matches_mlx_conventions(backend):
     """The text built from what the package passed carries MLX's signature for that backend."""
     ops.selective_scan(**mamba1_inputs(**M1), backend=backend)
     launch = harness.LAUNCHES[-1]
-    assert launch["grid"] == (M1["D"] * 16, M1["b"], 1) and launch["threadgroup"] == (64, 1, 1)
+    # 12 channels of 16 lanes, 4 channels a thread: threadgroups of 4 channels, 16 threads
+    assert launch["grid"] == (M1["D"] // 4 * 16, M1["b"], 1) and launch["threadgroup"] == (16, 1, 1)
     if backend == "metal":
-        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_4_64_float_" in launch["text"]
+        assert "[[kernel]] void custom_kernel_mlx_mamba_scan_fwd__float_16_1_4_4_64_float_" in launch["text"]
         assert "const constant int32_t* params [[buffer(9)]]" in launch["text"]
         assert "uint3 thread_position_in_threadgroup [[thread_position_in_threadgroup]]" in launch["text"]
     else:
-        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_4_64(" in launch["text"]
+        assert "__global__ void custom_kernel_mlx_mamba_scan_fwd_float_16_1_4_4_64(" in launch["text"]
         assert "  using T = float;\n  constexpr int S = 16;" in launch["text"]
 
 
@@ -214,10 +220,10 @@ def test_launch_matches_mlx_conventions(backend):
 MUTANTS = {
     "no barrier after staging": ("      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n    MM_SYNC();\n",
                                  "      sC[i] = n < N ? float(Cm[src]) : 0.0f;\n    }\n"),
-    "short lane reduction": ("acc = mm_xor_sum(acc, 1, S);", "acc = mm_xor_sum(acc, 2, S);"),
+    "short lane reduction": ("sum = mm_xor_sum(acc[0], 1, S / CPT);", "sum = mm_xor_sum(acc[0], 2, S / CPT);"),
     "wrong group of a head": ("g = head / HPG", "g = head % G"),
-    "an output never written": ("      if (lane == 0) {\n        float yv", "      if (lane == 0 && c > 0) {\n        float yv"),
-    "a write past the end": ("y[row * CH + c] =", "y[row * CH + c + 1] ="),
+    "an output never written": ("if (lane % (S / CPT) == 0) {", "if (lane % (S / CPT) == 0 && cr > 0) {"),
+    "a write past the end": ("y[row * CH + cr] =", "y[row * CH + cr + 1] ="),
     "checkpoint off by a chunk": ("ckpt[(long(bb * NC + t0 / TC)", "ckpt[(long(bb * NC + (t0 / TC + 1) % NC)"),
 }
 
@@ -295,3 +301,96 @@ def test_emulator_reports_divergent_barrier():
     with pytest.raises(harness.EmulatorError, match="deadlock"):
         k(inputs=[mx.zeros((8,))], output_shapes=[(8,)], output_dtypes=[mx.float32], grid=(8, 1, 1),
           threadgroup=(8, 1, 1))
+
+
+# Counts work in the emulator: every MM_EXP and MM_SHFL_XOR, every global load of B or C (staging).
+COUNTER = """
+struct MmCount {
+  std::atomic<long> exps{0}, shuffles{0}, loads{0};
+  ~MmCount() {
+    if (FILE* f = std::fopen(std::getenv("MM_COUNT_FILE"), "w")) {
+      std::fprintf(f, "%ld %ld %ld", exps.load(), shuffles.load(), loads.load());
+      std::fclose(f);
+    }
+  }
+};
+inline MmCount mm_count;
+inline float mm_counted(std::atomic<long>& n) { n.fetch_add(1, std::memory_order_relaxed); return 1.0f; }
+"""
+
+
+def counted_work(monkeypatch, tmp_path, run):
+    """{kernel name: [exponentials, shuffles, global loads of B and C]} of run()'s launches."""
+    for prelude in ("_METAL_PRELUDE", "_CUDA_PRELUDE"):
+        text = getattr(kernel_source, prelude).replace(
+            "#define MM_EXP(x) ", "#define MM_EXP(x) mm_counted(mm_count.exps) * ").replace(
+            "#define MM_SHFL_XOR(v, m) ", "#define MM_SHFL_XOR(v, m) mm_counted(mm_count.shuffles) * ")
+        monkeypatch.setattr(kernel_source, prelude, COUNTER + text)
+    for kind, body in kernel_source.BODIES.items():
+        for m in ("Bm", "Cm"):
+            body = body.replace(f"float({m}[src])", f"(mm_counted(mm_count.loads) * float({m}[src]))")
+        monkeypatch.setitem(kernel_source.BODIES, kind, body)
+    kernel_ops._kernel.cache_clear()
+    monkeypatch.setenv("MM_COUNT_FILE", str(tmp_path / "count"))
+    counts = {}
+    launch = harness.EmulatedKernel.__call__
+
+    def counting_launch(self, **kw):
+        outs = launch(self, **kw)
+        done = counts.setdefault(self.name, [0, 0, 0])
+        for i, n in enumerate((tmp_path / "count").read_text().split()):
+            done[i] += int(n)
+        return outs
+    monkeypatch.setattr(harness.EmulatedKernel, "__call__", counting_launch)
+    mx.eval(run())
+    kernel_ops._kernel.cache_clear()
+    return counts
+
+
+def test_work_per_token_mamba2_2_7b(monkeypatch, tmp_path):
+    """A decode step of Mamba2 2.7B's layer (H=80, P=64, N=128, G=1): per thread (4 channels of
+    one head, 32 lanes each) one exp(dt * A), one softplus and 3 + 3 shuffles, one gate per
+    channel; B and C read once per threadgroup of 16 channels (KERNELS.md: before and after)."""
+    harness.install(monkeypatch)
+    x = mamba2_inputs(b=1, L=1, H=80, P=64, G=1, N=128)
+    args = dict(state=x["initial_states"], x=x["x"][:, 0], dt=x["dt"][:, 0], A=x["A"], B=x["B"][:, 0],
+                C=x["C"][:, 0], D=x["D"], z=x["z"][:, 0], dt_bias=x["dt_bias"], dt_softplus=True)
+    counts = counted_work(monkeypatch, tmp_path, lambda: ops.ssd_step(**args, backend="metal"))
+    CH = 80 * 64
+    assert counts == {"mlx_mamba_scan_fwd": [CH // 4 * 32 * 2 + CH, CH // 4 * 32 * 6, CH // 16 * 2 * 128]}
+
+
+def test_backward_work_per_token(monkeypatch, tmp_path):
+    """The backward kernel at N=128: per lane and step, one exp(dt * A) and one softplus in the
+    recomputation, the same and the gate's sigmoid in the reverse walk, and the softplus'
+    derivative on lane 0; 3 sums of 5 shuffles; B and C read once per threadgroup of 8 channels."""
+    harness.install(monkeypatch)
+    b, L, H, P, N = 1, 8, 2, 64, 128
+    x = mamba2_inputs(b=b, L=L, H=H, P=P, G=1, N=N)
+    names = ["x", "dt", "A", "B", "C", "D", "z", "dt_bias", "initial_states"]
+    weights = [mx.ones(x["x"].shape), mx.ones(x["initial_states"].shape)]
+    scan = lambda **a: ops.ssd(  # noqa: E731
+        **a, chunk_size=16, dt_softplus=True, return_final_states=True, backend="metal")
+    counts = counted_work(monkeypatch, tmp_path, lambda: _grads(scan, x, names, weights))
+    CH = H * P
+    assert counts["mlx_mamba_scan_bwd"] == [L * CH * (32 * 5 + 2), L * CH * 32 * 15, L * CH // 8 * 2 * N]
+
+
+@pytest.mark.parametrize("N, what", [(4097, "forward"), (2049, "gradient")])
+def test_threadgroup_memory_bound(backend, monkeypatch, N, what):
+    """A state too large for 32 KB of threadgroup memory is refused by name, never launched."""
+    launched = []
+
+    def launch(self, *, output_shapes, output_dtypes, **_):  # only the forward kernel may run
+        launched.append(self.name)
+        return [mx.zeros(s, d) for s, d in zip(output_shapes, output_dtypes)]
+    monkeypatch.setattr(harness.EmulatedKernel, "__call__", launch)
+    x = mamba2_inputs(b=1, L=3, H=1, P=1, G=1, N=N, options=False)
+    scan = lambda **a: ops.ssd(**a, chunk_size=16, backend=backend)  # noqa: E731
+    with pytest.raises(ValueError, match=f"d_state N={N} is too large for the {what} scan kernel: "
+                                         r"it needs \d+ bytes of threadgroup memory, over the limit of 32768"):
+        if what == "forward":
+            scan(**x)
+        else:
+            mx.grad(lambda B: scan(**dict(x, B=B)).sum())(x["B"])
+    assert "mlx_mamba_scan_bwd" not in launched and (what == "gradient" or not launched)

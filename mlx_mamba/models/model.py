@@ -140,12 +140,15 @@ class Model(nn.Module):
             x = residual
             if "linear" in layer:
                 block = self.backbone.blocks[c.shared_block(i)[0]]
-                shared = block(mx.concatenate([x.astype(dtype), embedded], axis=-1),
-                               layer.adapters, layer_cache and layer_cache.attention, mask, step)
+                inputs = mx.concatenate([x.astype(dtype), embedded], axis=-1)
+                attention_cache = layer_cache and layer_cache.attention
+                shared = block.step(inputs, layer.adapters, attention_cache) if step else \
+                    block(inputs, layer.adapters, cache=attention_cache, mask=mask)
                 x = x + layer.linear(shared).astype(x.dtype)
                 layer_cache = layer_cache and layer_cache.mamba
             h = layer.norm(x).astype(dtype)
-            h = layer.mixer.step(h, layer_cache) if step else layer.mixer(h, layer_cache, mask)
+            h = layer.mixer.step(h, layer_cache) if step else \
+                layer.mixer(h, cache=layer_cache, mask=mask)
             residual = self._add(residual, h)
             if "ffn" in layer:
                 residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))

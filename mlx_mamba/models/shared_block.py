@@ -56,9 +56,17 @@ class SharedBlock(nn.Module):
         self.pre_ff_layernorm = nn.RMSNorm(d_model, eps=eps)
         self.feed_forward = MLP(d_model, mlp_size, activation, bias)
 
-    def __call__(self, x, adapters, cache=None, mask=None, step=False):
+    def __call__(self, x, adapters, cache=None, mask=None):
         h = self.input_layernorm(x)
-        terms = adapters.attention_terms(h)
-        h = self.self_attn.step(h, cache, terms) if step else self.self_attn(h, cache, mask, terms)
+        h = self.self_attn(h, cache, mask, adapters.attention_terms(h))
+        return self._feed_forward(h, adapters)
+
+    def step(self, x, adapters, cache):
+        """x (B, 2·d_model): one token per sequence."""
+        h = self.input_layernorm(x)
+        h = self.self_attn.step(h, cache, adapters.attention_terms(h))
+        return self._feed_forward(h, adapters)
+
+    def _feed_forward(self, h, adapters):
         h = self.pre_ff_layernorm(h)
         return self.feed_forward(h, extra=adapters.mlp_terms(h))

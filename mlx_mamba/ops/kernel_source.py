@@ -4,10 +4,13 @@ One sequential-scan body serves Mamba1 and Mamba2. A "channel" c is a Mamba1 cha
 pair (head h, head dim p) with c = h*P + p; D is read per channel, dt, A (Mamba2) and dt_bias
 per head h = c / P (Mamba1: P = 1), B and C per group g = h / HPG (Mamba1: G = 1). S lanes (a power of two
 <= 32) scan one channel, lane i holding states n = i, i+S, ... (NPL = ceil(N/S) per lane); y is a
-shuffle-xor reduction over those S lanes. A threadgroup holds CPG channels of one batch row, all
-in one group, and stages TC time steps of B and C in threadgroup memory between barriers.
-The backward kernel scans in reverse, chunk by chunk (TC steps), recomputing each chunk's states
-from the state the forward kernel saved at the chunk's start (flag MM_SAVE).
+shuffle-xor reduction over those S lanes. A thread scans CPT consecutive channels (the forward
+kernel; the backward kernel one), so that each B and C value it reads serves CPT channels and,
+when those channels share a head, one dt and one exp(dt * A) serve them all. A threadgroup holds
+CPG channels (CPG / CPT * S threads) of one batch row, all in one group, and stages TC time steps
+of B and C in threadgroup memory between barriers. The backward kernel scans in reverse, chunk by
+chunk (TC steps), recomputing each chunk's states from the state the forward kernel saved at the
+chunk's start (flag MM_SAVE).
 
 Each backend gets a prelude of macros (shared memory, barrier, shuffle, atomics, math) and a
 prologue naming the thread's indices; the helpers and bodies below are common text.
@@ -76,30 +79,39 @@ MM_FN float mm_xor_sum(float v, int lo, int hi) {
   for (int o = lo; o < hi; o <<= 1) v += MM_SHFL_XOR(v, o);
   return v;
 }
+// The decay exp(d * A) of a state. Mamba1's A is per state: one exponential each. Mamba2's is one
+// value per head: the caller computes mm_head_decay once per head and step, and every state reuses it.
+MM_FN float mm_head_decay(float d, float a, int f) { return (f & MM_A_PER_N) ? 0.0f : MM_EXP(d * a); }
+MM_FN float mm_decay(float d, float a, float head_decay, int f) {
+  return (f & MM_A_PER_N) ? MM_EXP(d * a) : head_decay;
+}
 """
 
-# Common to both kernels: sizes, this thread's channel, per-channel constants, B/C staging.
+# Common to both kernels: sizes, this thread's channels, per-channel constants, B/C staging.
 _SETUP = """
   // params: L, CH channels, N states, P channels per head, HPG heads per group, G groups, flags
   const int L = params[0], CH = params[1], N = params[2], P = params[3], HPG = params[4], G = params[5];
   const int F = params[6];
   const float lo = lims[0], hi = lims[1];
-  constexpr int NP = S * NPL;  // padded states per channel
-  const int lane = tid % S, c = grp * CPG + tid / S, head = c / P, g = head / HPG, NH = CH / P;
+  constexpr int NP = S * NPL, NT = CPG / CPT * S;  // padded states per channel, threads per group
+  // This thread scans lane `lane` of channels c .. c + CPT - 1 (all in group g).
+  const int lane = tid % S, c = grp * CPG + tid / S * CPT, head = c / P, g = head / HPG, NH = CH / P;
   const int NC = (L + TC - 1) / TC;  // chunks of TC steps
   MM_SHARED float sB[TC * NP];
   MM_SHARED float sC[TC * NP];
-  float a[NPL];
-  for (int k = 0; k < NPL; ++k) {
-    const int n = lane + S * k;
-    a[k] = n >= N ? 0.0f : ((F & MM_A_PER_N) ? A[c * N + n] : A[head]);
+  float a[CPT * NPL], Dc[CPT], bias[CPT];  // [r * NPL + k]: channel c + r, state lane + S * k
+  for (int r = 0; r < CPT; ++r) {
+    for (int k = 0; k < NPL; ++k) {
+      const int n = lane + S * k;
+      a[r * NPL + k] = (F & MM_A_PER_N) ? (n < N ? A[(c + r) * N + n] : 0.0f) : A[(c + r) / P];
+    }
+    Dc[r] = (F & MM_D) ? Dv[c + r] : 0.0f;
+    bias[r] = (F & MM_BIAS) ? dt_bias[(c + r) / P] : 0.0f;
   }
-  const float Dc = (F & MM_D) ? Dv[c] : 0.0f;
-  const float bias = (F & MM_BIAS) ? dt_bias[head] : 0.0f;
 """
 _STAGE = """
     MM_SYNC();  // everyone is done with the previous chunk
-    for (int i = tid; i < nt * NP; i += CPG * S) {
+    for (int i = tid; i < nt * NP; i += NT) {
       const int n = i % NP;
       const long src = (long(bb * L + t0 + i / NP) * G + g) * N + n;
       sB[i] = n < N ? float(Bm[src]) : 0.0f;
@@ -111,49 +123,84 @@ _STAGE = """
 FWD_BODY = _SETUP + """
   // u, z (B, L, CH) T; dt (B, L, NH) T; Bm, Cm (B, L, G, N) T; state, last (B, CH, N) f32
   // y (B, L, CH) T; ckpt (B, NC, CH, N) f32: the state before each chunk (with MM_SAVE)
-  float h[NPL];
-  for (int k = 0; k < NPL; ++k) {
-    const int n = lane + S * k;
-    h[k] = (n < N && (F & MM_STATE)) ? state[long(bb * CH + c) * N + n] : 0.0f;
+  float h[CPT * NPL];
+  for (int r = 0; r < CPT; ++r) {
+    for (int k = 0; k < NPL; ++k) {
+      const int n = lane + S * k;
+      h[r * NPL + k] = (n < N && (F & MM_STATE)) ? state[long(bb * CH + c + r) * N + n] : 0.0f;
+    }
   }
   for (int t0 = 0; t0 < L; t0 += TC) {
     const int nt = min(TC, L - t0);
-    for (int k = 0; k < NPL; ++k) {
-      const int n = lane + S * k;
-      if ((F & MM_SAVE) && n < N) ckpt[(long(bb * NC + t0 / TC) * CH + c) * N + n] = h[k];
+    for (int r = 0; r < CPT; ++r) {
+      for (int k = 0; k < NPL; ++k) {
+        const int n = lane + S * k;
+        if ((F & MM_SAVE) && n < N) ckpt[(long(bb * NC + t0 / TC) * CH + c + r) * N + n] = h[r * NPL + k];
+      }
     }
 """ + _STAGE + """
     for (int tt = 0; tt < nt; ++tt) {
       const long row = long(bb) * L + t0 + tt;
-      const float uv = float(u[row * CH + c]);
-      const float d = mm_dt(float(dt[row * NH + head]) + bias, F, lo, hi);
-      float acc = 0.0f;
+      float bv[NPL], cv[NPL];  // this step's B and C, read once for all CPT channels
       for (int k = 0; k < NPL; ++k) {
-        const int i = tt * NP + lane + S * k;
-        h[k] = MM_EXP(d * a[k]) * h[k] + d * uv * sB[i];
-        acc += h[k] * sC[i];
+        bv[k] = sB[tt * NP + lane + S * k];
+        cv[k] = sC[tt * NP + lane + S * k];
       }
-      acc = mm_xor_sum(acc, 1, S);
-      if (lane == 0) {
-        float yv = acc + Dc * uv;
+      float d = 0.0f, dA = 0.0f, uv[CPT], acc[CPT];
+      for (int r = 0; r < CPT; ++r) {
+        const int cr = c + r;
+        if (r == 0 || cr % P == 0) {  // a new head: its dt, and its decay when A is per head
+          d = mm_dt(float(dt[row * NH + cr / P]) + bias[r], F, lo, hi);
+          dA = mm_head_decay(d, a[r * NPL], F);
+        }
+        uv[r] = float(u[row * CH + cr]);
+        acc[r] = 0.0f;
+        for (int k = 0; k < NPL; ++k) {
+          const int j = r * NPL + k;
+          h[j] = mm_decay(d, a[j], dA, F) * h[j] + d * uv[r] * bv[k];
+          acc[r] += h[j] * cv[k];
+        }
+      }
+      // Each channel's acc summed over its S lanes in log2(S) + CPT - 1 shuffles, not CPT log2(S):
+      // exchanges over the high lane bits halve the channels a lane holds (it keeps half and adds
+      // its partner's copy of that half), then a plain xor sum over the S / CPT low lanes.
+      for (int m = CPT / 2, o = S / 2; m > 0; m /= 2, o /= 2) {
+        const bool upper = (lane & o) != 0;
+        for (int i = 0; i < m; ++i) {
+          const float kept = upper ? acc[i + m] : acc[i], sent = upper ? acc[i] : acc[i + m];
+          acc[i] = kept + MM_SHFL_XOR(sent, o);
+        }
+      }
+      const float sum = mm_xor_sum(acc[0], 1, S / CPT);
+      const int r = lane / (S / CPT), cr = c + r;  // the channel whose sum this lane holds
+      if (lane % (S / CPT) == 0) {
+        float uw = 0.0f, Dw = 0.0f;
+        for (int i = 0; i < CPT; ++i) {  // uv[r], Dc[r] without indexing registers at run time
+          uw = i == r ? uv[i] : uw;
+          Dw = i == r ? Dc[i] : Dw;
+        }
+        float yv = sum + Dw * uw;
         if (F & MM_Z) {
-          const float zv = float(z[row * CH + c]);
+          const float zv = float(z[row * CH + cr]);
           yv *= zv * mm_sigmoid(zv);
         }
-        y[row * CH + c] = static_cast<T>(yv);
+        y[row * CH + cr] = static_cast<T>(yv);
       }
     }
   }
-  for (int k = 0; k < NPL; ++k) {
-    const int n = lane + S * k;
-    if (n < N) last[long(bb * CH + c) * N + n] = h[k];
+  for (int r = 0; r < CPT; ++r) {
+    for (int k = 0; k < NPL; ++k) {
+      const int n = lane + S * k;
+      if (n < N) last[long(bb * CH + c + r) * N + n] = h[r * NPL + k];
+    }
   }
 """
 
 BWD_BODY = _SETUP + """
   // gy (B, L, CH) T; glast (B, CH, N) f32; ckpt as saved by the forward kernel. Outputs f32:
   // gu, gdt, gz (B, L, CH) per channel; gA, gstate (B, CH, N); gD (B, CH); gB, gC (B, L, G, N)
-  constexpr int W = CPG * S < 32 ? CPG * S : 32, NSG = CPG * S / W;  // lanes, simdgroups
+  static_assert(CPT == 1, "the backward kernel scans one channel per thread");
+  constexpr int W = NT < 32 ? NT : 32, NSG = NT / W;  // lanes, simdgroups
   MM_SHARED float red[2 * NSG * NP];
   float gh[NPL], gA_acc[NPL], h0[NPL], hs[TC * NPL], cB[NPL], cC[NPL];
   float gD_acc = 0.0f;
@@ -172,21 +219,22 @@ BWD_BODY = _SETUP + """
     for (int tt = 0; tt < nt; ++tt) {
       const long row = long(bb) * L + t0 + tt;
       const float uv = float(u[row * CH + c]);
-      const float d = mm_dt(float(dt[row * NH + head]) + bias, F, lo, hi);
+      const float d = mm_dt(float(dt[row * NH + head]) + bias[0], F, lo, hi), dA = mm_head_decay(d, a[0], F);
       for (int k = 0; k < NPL; ++k) {
         const float prev = tt > 0 ? hs[(tt - 1) * NPL + k] : h0[k];
-        hs[tt * NPL + k] = MM_EXP(d * a[k]) * prev + d * uv * sB[tt * NP + lane + S * k];
+        hs[tt * NPL + k] = mm_decay(d, a[k], dA, F) * prev + d * uv * sB[tt * NP + lane + S * k];
       }
     }
     for (int tt = nt - 1; tt >= 0; --tt) {
       const long row = long(bb) * L + t0 + tt;
       const float uv = float(u[row * CH + c]);
-      const float raw = float(dt[row * NH + head]) + bias, d = mm_dt(raw, F, lo, hi);
+      const float raw = float(dt[row * NH + head]) + bias[0], d = mm_dt(raw, F, lo, hi);
+      const float dA_head = mm_head_decay(d, a[0], F);
       float gyv = float(gy[row * CH + c]);
       if (F & MM_Z) {  // y before the gate, for d/dz
         float acc = 0.0f;
         for (int k = 0; k < NPL; ++k) acc += hs[tt * NPL + k] * sC[tt * NP + lane + S * k];
-        const float yv = mm_xor_sum(acc, 1, S) + Dc * uv;
+        const float yv = mm_xor_sum(acc, 1, S) + Dc[0] * uv;
         const float zv = float(z[row * CH + c]), sg = mm_sigmoid(zv);
         if (lane == 0) MM_ST(&gz[row * CH + c], gyv * yv * sg * (1.0f + zv * (1.0f - sg)));
         gyv *= zv * sg;
@@ -195,7 +243,7 @@ BWD_BODY = _SETUP + """
       float gd = 0.0f, gx = 0.0f;
       for (int k = 0; k < NPL; ++k) {
         const int i = tt * NP + lane + S * k;
-        const float prev = tt > 0 ? hs[(tt - 1) * NPL + k] : h0[k], dA = MM_EXP(d * a[k]);
+        const float prev = tt > 0 ? hs[(tt - 1) * NPL + k] : h0[k], dA = mm_decay(d, a[k], dA_head, F);
         gh[k] += gyv * sC[i];
         const float ga = gh[k] * prev * dA;  // d loss / d (dt * A)
         gd += ga * a[k] + gh[k] * uv * sB[i];
@@ -208,7 +256,7 @@ BWD_BODY = _SETUP + """
       gd = mm_xor_sum(gd, 1, S);
       gx = mm_xor_sum(gx, 1, S);
       if (lane == 0) {
-        MM_ST(&gu[row * CH + c], gx + gyv * Dc);
+        MM_ST(&gu[row * CH + c], gx + gyv * Dc[0]);
         MM_ST(&gdt[row * CH + c], gd * mm_ddt(raw, F, lo, hi));
       }
       // B and C are shared by all channels: sum over the simdgroup (shuffles), then over the
@@ -221,7 +269,7 @@ BWD_BODY = _SETUP + """
         }
       }
       MM_SYNC();
-      for (int n = tid; n < N; n += CPG * S) {
+      for (int n = tid; n < N; n += NT) {
         float sb = 0.0f, sc = 0.0f;
         for (int w = 0; w < NSG; ++w) {
           sb += red[w * NP + n];

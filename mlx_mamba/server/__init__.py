@@ -126,12 +126,5 @@ def _serve_web(server, sock, engine):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
-    try:
-        serve(args)
-    except (ServerError, ConfigError, CheckpointError, PromptCacheError, GenerationError,
-            OSError) as e:
-        cli.fail(e)
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return cli.run(lambda: serve(args), (ServerError, ConfigError, CheckpointError,
+                                         PromptCacheError, GenerationError, OSError))

@@ -63,23 +63,26 @@ def _checkpointed(cls):
     if getattr(cls, "recomputed_in_backward", False):
         return cls
 
-    def __call__(self, x, cache=None, mask=None):
+    # Modules passed along (a shared block's adapters) are recomputed and differentiated too.
+    def __call__(self, x, *modules, cache=None, mask=None):
         if cache is not None:  # decoding: nothing to differentiate
-            return cls.__call__(self, x, cache, mask)
+            return cls.__call__(self, x, *modules, cache=cache, mask=mask)
 
         def forward(parameters, x):
-            self.update(parameters)
-            return cls.__call__(self, x, None, mask)
+            for module, own in zip((self, *modules), parameters):
+                module.update(own)
+            return cls.__call__(self, x, *modules, mask=mask)
 
-        return mx.checkpoint(forward)(self.trainable_parameters(), x)
+        parameters = [module.trainable_parameters() for module in (self, *modules)]
+        return mx.checkpoint(forward)(parameters, x)
 
     return type(f"Checkpointed{cls.__name__}", (cls,),
                 {"__call__": __call__, "recomputed_in_backward": True})
 
 
 def checkpoint_layers(model):
-    """Gradient checkpointing: recompute each residual block's mixer and feed-forward in the
-    backward pass.
+    """Gradient checkpointing: recompute each residual block's mixer and feed-forward, and each
+    invocation of a shared block, in the backward pass.
 
     Not with dropout: the recomputation draws new dropout masks, so the gradients would not be
     those of the forward pass."""
@@ -87,6 +90,8 @@ def checkpoint_layers(model):
         for part in ("mixer", "ffn"):
             if part in layer:
                 layer[part].__class__ = _checkpointed(type(layer[part]))
+    for block in model.backbone.blocks:
+        block.__class__ = _checkpointed(type(block))
     return model
 
 
