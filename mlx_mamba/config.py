@@ -97,6 +97,7 @@ class ModelConfig:
     is_outproj_norm: bool = False
     is_mimo: bool = False
     mimo_rank: int = 4
+    A_activation: str = "heavy_tail"  # ours: "softplus" for the March 2026 release's checkpoints
 
     def shared_block(self, i):
         """Which shared block hybrid layer i invokes, and which invocation it is."""
@@ -344,7 +345,7 @@ REQUIRED = object()
 
 def get(config, name, default=REQUIRED, kind="positive", where=""):
     """config[name] (or `default` when absent), checked to be of `kind`: "positive" or "count"
-    (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool",
+    (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool", "text",
     "ids" (token ids: an int, a list of ints or null). The error names the field."""
     label = where + name
     if name not in config:
@@ -366,6 +367,9 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
     elif kind == "bool":
         if not isinstance(value, bool):
             raise ConfigError(f"field {label!r} is {value!r}: expected true or false")
+    elif kind == "text":
+        if not isinstance(value, str):
+            raise ConfigError(f"field {label!r} is {value!r}: expected a string")
     elif kind == "ids":
         items = value if isinstance(value, list) else [value]
         if not all(v is None or (is_integer(v) and v >= 0) for v in items):
@@ -531,10 +535,11 @@ def _mamba3_from_ssm_cfg(ssm, common):
         rope_fraction=get(ssm, "rope_fraction", 0.5, "positive_number", where),
         A_floor=get(ssm, "A_floor", 1e-4, "number", where),
         is_outproj_norm=get(ssm, "is_outproj_norm", False, "bool", where), is_mimo=is_mimo,
-        mimo_rank=get(ssm, "mimo_rank", 4, where=where) if is_mimo else 1)
+        mimo_rank=get(ssm, "mimo_rank", 4, where=where) if is_mimo else 1,
+        A_activation=get(ssm, "A_activation", "heavy_tail", "text", where))
     get(ssm, "fuse_pregate_headwise_norm", True, "bool", where)  # a kernel choice: same result
     for name in ("rope_fraction", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank",
-                 "fuse_pregate_headwise_norm", "dropout", "n_layer"):
+                 "A_activation", "fuse_pregate_headwise_norm", "dropout", "n_layer"):
         ssm.pop(name, None)
     return ModelConfig(arch="mamba3", **fields, **common)
 
@@ -556,6 +561,9 @@ def _validate_mamba3(config):
     if not 0 <= config.A_floor < math.inf:
         raise ConfigError(f"field 'ssm_cfg.A_floor' is {config.A_floor!r}: expected a "
                           "non-negative number")
+    if config.A_activation not in ("heavy_tail", "softplus"):
+        raise ConfigError(f"field 'ssm_cfg.A_activation' is {config.A_activation!r}: expected "
+                          "'heavy_tail' or 'softplus'")
 
 
 def _to_state_spaces(config):
@@ -564,7 +572,8 @@ def _to_state_spaces(config):
                "headdim": config.head_dim, "ngroups": config.n_groups,
                "rope_fraction": config.rope_fraction, "A_floor": config.A_floor,
                "is_outproj_norm": config.is_outproj_norm, "is_mimo": config.is_mimo,
-               "mimo_rank": config.mimo_rank, "chunk_size": config.chunk_size}
+               "mimo_rank": config.mimo_rank, "chunk_size": config.chunk_size,
+               "A_activation": config.A_activation}
     result = {"d_model": config.d_model, "n_layer": config.n_layer,
               "vocab_size": config.vocab_size, "ssm_cfg": ssm_cfg, "rms_norm": True,
               "residual_in_fp32": config.residual_in_fp32, "norm_epsilon": config.norm_eps,

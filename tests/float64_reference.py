@@ -68,8 +68,10 @@ def mamba3_rotation_pairs(d_state, rope_fraction, is_mimo):
 
 
 def mamba3(params, u, d_state, headdim, ngroups=1, rope_fraction=0.5, A_floor=1e-4,
-           is_mimo=False, mimo_rank=1, is_outproj_norm=False, state=None, eps=1e-5):
+           is_mimo=False, mimo_rank=1, is_outproj_norm=False, state=None, eps=1e-5,
+           A_activation="heavy_tail"):
     """The official Mamba3 module's mathematics, one token, batch row and head at a time.
+    A_activation "softplus": A = -softplus(dd_A), as the March 2026 release has it.
 
     params: the official parameter names -> float64 arrays; u (b, L, d_model).
     state: (angle (b, H, S), ssm (b, H, P, N), k (b, R, H, N), v (b, H, P)) or None.
@@ -105,7 +107,10 @@ def mamba3(params, u, d_state, headdim, ngroups=1, rope_fraction=0.5, A_floor=1e
             for head in range(H):
                 dt = softplus(dd_dt[b, t, head] + params["dt_bias"][head])
                 a = dd_A[b, t, head]
-                A = min(-(1 + a if a >= 0 else 1 / (1 - a)), -A_floor)
+                if A_activation == "softplus":
+                    A = min(-softplus(a), -A_floor)
+                else:
+                    A = min(-(1 + a if a >= 0 else 1 / (1 - a)), -A_floor)
                 lam = 1 / (1 + np.exp(-trap[b, t, head]))
                 angle[b, head] = np.mod(angle[b, head] + np.pi * np.tanh(angles[b, t]) * dt,
                                         2 * np.pi)

@@ -18,11 +18,15 @@ D_MODEL, D_STATE, HEADDIM, HEADS = 16, 8, 4, 8
 CONFIGS = [dict(is_mimo=mimo, ngroups=groups, rope_fraction=fraction, is_outproj_norm=norm)
            for mimo, groups, fraction, norm in itertools.product(
                (False, True), (1, 2), (0.5, 1.0), (False, True))]
+# The March 2026 release's A = -softplus(dd_A).
+SOFTPLUS_CONFIGS = [{**CONFIGS[0], "A_activation": "softplus"},
+                    {**CONFIGS[-1], "A_activation": "softplus"}]
 
 
 def config_id(config):
     return "-".join([("mimo" if config["is_mimo"] else "siso"), f"g{config['ngroups']}",
-                     f"rope{config['rope_fraction']}", "norm" if config["is_outproj_norm"] else ""])
+                     f"rope{config['rope_fraction']}", "norm" if config["is_outproj_norm"] else "",
+                     config.get("A_activation", "")])
 
 
 def make_mixer(config, seed=0, A_floor=0.5):
@@ -42,7 +46,8 @@ def make_mixer(config, seed=0, A_floor=0.5):
 def reference(config, params, u, state=None, A_floor=0.5):
     return ref.mamba3(params, np.asarray(u, np.float64), D_STATE, HEADDIM, config["ngroups"],
                       config["rope_fraction"], A_floor, config["is_mimo"], 3,
-                      config["is_outproj_norm"], state)
+                      config["is_outproj_norm"], state,
+                      A_activation=config.get("A_activation", "heavy_tail"))
 
 
 def rel_error(ours, theirs):
@@ -64,7 +69,7 @@ def inputs(seed, batch=2, length=21):
                     .astype(np.float32))
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=config_id)
+@pytest.mark.parametrize("config", CONFIGS + SOFTPLUS_CONFIGS, ids=config_id)
 def test_forward_continuation_and_step_match_float64(config):
     mixer, params = make_mixer(config)
     u = inputs(1)
@@ -89,8 +94,9 @@ def test_forward_continuation_and_step_match_float64(config):
     check_cache(cache, state)
 
 
-def test_A_floor_clamps_some_entries():
-    mixer, params = make_mixer(CONFIGS[0])
+@pytest.mark.parametrize("config", [CONFIGS[0], SOFTPLUS_CONFIGS[0]], ids=config_id)
+def test_A_floor_clamps_some_entries(config):
+    mixer, params = make_mixer(config)
     _, _, _, _, dA, dt, _, _ = mixer._prepare(inputs(1), mixer.make_cache(2), None)
     A = np.array(dA / dt)
     assert (np.isclose(A, -0.5)).mean() > 0.05 and (A < -0.51).mean() > 0.05
@@ -180,7 +186,7 @@ def test_official_parameter_names_and_shapes():
 @pytest.mark.parametrize("kwargs, field", [
     (dict(rope_fraction=0.7), "rope_fraction"), (dict(headdim=7), "headdim"),
     (dict(ngroups=3), "ngroups"), (dict(d_state=9), "d_state"), (dict(d_state=2), "d_state"),
-    (dict(is_mimo=True, mimo_rank=0), "mimo_rank")])
+    (dict(is_mimo=True, mimo_rank=0), "mimo_rank"), (dict(A_activation="relu"), "A_activation")])
 def test_bad_settings_are_named(kwargs, field):
     with pytest.raises(ValueError, match=field):
         Mamba3(32, **{"d_state": 16, "headdim": 8, **kwargs})

@@ -25,7 +25,7 @@ from tuning import write_tokenizer
 VOCAB, PADDED_VOCAB, D_MODEL, LAYERS = 100, 104, 32, 2
 SSM_CFGS = {
     "siso": dict(layer="Mamba3", d_state=16, expand=2, headdim=16, ngroups=2, chunk_size=8,
-                 A_floor=0.05),
+                 A_floor=0.05, A_activation="softplus"),
     "mimo": dict(layer="Mamba3", d_state=16, expand=2, headdim=16, ngroups=1, chunk_size=8,
                  is_mimo=True, mimo_rank=2, rope_fraction=1.0, is_outproj_norm=True),
 }
@@ -81,7 +81,8 @@ def reference_logits(weights, ssm_cfg, ids):
                             ssm_cfg["d_state"], ssm_cfg["headdim"], ssm_cfg["ngroups"],
                             ssm_cfg.get("rope_fraction", 0.5), ssm_cfg.get("A_floor", 1e-4),
                             ssm_cfg.get("is_mimo", False), ssm_cfg.get("mimo_rank", 1),
-                            ssm_cfg.get("is_outproj_norm", False))
+                            ssm_cfg.get("is_outproj_norm", False),
+                            A_activation=ssm_cfg.get("A_activation", "heavy_tail"))
         residual = residual + out
     return rms_norm(residual, weights["backbone.norm_f.weight"]) @ embedding.T
 
@@ -188,7 +189,8 @@ def test_lora_on_the_projections_trains_and_fuses(originals, flavour):
     (dict(d_state=2), "ssm_cfg.d_state"),
     (dict(is_mimo="yes"), "ssm_cfg.is_mimo"), (dict(bias=True), "ssm_cfg.bias"),
     (dict(conv_dim=3), "ssm_cfg.conv_dim"), (dict(A_floor=-1.0), "ssm_cfg.A_floor"),
-    (dict(layer="Mamba4"), "ssm_cfg.layer"),
+    (dict(layer="Mamba4"), "ssm_cfg.layer"), (dict(A_activation="exp"), "ssm_cfg.A_activation"),
+    (dict(A_activation=1), "ssm_cfg.A_activation"),
     (dict(is_mimo=True, mimo_rank=10 ** 8), "mimo_rank")])
 def test_bad_mamba3_configs_name_the_field(change, field):
     config = {"d_model": D_MODEL, "n_layer": 1, "vocab_size": VOCAB,

@@ -13,6 +13,7 @@ import mlx.nn as nn
 
 from ..cache import Mamba3Cache
 from ..ops.mamba3 import mamba3_scan, mamba3_step, wrap, wrapped_cumsum
+from ..ops.reference import exp
 from .mamba2 import gated_rms_norm
 
 NORM_EPS = 1e-5  # B_norm, C_norm and the output norm
@@ -23,15 +24,31 @@ def heavy_tail(x):
     return mx.maximum(x, 0.0) + 1.0 / (1.0 - mx.minimum(x, 0.0))
 
 
+# A = -f(dd_A): the official module's heavy tail (since June 2026), or the softplus of its
+# March 2026 release, which checkpoints trained then need. Either is clamped at -A_floor.
+A_ACTIVATIONS = {"heavy_tail": heavy_tail, "softplus": nn.softplus}
+
+
+def silu(x):
+    """x·sigmoid(x) through `exp` (a power of 2), half the time of nn.silu on MLX's CPU backend,
+    where the gate's R·d_inner exponentials per token are much of MIMO's cost outside matrix
+    products. The exponent stops at 80, so e^-x and its gradient stay finite (x < -80: ~1e-33)."""
+    return x / (1.0 + exp(mx.minimum(-x, 80.0)))
+
+
 class Mamba3(nn.Module):
     """x (B, T, d_model) -> (B, T, d_model). Keyword names are the official constructor's."""
 
     def __init__(self, d_model, d_state=128, expand=2, headdim=64, ngroups=1, rope_fraction=0.5,
                  dt_min=0.001, dt_max=0.1, dt_init_floor=1e-4, A_floor=1e-4,
                  is_outproj_norm=False, is_mimo=False, mimo_rank=4,
-                 fuse_pregate_headwise_norm=True, chunk_size=64):
-        """fuse_pregate_headwise_norm selects an official kernel; the result is the same."""
+                 fuse_pregate_headwise_norm=True, chunk_size=64, A_activation="heavy_tail"):
+        """fuse_pregate_headwise_norm selects an official kernel; the result is the same.
+        A_activation (ours; the official module has no switch): "heavy_tail" or "softplus"."""
         super().__init__()
+        if A_activation not in A_ACTIVATIONS:
+            raise ValueError(f"A_activation is {A_activation!r}: expected 'heavy_tail' or "
+                             "'softplus'")
         d_inner = int(expand * d_model)
         if rope_fraction not in (0.5, 1.0):
             raise ValueError(f"rope_fraction is {rope_fraction!r}: expected 0.5 or 1.0")
@@ -48,6 +65,7 @@ class Mamba3(nn.Module):
         self.rank = mimo_rank if is_mimo else 1
         self.is_mimo, self.is_outproj_norm = is_mimo, is_outproj_norm
         self.A_floor, self.chunk_size = A_floor, chunk_size
+        self.A_activation = A_activation
         rotated = int(d_state * rope_fraction) // 2 * 2
         self.num_rope_angles = rotated // 2
         H, R, bc = self.nheads, self.rank, d_state * ngroups * self.rank
@@ -79,11 +97,13 @@ class Mamba3(nn.Module):
 
     def _keys(self, bc, norm, bias):
         # (b, L, R·G·N) -> RMS-normalised over N, plus the per-head bias: (b, L, H, R, N).
-        # Head h reads group h // (H / G).
+        # Head h reads group h // (H / G); the bias's broadcast does the repeat over heads.
         b, length = bc.shape[:2]
-        bc = bc.reshape(b, length, self.rank, self.ngroups, self.d_state).swapaxes(2, 3)
-        bc = mx.fast.rms_norm(bc.astype(mx.float32), norm.weight.astype(mx.float32), NORM_EPS)
-        return mx.repeat(bc, self.nheads // self.ngroups, axis=2) + bias.astype(mx.float32)
+        G, R, N = self.ngroups, self.rank, self.d_state
+        bc = bc.reshape(b, length, R, G, N).astype(mx.float32)
+        bc = mx.fast.rms_norm(bc, norm.weight.astype(mx.float32), NORM_EPS).swapaxes(2, 3)
+        bias = bias.astype(mx.float32).reshape(G, self.nheads // G, R, N)
+        return (bc[:, :, :, None] + bias).reshape(b, length, self.nheads, R, N)
 
     def _rotate(self, a, cos, sin):
         """Rotate S pairs of a (..., N) by the angles: SISO pairs (2i, 2i+1) as the Triton
@@ -107,7 +127,7 @@ class Mamba3(nn.Module):
         dt = nn.softplus(f32(dd_dt) + f32(self.dt_bias))
         if mask is not None:
             dt = dt * f32(mask)[..., None]  # Δ = 0 on padding: no decay, no input, no turn
-        A = mx.minimum(-heavy_tail(f32(dd_A)), -self.A_floor)
+        A = mx.minimum(-A_ACTIVATIONS[self.A_activation](f32(dd_A)), -self.A_floor)
         # θ_t = θ_{t-1} + π tanh(angles_t) Δ_t: shared angles, each head turning with its own Δ.
         turn = math.pi * mx.tanh(f32(angles))[:, :, None, :] * dt[..., None]
         angle = wrap(cache.angle[:, None] + wrapped_cumsum(turn))
@@ -126,18 +146,20 @@ class Mamba3(nn.Module):
     def _output(self, y, v, z, dtype):
         """y, v (..., H, R, P); z (..., H, P) -> (..., d_model): + D v, the gate (after the
         per-head norm with is_outproj_norm), the ranks mixed by mimo_o."""
-        y = (y + self.D.astype(mx.float32)[:, None, None] * v).swapaxes(-2, -3)  # (..., R, H, P)
-        z = z[..., None, :, :]
+        H, R, P = self.nheads, self.rank, self.headdim
+        y = y + self.D.astype(mx.float32)[:, None, None] * v
+        z = z[..., None, :].astype(mx.float32)  # (..., H, 1, P)
         if self.is_mimo:
-            z = z.astype(mx.float32) * self.mimo_z.swapaxes(0, 1)
-        flat = lambda a: a.reshape(*a.shape[:-2], self.d_inner)  # noqa: E731
+            z = z * self.mimo_z
         if self.is_outproj_norm:
-            y = gated_rms_norm(flat(y), flat(z), self.norm.weight, self.nheads, NORM_EPS, True)
+            # Normalised over P for each head and rank, with the head's weight for every rank.
+            weight = mx.broadcast_to(self.norm.weight.reshape(H, 1, P), (H, R, P)).reshape(-1)
+            flat = lambda a: a.reshape(*a.shape[:-3], H * R * P)  # noqa: E731
+            y = gated_rms_norm(flat(y), flat(z), weight, H * R, NORM_EPS, True).reshape(y.shape)
         else:
-            y = flat(y) * nn.silu(flat(z).astype(mx.float32))
-        y = y.reshape(*y.shape[:-1], self.nheads, self.headdim)
-        y = (y * self.mimo_o.swapaxes(0, 1)).sum(-3) if self.is_mimo else y[..., 0, :, :]
-        return self.out_proj(flat(y).astype(dtype))
+            y = y * silu(z)
+        y = (y * self.mimo_o).sum(-2) if self.is_mimo else y[..., 0, :]
+        return self.out_proj(y.reshape(*y.shape[:-2], self.d_inner).astype(dtype))
 
     def __call__(self, u, cache=None, mask=None):
         """mask (B, T): 0 marks left padding, which leaves the state, the angles and the

@@ -32,7 +32,8 @@ def make_layer(config: ModelConfig, kind):
     if kind == "mamba3":
         return Mamba3(c.d_model, c.d_state, c.expand, c.head_dim, c.n_groups, c.rope_fraction,
                       A_floor=c.A_floor, is_outproj_norm=c.is_outproj_norm, is_mimo=c.is_mimo,
-                      mimo_rank=c.mimo_rank, chunk_size=c.chunk_size)
+                      mimo_rank=c.mimo_rank, chunk_size=c.chunk_size,
+                      A_activation=c.A_activation)
     if kind == "attention":
         return Attention(c.d_model, c.attn_heads, c.attn_kv_heads, c.attn_head_dim, c.attn_bias,
                          c.attn_scale, c.rope_theta, c.rope_dims, c.key_multiplier)

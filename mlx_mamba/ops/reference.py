@@ -71,7 +71,8 @@ def linear_scan(a, b, initial=None):
     and the number of graph nodes grows with log L, not L. Only products of decays in [0, 1]
     appear, so strong and weak decay alike stay finite.
     """
-    a = mx.broadcast_to(a, b.shape)
+    a = a.reshape((1,) * (b.ndim - a.ndim) + a.shape)
+    a = mx.broadcast_to(a, b.shape[:2] + a.shape[2:])
     if initial is not None:
         # h_0 = a_0 h_{-1} + b_0: the initial state enters with the first input.
         b = mx.concatenate([b[:, :1] + a[:, :1] * mx.expand_dims(initial, 1), b[:, 1:]], axis=1)
@@ -85,7 +86,8 @@ def linear_scan(a, b, initial=None):
         a = mx.pad(a, widths, constant_values=1.0)
         b = mx.pad(b, widths)
     shape = (b.shape[0], blocks, SCAN_BLOCK) + b.shape[2:]
-    a_in, h_in = _scan_loop(a.reshape(shape), b.reshape(shape), axis=2)
+    blocked = lambda x: x.reshape(shape[:3] + x.shape[2:])  # noqa: E731
+    a_in, h_in = _scan_loop(blocked(a), blocked(b), axis=2)
     h_blocks = linear_scan(a_in[:, :, -1], h_in[:, :, -1])
     h_carry = _shift_blocks(h_blocks, mx.zeros_like(h_blocks[:, 0]))
     return (h_in + a_in * mx.expand_dims(h_carry, 2)).reshape(b.shape)[:, :length]
