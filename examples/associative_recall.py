@@ -18,11 +18,9 @@ trapezoidal, rotated update against Mamba2's at the same d_state and width.
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from common import count_parameters, parser, save_loss_curve, train
-from mlx_mamba import Model, ModelConfig
+from common import answers_loss, count_parameters, parser, save_loss_curve, small_model, train
 
 
 def make_batch(rng, batch, pairs, queries, keys, values):
@@ -54,20 +52,12 @@ def main():
     rng = np.random.default_rng(args.seed)
     d_state = args.d_state or (16 if args.arch == "mamba1" else 64)
 
-    config = ModelConfig(arch=args.arch, d_model=args.d_model, n_layer=args.layers,
-                         vocab_size=args.keys + args.values, d_state=d_state,
-                         dt_rank=max(1, args.d_model // 16), head_dim=16, chunk_size=32)
-    model = Model(config)
+    model = small_model(args, args.keys + args.values, d_state)
     print(f"{args.arch}: {count_parameters(model):,} parameters, d_state {d_state}; "
           f"{args.pairs} pairs and {args.queries} queries per sequence")
 
-    def loss_fn(model, inputs, targets):
-        # Only the answers are scored: the pairs themselves are random.
-        logits = model(inputs)[:, -args.queries:]
-        return nn.losses.cross_entropy(logits, targets).mean()
-
     start = time.perf_counter()
-    losses = train(model, loss_fn,
+    losses = train(model, answers_loss(args.queries),
                    lambda: make_batch(rng, args.batch_size, args.pairs, args.queries, args.keys,
                                       args.values),
                    args)

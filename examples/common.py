@@ -35,6 +35,23 @@ def parser(description, *, steps, batch_size, lr, arch=None, archs=("mamba1", "m
     return p
 
 
+def small_model(args, vocab_size, d_state):
+    """A small language model of `args.arch`, `args.d_model` wide and `args.layers` deep."""
+    from mlx_mamba import Model, ModelConfig
+
+    return Model(ModelConfig(arch=args.arch, d_model=args.d_model, n_layer=args.layers,
+                             vocab_size=vocab_size, d_state=d_state,
+                             dt_rank=max(1, args.d_model // 16), head_dim=16, chunk_size=32))
+
+
+def answers_loss(count):
+    """The loss on the last `count` positions only: the answers; what comes before them is
+    random, so scoring it would only add noise."""
+    def loss_fn(model, inputs, targets):
+        return nn.losses.cross_entropy(model(inputs)[:, -count:], targets).mean()
+    return loss_fn
+
+
 def train(model, loss_fn, next_batch, args, log_every=25):
     """AdamW with warmup and cosine decay; returns the loss of every step.
 

@@ -15,11 +15,9 @@ are a miniature that trains in minutes on a CPU; the paper's version copies 16 t
 import time
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
 
-from common import count_parameters, parser, save_loss_curve, train
-from mlx_mamba import Model, ModelConfig
+from common import answers_loss, count_parameters, parser, save_loss_curve, small_model, train
 
 NOISE, MARKER, FIRST_DATA = 0, 1, 2
 
@@ -47,20 +45,12 @@ def main():
     mx.random.seed(args.seed)
     rng = np.random.default_rng(args.seed)
 
-    config = ModelConfig(arch=args.arch, d_model=args.d_model, n_layer=args.layers,
-                         vocab_size=FIRST_DATA + args.vocab, d_state=args.d_state,
-                         dt_rank=max(1, args.d_model // 16), head_dim=16, chunk_size=32)
-    model = Model(config)
+    model = small_model(args, FIRST_DATA + args.vocab, args.d_state)
     print(f"{args.arch}: {count_parameters(model):,} parameters; sequences of "
           f"{args.length + args.tokens} tokens, {args.tokens} to copy")
 
-    def loss_fn(model, inputs, targets):
-        # Only the answer positions are scored: the region itself is unpredictable noise.
-        logits = model(inputs)[:, -args.tokens:]
-        return nn.losses.cross_entropy(logits, targets).mean()
-
     start = time.perf_counter()
-    losses = train(model, loss_fn,
+    losses = train(model, answers_loss(args.tokens),
                    lambda: make_batch(rng, args.batch_size, args.length, args.tokens, args.vocab),
                    args)
 
