@@ -6,6 +6,7 @@ cold run, concurrent requests get the texts they get alone, and every bad reques
 a JSON error body while the server keeps serving."""
 
 import concurrent.futures
+import functools
 import http.client
 import json
 import re
@@ -108,15 +109,12 @@ def auth(key=API_KEY):
 @pytest.fixture(scope="module")
 def model_dir(checkpoint, tmp_path_factory):
     """flavour -> a copy of its tiny checkpoint with a tokenizer (ids < 100, a chat template)."""
-    made = {}
-
+    @functools.cache
     def make(flavour):
-        if flavour not in made:
-            directory = tmp_path_factory.mktemp(f"served-{flavour}")
-            shutil.copytree(checkpoint(flavour)[0], directory, dirs_exist_ok=True)
-            write_tokenizer(directory)
-            made[flavour] = directory
-        return made[flavour]
+        directory = tmp_path_factory.mktemp(f"served-{flavour}")
+        shutil.copytree(checkpoint(flavour)[0], directory, dirs_exist_ok=True)
+        write_tokenizer(directory)
+        return directory
 
     return make
 

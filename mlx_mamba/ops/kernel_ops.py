@@ -57,6 +57,7 @@ class Layout(NamedTuple):
         return 4 * staged
 
 
+@functools.lru_cache(maxsize=None)  # asked on every op call, decode steps included
 def _layout(kind, N, P, channels_per_group):
     """The layout of kernel `kind` for N states and P channels per head (see KERNELS.md). The
     forward kernel gives a thread up to 4 channels (of one head when P > 1; at most 16 states in
