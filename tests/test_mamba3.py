@@ -11,6 +11,7 @@ from mlx.utils import tree_flatten
 
 import float64_reference as ref
 from mlx_mamba import Mamba3, Mamba3Cache
+from mlx_mamba.ops import mamba3 as scan
 from mlx_mamba.ops.mamba3 import wrapped_cumsum
 
 D_MODEL, D_STATE, HEADDIM, HEADS = 16, 8, 4, 8
@@ -145,7 +146,11 @@ def test_left_padding_gives_the_unpadded_rows(config):
 
 
 @pytest.mark.parametrize("config", [CONFIGS[6], CONFIGS[13]], ids=config_id)
-def test_gradients_match_finite_differences(config):
+@pytest.mark.parametrize("segments", [False, True], ids=["whole", "segments"])
+def test_gradients_match_finite_differences(config, segments, monkeypatch):
+    if segments:  # chunks of 4 rows, segments of 8: the backward pass recomputes each segment
+        monkeypatch.setattr(scan, "CHUNK_ROWS", 4)
+        monkeypatch.setattr(scan, "SEGMENT_ROWS", 8)
     mixer, params = make_mixer(config, seed=7)
     u = inputs(7, batch=1, length=11)
     weights = np.random.default_rng(8).normal(size=(1, 11, D_MODEL))

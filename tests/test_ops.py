@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 import float64_reference as ref
+from comparing import relative_error
 from mlx_mamba import ops
+from mlx_mamba.ops import reference
 
 
 def f32(a):
@@ -148,10 +150,20 @@ def _check_gradients(op, reference, inputs, weights, differentiable):
         assert error < 1e-3, f"gradient of {name}: relative error {error:.2e}"
 
 
-def test_selective_scan_gradients_match_finite_differences():
+@pytest.fixture(params=["whole", "segments"])
+def segments(request, monkeypatch):
+    """Short sequences scanned whole (plain autograd), or in segments of 4 tokens, whose backward
+    pass recomputes each segment from its entering state."""
+    if request.param == "segments":
+        monkeypatch.setattr(reference, "SCAN_SEGMENT", 4)
+        monkeypatch.setattr(reference, "SSD_SEGMENT", 4)
+
+
+@pytest.mark.parametrize("length", [11, 12])
+def test_selective_scan_gradients_match_finite_differences(segments, length):
     rng = np.random.default_rng(7)
-    inputs = selective_scan_inputs(rng, batch=1, length=11, channels=3, d_state=2)
-    weights = rng.normal(size=(1, 11, 3)), rng.normal(size=(1, 3, 2))
+    inputs = selective_scan_inputs(rng, batch=1, length=length, channels=3, d_state=2)
+    weights = rng.normal(size=(1, length, 3)), rng.normal(size=(1, 3, 2))
     _check_gradients(
         lambda **kw: ops.selective_scan(**kw, delta_softplus=True, return_last_state=True),
         lambda **kw: ref.selective_scan(**kw, delta_softplus=True),
@@ -159,15 +171,70 @@ def test_selective_scan_gradients_match_finite_differences():
 
 
 @pytest.mark.parametrize("D_shape", [(4,), (4, 2)])
-def test_ssd_gradients_match_finite_differences(D_shape):
+@pytest.mark.parametrize("length", [11, 12])
+def test_ssd_gradients_match_finite_differences(segments, D_shape, length):
     rng = np.random.default_rng(8)
-    inputs = ssd_inputs(rng, batch=1, length=11, heads=4, head_dim=2, groups=2, d_state=3)
+    inputs = ssd_inputs(rng, batch=1, length=length, heads=4, head_dim=2, groups=2, d_state=3)
     inputs["D"] = rng.normal(size=D_shape)
-    weights = rng.normal(size=(1, 11, 4, 2)), rng.normal(size=(1, 4, 2, 3))
+    weights = rng.normal(size=(1, length, 4, 2)), rng.normal(size=(1, 4, 2, 3))
     _check_gradients(
         lambda **kw: ops.ssd(**kw, chunk_size=4, dt_softplus=True, return_final_states=True),
         lambda **kw: ref.ssd(**kw, dt_softplus=True),
         inputs, weights, inputs.keys())
+
+
+def _segmented_against_whole(monkeypatch, op, inputs, segment_name):
+    """Every gradient of sum(y * w) + sum(state * v) through the segmented backward pass against
+    plain autograd of the same op scanned as one segment."""
+    names = list(inputs)
+    arrays = [mx.array(v) for v in inputs.values()]
+    rng = np.random.default_rng(1)
+
+    def loss(*values):
+        y, state = op(**dict(zip(names, values)))
+        weights = [mx.array(rng.normal(size=a.shape).astype(np.float32)) for a in (y, state)]
+        return (y * weights[0]).sum() + (state * weights[1]).sum()
+
+    def gradients():
+        rng.bit_generator.state = np.random.default_rng(1).bit_generator.state
+        grads = mx.grad(loss, argnums=list(range(len(names))))(*arrays)
+        mx.eval(grads)
+        return grads
+
+    segmented = gradients()
+    monkeypatch.setattr(reference, segment_name, 10**9)
+    whole = gradients()
+    for name, ours, theirs in zip(names, segmented, whole):
+        error = relative_error(ours, theirs)
+        assert error < 1e-4, f"gradient of {name}: relative error {error:.2e}"
+
+
+@pytest.mark.parametrize("length", [256, 300])
+def test_selective_scan_segmented_gradients_equal_autograd_at_real_size(monkeypatch, length):
+    """Mamba 130m's shapes (E = 1536, N = 16), lengths that are and are not segment multiples."""
+    inputs = selective_scan_inputs(np.random.default_rng(3), batch=1, length=length,
+                                   channels=1536, d_state=16)
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    assert length > reference.SCAN_SEGMENT
+    _segmented_against_whole(
+        monkeypatch,
+        lambda **kw: ops.selective_scan(**kw, delta_softplus=True, return_last_state=True),
+        inputs, "SCAN_SEGMENT")
+
+
+@pytest.mark.parametrize("length", [300, 512])
+def test_ssd_segmented_gradients_equal_autograd_at_real_size(monkeypatch, length):
+    """Mamba2 130m's shapes (H·P = 24·64, N = 128, one group), lengths that are and are not
+    segment multiples."""
+    inputs = ssd_inputs(np.random.default_rng(4), batch=1, length=length, heads=24, head_dim=64,
+                        groups=1, d_state=128)
+    inputs = {k: v.astype(np.float32) for k, v in inputs.items()}
+    inputs["dt"] = inputs["dt"] - 2.0  # the checkpoints' range: softplus(dt) mostly below 0.1
+    assert length > reference.SSD_SEGMENT
+    _segmented_against_whole(
+        monkeypatch,
+        lambda **kw: ops.ssd(**kw, chunk_size=256, dt_softplus=True, return_final_states=True),
+        inputs, "SSD_SEGMENT")
 
 
 @pytest.mark.parametrize("decay", ["strong", "slow"])

@@ -9,10 +9,12 @@ SSD with the input weight w_s, except on the diagonal (t = s), whose weight is �
 MIMO layer are summed in the state: within a chunk, (token, rank) pairs are the rows of one matrix.
 """
 
+import functools
 import math
 
 import mlx.core as mx
 
+from .recompute import segmented
 from .reference import exp, linear_scan, segment_sums
 
 
@@ -30,6 +32,10 @@ ANGLE_BLOCK = 8
 # carry across chunks costs N·P / l. The sum is least near l ∝ 1/R; 32 rows measured fastest on
 # MLX's CPU backend (for SISO and for MIMO of rank 4), and the chunk length never changes the result.
 CHUNK_ROWS = 32
+
+# (token, rank) rows per segment of `mamba3_scan`: the backward pass holds one segment's chunk
+# states and scores at a time.
+SEGMENT_ROWS = 256
 
 
 def wrap(angle):
@@ -68,18 +74,34 @@ def mamba3_scan(q, k, v, dA, dt, trap, chunk_size, initial=None):
     the token before and that token's k and v; None for a sequence's start.
 
     Returns y (b, L, H, R, P), y_{t,r} = h_t q_{t,r}, and the last state h_L (b, H, P, N).
+    Segments of SEGMENT_ROWS (token, rank) rows are solved in turn, and recomputed one at a time
+    by the backward pass (`recompute.segmented`).
     """
     batch, length, heads, rank, d_state = q.shape
-    head_dim = v.shape[-1]
     gamma = trap * dt
     previous = (1 - trap) * dt  # β_t / α_t: the weight of token t-1's k, v at step t
     weight = gamma + mx.pad(previous[:, 1:], [(0, 0), (0, 1), (0, 0)])  # w_s
-    state = None
-    if initial is not None:
+    if initial is None:
+        state = mx.zeros((batch, heads, v.shape[-1], d_state), mx.float32)
+    else:
         state, k_prev, v_prev = initial
         state = _fold_previous(state, k_prev, v_prev, previous[:, 0])
-
     chunk = min(chunk_size, max(CHUNK_ROWS // rank, 1), length)
+    segment = chunk * max(1, SEGMENT_ROWS // (chunk * rank))  # whole chunks
+    # The states are kept transposed, hᵀ (N, P), so that Q hᵀ reads a contiguous operand.
+    y, last = segmented(functools.partial(_scan_segment, chunk), segment,
+                        [q, k, v, dA, weight, gamma], [], state.swapaxes(-1, -2))
+    return y, last.swapaxes(-1, -2)
+
+
+def _scan_segment(chunk, q, k, v, dA, weight, gamma, state):
+    """The scan over one segment: inputs as `mamba3_scan`'s, with w_s (`weight`) and γ (`gamma`)
+    (b, L, H) in place of Δ and λ, and the entering state hᵀ (b, H, N, P). Returns y and the last
+    hᵀ. The last token's weight already holds the next token's β, so a state carried from one
+    segment to the next is the one carried between chunks."""
+    batch, length, heads, rank, d_state = q.shape
+    head_dim = v.shape[-1]
+    chunk = min(chunk, length)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
     if pad:
@@ -109,20 +131,17 @@ def mamba3_scan(q, k, v, dA, dt, trap, chunk_size, initial=None):
     scores = scores * mix[..., :, None, :, None]
     y = scores.reshape(batch, chunks, heads, chunk * rank, chunk * rank) @ V  # (b, c, H, l·R, P)
 
-    # Each chunk's own end state, carried across chunks by the same linear scan as Mamba1/2. The
-    # states are kept transposed, hᵀ (N, P), so that Q hᵀ reads a contiguous operand.
+    # Each chunk's own end state, carried across chunks by the same linear scan as Mamba1/2.
     to_end = exp(log_decay[..., -1:] - log_decay) * weight  # (b, c, H, l)
     chunk_states = K.swapaxes(-1, -2) @ (V * per_row(to_end))  # (b, c, H, N, P)
     chunk_decay = mx.exp(log_decay[..., -1])[..., None, None]
-    first = state.swapaxes(-1, -2) if state is not None else None
-    end_states = linear_scan(chunk_decay, chunk_states, first)
-    first = first if first is not None else mx.zeros_like(end_states[:, 0])
-    entering = mx.concatenate([first[:, None], end_states[:, :-1]], axis=1)
+    end_states = linear_scan(chunk_decay, chunk_states, state)
+    entering = mx.concatenate([state[:, None], end_states[:, :-1]], axis=1)
     y = y + per_row(exp(log_decay)) * (Q @ entering)
 
     y = y.reshape(batch, chunks, heads, chunk, rank, head_dim).transpose(0, 1, 3, 2, 4, 5)
     y = y.reshape(batch, chunks * chunk, heads, rank, head_dim)[:, :length]
-    return y, end_states[:, -1].swapaxes(-1, -2)
+    return y, end_states[:, -1]
 
 
 def mamba3_step(state, q, k, v, dA, dt, trap, k_prev, v_prev):

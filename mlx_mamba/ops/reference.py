@@ -5,10 +5,13 @@ recurrence h_t = a_t h_{t-1} + b_t is solved blockwise (see `linear_scan`), and 
 chunked state-space-duality form, where each chunk is a masked matrix product.
 """
 
+import functools
 import math
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from .recompute import segmented
 
 # Positions per block in `linear_scan`: the scan runs a short loop over a block's positions for
 # every block at once, then recurses over the blocks' end states.
@@ -23,6 +26,10 @@ LOG2_E = 1.4426950408889634
 # chunks does not; on MLX's CPU backend chunks of 64 cost about half of the usual 256, and the
 # chunk length never changes the result.
 MAX_SSD_CHUNK = 64
+
+# Tokens per segment of the SSD scan (see `ssd`): the backward pass holds one segment's chunk
+# states and scores at a time.
+SSD_SEGMENT = 256
 
 
 def exp(x):
@@ -109,23 +116,25 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
 
     The (B, L, D, N) states exist only SCAN_SEGMENT tokens at a time: each segment is scanned in
     parallel, contracted with C, and hands its last state to the next, so a long prefill needs
-    memory for one segment rather than for the whole sequence.
+    memory for one segment rather than for the whole sequence, and so does the backward pass,
+    which recomputes each segment from its entering state (see `recompute.segmented`).
     """
     delta = discretize_dt(delta, delta_bias, delta_softplus)  # (B, L, D)
-    A = A.astype(mx.float32)
     inputs = delta * u.astype(mx.float32)  # (B, L, D)
     B, C = B.astype(mx.float32), C.astype(mx.float32)
-    if state is not None:
-        state = state.astype(mx.float32)
-    ys = []
-    for start in range(0, u.shape[1], SCAN_SEGMENT):
-        part = slice(start, start + SCAN_SEGMENT)
-        decay = exp(delta[:, part, :, None] * A)  # (B, S, D, N)
-        h = linear_scan(decay, inputs[:, part, :, None] * B[:, part, None, :], state)
-        ys.append((h * C[:, part, None, :]).sum(-1))  # (B, S, D)
-        state = h[:, -1]
-    y = _gate(mx.concatenate(ys, axis=1), D, u, z).astype(u.dtype)
+    if state is None:
+        state = mx.zeros((u.shape[0],) + A.shape, mx.float32)
+    y, state = segmented(_selective_scan_segment, SCAN_SEGMENT, [delta, inputs, B, C],
+                         [A.astype(mx.float32)], state.astype(mx.float32))
+    y = _gate(y, D, u, z).astype(u.dtype)
     return (y, state) if return_last_state else y
+
+
+def _selective_scan_segment(delta, inputs, B, C, A, state):
+    # (B, S, D), (B, S, D), (B, S, N), (B, S, N), (D, N), (B, D, N) -> y (B, S, D), last state.
+    decay = exp(delta[..., None] * A)  # (B, S, D, N)
+    h = linear_scan(decay, inputs[..., None] * B[:, :, None, :], state)
+    return (h * C[:, :, None, :]).sum(-1), h[:, -1]
 
 
 def selective_scan_step(state, u, delta, A, B, C, D=None, z=None, delta_bias=None,
@@ -158,21 +167,39 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
     """Mamba2 chunked SSD. x (B, L, H, P); dt (B, L, H); A, dt_bias (H,); D (H,) or (H, P);
     B, C (B, L, G, N).
 
+    Segments of SSD_SEGMENT tokens are solved in turn (see `_ssd_segment`), each from the state
+    the one before ends with; the backward pass recomputes each from its entering state
+    (`recompute.segmented`), so its memory does not grow with the chunk states of the sequence.
+    """
+    batch, length, heads, head_dim = x.shape
+    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, L, H)
+    dA = dt * A.astype(mx.float32)
+    xdt = x.astype(mx.float32) * dt[..., None]  # (b, L, H, P)
+    if initial_states is None:
+        initial_states = mx.zeros((batch, heads, head_dim, B.shape[3]), mx.float32)
+    chunk = min(chunk_size, MAX_SSD_CHUNK, length)
+    segment = chunk * max(1, SSD_SEGMENT // chunk)  # whole chunks: no padding within
+    y, final = segmented(functools.partial(_ssd_segment, chunk), segment,
+                         [xdt, dA, B.astype(mx.float32), C.astype(mx.float32)], [],
+                         initial_states.astype(mx.float32))
+    y = _gate(y, _per_head_dim(D), x, z).astype(x.dtype)
+    return (y, final) if return_final_states else y
+
+
+def _ssd_segment(chunk, xdt, dA, B32, C32, initial_states):
+    """SSD over one segment. xdt (b, L, H, P) = Δx; dA (b, L, H) = ΔA; B32, C32 (b, L, G, N);
+    initial_states (b, H, P, N). Returns y (b, L, H, P) before D and the gate, and the last state.
+
     Heads are grouped as (G, H/G) so that B and C are shared by the heads of a group without
     being copied. Within a chunk: Y = (C Bᵀ ∘ exp(segsum(ΔA))) (Δx); between chunks the
     chunk-end states are carried by `linear_scan`.
     """
-    batch, length, heads, head_dim = x.shape
-    groups, d_state = B.shape[2], B.shape[3]
+    batch, length, heads, head_dim = xdt.shape
+    groups, d_state = B32.shape[2], B32.shape[3]
     per_group = heads // groups
-    dt = discretize_dt(dt, dt_bias, dt_softplus, dt_limit)  # (b, L, H)
-    dA = dt * A.astype(mx.float32)
-    xdt = x.astype(mx.float32) * dt[..., None]  # (b, L, H, P)
-
-    chunk = min(chunk_size, MAX_SSD_CHUNK, length)
+    chunk = min(chunk, length)
     chunks = -(-length // chunk)
     pad = chunks * chunk - length
-    B32, C32 = B.astype(mx.float32), C.astype(mx.float32)
     if pad:
         # Zero Δ after the end: decay 1 and input 0, so the final state is unchanged.
         dA = mx.pad(dA, [(0, 0), (0, pad), (0, 0)])
@@ -205,21 +232,14 @@ def ssd(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=Fa
         batch, chunks, groups, per_group, head_dim, d_state)
     # The states entering each chunk, carried across chunks by the same linear scan as Mamba1.
     chunk_decay = mx.exp(log_decay[..., -1])[..., None, None]  # (b, c, G, h, 1, 1)
-    if initial_states is not None:
-        initial_states = initial_states.astype(mx.float32).reshape(
-            batch, groups, per_group, head_dim, d_state)
+    initial_states = initial_states.reshape(batch, groups, per_group, head_dim, d_state)
     end_states = linear_scan(chunk_decay, chunk_states, initial_states)
-    entering = _shift_blocks(
-        end_states,
-        initial_states if initial_states is not None else mx.zeros_like(end_states[:, 0]))
+    entering = _shift_blocks(end_states, initial_states)
     from_entering = Cc @ entering.reshape(n, per_group * head_dim, d_state).swapaxes(1, 2)
     from_entering = from_entering.reshape(batch, chunks, groups, chunk, per_group, head_dim)
     y = y + exp(log_decay).transpose(0, 1, 2, 4, 3)[..., None] * from_entering
 
     y = y.transpose(0, 1, 3, 2, 4, 5).reshape(batch, chunks * chunk, heads, head_dim)[:, :length]
-    y = _gate(y, _per_head_dim(D), x, z).astype(x.dtype)
-    if not return_final_states:
-        return y
     return y, end_states[:, -1].reshape(batch, heads, head_dim, d_state)
 
 
