@@ -152,10 +152,18 @@ class Model(nn.Module):
             residual = self._add(residual, h)
             if "ffn" in layer:
                 residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))
-        hidden = self.backbone.norm_f(residual).astype(dtype)
+        return self.backbone.norm_f(residual).astype(dtype)
+
+    def head(self, hidden):
+        """hidden (..., D), the final norm's output -> logits (..., V)."""
+        c = self.config
         logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
             else self.lm_head(hidden)
         return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
+
+    def head_layer(self):
+        """The layer whose weight `head` applies: lm_head, or the embeddings when tied."""
+        return self.backbone.embeddings if self.config.tie_embeddings else self.lm_head
 
     def _add(self, residual, branch):
         scale = self.config.residual_multiplier
@@ -168,12 +176,18 @@ class Model(nn.Module):
         logits and state of the unpadded row (padding reaches no state, conv or attention).
         """
         _check_inputs(input_ids, cache, mask, 2, self.config.n_layer)
-        return self._run(input_ids, cache, mask, step=False)
+        return self.head(self._run(input_ids, cache, mask, step=False))
+
+    def hidden_states(self, input_ids, mask=None):
+        """input_ids (B, T) -> the final norm's output (B, T, D), which `head` turns into logits:
+        the tuner's loss takes the logits from it a few tokens at a time."""
+        _check_inputs(input_ids, None, mask, 2, self.config.n_layer)
+        return self._run(input_ids, None, mask, step=False)
 
     def step(self, token_ids, cache):
         """token_ids (B,) -> logits (B, V), advancing `cache` by one token."""
         _check_inputs(token_ids, cache, None, 1, self.config.n_layer)
-        return self._run(token_ids, cache, None, step=True)
+        return self.head(self._run(token_ids, cache, None, step=True))
 
 
 def _check_inputs(ids, cache, mask, ndim, layers):

@@ -11,6 +11,12 @@ kernels' backward does with its chunk checkpoints (KERNELS.md).
 import mlx.core as mx
 
 
+def after(arrays, previous):
+    """`arrays`, evaluated only once `previous` is. MLX evaluates up to 20 independent branches of
+    a graph side by side; segments that wait for each other hold one segment's memory at a time."""
+    return mx.depends(arrays, [previous])
+
+
 def segmented(core, segment, sequences, shared, state):
     """core(*sequences, *shared, state) -> (y, last state), run over segments of `segment`
     positions along axis 1 of `sequences` and y, each segment starting from the last state of the
@@ -34,7 +40,7 @@ def segmented(core, segment, sequences, shared, state):
         ys, entering = [], []
         for start in starts:
             entering.append(h)
-            y, h = core(*pieces(arrays[:count], start), *arrays[count:-1], h)
+            y, h = core(*after(pieces(arrays[:count], start), h), *arrays[count:-1], h)
             ys.append(y)
             # A copy: the last state is often a view of all the segment's states, which would
             # stay alive as long as their view, until the end of the scan.
@@ -49,14 +55,15 @@ def segmented(core, segment, sequences, shared, state):
         d_sequences, d_shared = [], None
         for index in reversed(range(len(starts))):
             start = starts[index]
-            primals = [*pieces(arrays[:count], start), *arrays[count:-1], entering[:, index]]
+            primals = [*after(pieces(arrays[:count], start), d_state), *arrays[count:-1],
+                       entering[:, index]]
             _, grads = mx.vjp(core, primals, [d_y[:, start:start + segment], d_state])
             d_sequences.append(grads[:count])
             shared = grads[count:-1]
             d_shared = shared if d_shared is None else [a + b for a, b in zip(d_shared, shared)]
-            # The segment before needs only d_state; making it wait for all of this segment's
-            # gradients lets this segment's recomputed intermediates be freed before it starts.
-            d_state = mx.depends([grads[-1]], grads[:-1])[0]
+            # The segment before waits for all of this segment's gradients and their running sums
+            # (through d_state), so this segment's recomputed intermediates are freed first.
+            d_state = mx.depends([grads[-1]], [*grads[:count], *d_shared])[0]
         d_sequences = [mx.concatenate(parts[::-1], axis=1) for parts in zip(*d_sequences)]
         return (*d_sequences, *d_shared, d_state)
 

@@ -15,17 +15,23 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map
 
+from .losses import weighted_cross_entropy
+
 
 class TrainingError(ValueError):
     """Training that cannot go on (its loss is no longer finite); the message says when."""
 
 
 def loss_terms(model, batch):
-    """(sum of the weighted token losses, number of weighted tokens) of one batch."""
-    logits = model(mx.array(batch.inputs))  # (B, T, V)
-    losses = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(batch.targets))
+    """(sum of the weighted token losses, number of weighted tokens) of one batch.
+
+    The logits are computed from the hidden states a chunk of tokens at a time (`losses`): the
+    (B, T, V) logits are never held whole."""
+    hidden = model.hidden_states(mx.array(batch.inputs))  # (B, T, D)
     weights = mx.array(batch.weights)
-    return (losses * weights).sum(), weights.sum()
+    total = weighted_cross_entropy(model.head, model.head_layer(), hidden,
+                                   mx.array(batch.targets), weights, model.config.vocab_size)
+    return total, weights.sum()
 
 
 def shard(batch, world):

@@ -1,0 +1,131 @@
+"""Fine-tuning in bounded memory: the chunked loss and the segmented scans give the loss and every
+gradient of the plain computation (whole logits, autograd through whole scans) in every family,
+with and without gradient checkpointing; and a training step's memory grows with the sequence by
+activations of width d_model, not by states or vocabulary."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+import mlx_mamba
+from comparing import relative_error
+from mlx_mamba.config import ModelConfig
+from mlx_mamba.models import Model
+from mlx_mamba.ops import mamba3 as mamba3_scan
+from mlx_mamba.ops import reference
+from mlx_mamba.tuner import Batch, apply_adapters, checkpoint_layers, loss_terms, losses
+from test_tuner import perturb_trainable, random_batch
+
+# Every family: tied and untied heads, logits multipliers (Granite 4.0-H, Falcon-H1), shared
+# blocks (Zamba2), Mamba1, Mamba2 and attention layers, experts.
+FLAVOURS = ["mamba1", "mamba1_untied", "falcon_mamba", "mamba2", "mamba2_groups_untied", "bamba",
+            "granite_dense", "granite_moe", "nemotron_h", "falcon_h1", "zamba2", "jamba"]
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Chunks of 5 tokens for the loss and short scan segments, so that 3 x 23 tokens cross many
+    (not a whole number of them)."""
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 5 * 100)
+    monkeypatch.setattr(reference, "SCAN_SEGMENT", 4)
+    monkeypatch.setattr(reference, "SSD_SEGMENT", 8)
+    monkeypatch.setattr(mamba3_scan, "SEGMENT_ROWS", 8)
+
+
+def plain_loss_terms(model, batch):
+    """The computation the chunked loss replaces: whole (B, T, V) logits, then cross-entropy."""
+    logits = model(mx.array(batch.inputs))
+    token_losses = nn.losses.cross_entropy(logits.astype(mx.float32), mx.array(batch.targets))
+    weights = mx.array(batch.weights)
+    return (token_losses * weights).sum(), weights.sum()
+
+
+def loss_and_gradients(model, batch, terms):
+    loss, grads = nn.value_and_grad(model, lambda m: terms(m, batch)[0])(model)
+    mx.eval(loss, grads)
+    return loss.item(), dict(tree_flatten(grads))
+
+
+def quantize(model):
+    """QLoRA's base: every linear layer (but the routers, which stay float) and embedding whose
+    input width fits a 32-wide group, the head included."""
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda path, m: isinstance(
+        m, (nn.Linear, nn.Embedding)) and m.weight.shape[1] % 32 == 0
+        and not path.endswith("router"))
+
+
+@pytest.mark.parametrize("grad_checkpoint", [False, True], ids=["", "checkpointed"])
+@pytest.mark.parametrize("kind", ["full", "lora", "qlora"])
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_chunked_loss_and_segmented_scans_equal_the_plain_computation(
+        checkpoint, small_pieces, flavour, kind, grad_checkpoint):
+    model, _ = mlx_mamba.load(checkpoint(flavour)[0])
+    if kind == "qlora":
+        quantize(model)
+    mx.random.seed(0)
+    apply_adapters(model, {"fine_tune_type": "full" if kind == "full" else "lora",
+                           "num_layers": -1, "lora_parameters": {"rank": 4, "scale": 2.0}})
+    if kind == "full":  # and the head (the embeddings when tied), which full tuning freezes
+        model.head_layer().unfreeze()
+    perturb_trainable(model)
+    batch = random_batch()  # prompt-like spans of weight 0: the completion / assistant masks
+
+    expected_loss, expected = loss_and_gradients(model, batch, plain_loss_terms)
+    if grad_checkpoint:
+        checkpoint_layers(model)
+    loss, grads = loss_and_gradients(model, batch, loss_terms)
+
+    assert relative_error(loss, expected_loss) < 1e-6
+    assert sorted(grads) == sorted(expected)
+    if kind == "full":
+        assert ("lm_head.weight" if "lm_head" in model else "backbone.embeddings.weight") in grads
+    for name, value in expected.items():
+        error = relative_error(grads[name], np.array(value))
+        assert error < 1e-5, f"{name}: relative error {error:.1e}"
+
+
+def small_model(kind):
+    """Two layers at d_model 64 over a 4096-token vocabulary: states and vocabulary large next to
+    d_model, as in real checkpoints."""
+    mixer = dict(mamba1=dict(d_state=16, dt_rank=4),
+                 mamba2=dict(d_state=64, head_dim=16, n_groups=1, chunk_size=64))[kind]
+    config = ModelConfig(arch=kind, d_model=64, n_layer=2, vocab_size=4096, expand=2,
+                         tie_embeddings=False, **mixer)
+    mx.random.seed(0)
+    model = Model(config)
+    mx.eval(model.parameters())
+    return model
+
+
+def step_peak_memory(model, length, batch_size=1):
+    """Peak memory of one training step's loss and gradients (bytes)."""
+    rng = np.random.default_rng(length)
+    tokens = rng.integers(0, model.config.vocab_size, (batch_size, length + 1)).astype(np.int32)
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], np.ones((batch_size, length), np.float32),
+                  np.full(batch_size, length, np.int32))
+    step = nn.value_and_grad(model, lambda m: loss_terms(m, batch)[0])
+    mx.eval(step(model))
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    mx.eval(step(model))
+    return mx.get_peak_memory()
+
+
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+def test_training_memory_grows_with_d_model_not_states_or_vocabulary(kind, monkeypatch):
+    """Per token and layer, a step keeps a few dozen activations of width d_model or d_inner; the
+    plain computation kept (d_inner x d_state) states per Mamba1 token and (vocabulary) logits,
+    their softmax and gradient per token."""
+    # Loss chunks of 64 tokens, so that both lengths span several: a chunk's logits are a
+    # constant, not a growth per token (at the default, 2048 tokens of this vocabulary).
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 64 * 4096)
+    model = small_model(kind)
+    short, long = 256, 1024
+    growth = (step_peak_memory(model, long) - step_peak_memory(model, short)) / (long - short)
+    c = model.config
+    bound = 4 * 64 * c.d_model * (c.n_layer + 1)  # 64 float32 values of width d_model per layer
+    print(f"{kind}: {growth:.0f} bytes per token (bound {bound}; d_model {c.d_model}, states "
+          f"{c.d_state}, vocabulary {c.vocab_size})")
+    assert growth < bound
