@@ -3,6 +3,9 @@ gradient of the plain computation (whole logits, autograd through whole scans) i
 with and without gradient checkpointing; and a training step's memory grows with the sequence by
 activations of width d_model, not by states or vocabulary."""
 
+import json
+import math
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -11,12 +14,16 @@ from mlx.utils import tree_flatten
 
 import mlx_mamba
 from comparing import relative_error
+from corpus import shakespeare_lines
+from mlx_mamba import lora
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.models import Model
 from mlx_mamba.ops import mamba3 as mamba3_scan
 from mlx_mamba.ops import reference
-from mlx_mamba.tuner import Batch, apply_adapters, checkpoint_layers, loss_terms, losses
-from test_tuner import perturb_trainable, random_batch
+from mlx_mamba.tuner import (Batch, apply_adapters, checkpoint_layers, loss_terms, losses,
+                             trainer)
+from test_tuner import (perturb_trainable, random_batch, run_cli, text_data,  # noqa: F401
+                        tiny_model)
 
 # Every family: tied and untied heads, logits multipliers (Granite 4.0-H, Falcon-H1), shared
 # blocks (Zamba2), Mamba1, Mamba2 and attention layers, experts.
@@ -129,3 +136,44 @@ def test_training_memory_grows_with_d_model_not_states_or_vocabulary(kind, monke
     print(f"{kind}: {growth:.0f} bytes per token (bound {bound}; d_model {c.d_model}, states "
           f"{c.d_state}, vocabulary {c.vocab_size})")
     assert growth < bound
+
+
+def test_out_of_memory_is_one_error_naming_the_remedies(tiny_model, text_data, tmp_path, capsys,
+                                                        monkeypatch):
+    def allocation_fails(model, batch):  # what MLX's Metal allocator raises
+        raise RuntimeError("[metal::malloc] Attempting to allocate 68719476736 bytes which is "
+                           "greater than the maximum allowed buffer size of 28991029248 bytes.")
+
+    monkeypatch.setattr(trainer, "loss_terms", allocation_fails)
+    model = tiny_model("mamba1")
+    capsys.readouterr()  # the fixtures' progress bars
+    code, _, err = run_cli(lora, ["--model", model, "--train", "--data", text_data,
+                                  "--iters", 1, "--batch-size", 2, "--val-batches", 0,
+                                  "--adapter-path", tmp_path / "a"], capsys)
+    assert code == 1 and err.count("\n") == 1, err
+    assert err.startswith("error: out of memory training on a batch of 2 x "), err
+    for remedy in ("--grad-checkpoint", "--max-seq-length", "--batch-size"):
+        assert remedy in err, err
+    with pytest.raises(RuntimeError, match="something else"):  # other errors pass unchanged
+        with trainer.out_of_memory_advice("testing"):
+            raise RuntimeError("something else")
+
+
+@pytest.mark.parametrize("flavour", ["mamba1"])
+def test_cli_trains_on_32768_tokens_without_new_flags(tiny_model, tmp_path, capsys, flavour):
+    data = tmp_path / "data"
+    data.mkdir()
+    # One record of more than 32768 tokens (the tiny tokenizer spends about one per character).
+    text = " ".join(shakespeare_lines(2000))
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    model = tiny_model(flavour)
+    capsys.readouterr()  # the fixtures' progress bars
+    code, out, err = run_cli(lora, ["--model", model, "--train", "--data", data,
+                                    "--iters", 1, "--batch-size", 1, "--max-seq-length", 32768,
+                                    "--val-batches", 1, "--adapter-path", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert "longest" in err and "truncated" in err  # the record was cut to 32768 tokens
+    train_line = next(line for line in out.splitlines() if "Train loss" in line)
+    assert "Tokens/sec" in train_line and "Peak mem" in train_line
+    assert math.isfinite(float(train_line.split("Train loss ")[1].split(",")[0]))

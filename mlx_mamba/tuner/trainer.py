@@ -7,6 +7,7 @@ and ranks and divided by the step's token count, so the update equals the one th
 process would make on the whole batch, however the batch is split.
 """
 
+import contextlib
 import functools
 import math
 import time
@@ -19,7 +20,29 @@ from .losses import weighted_cross_entropy
 
 
 class TrainingError(ValueError):
-    """Training that cannot go on (its loss is no longer finite); the message says when."""
+    """Training that cannot go on (its loss is no longer finite, memory ran out); the message says
+    when."""
+
+
+# How MLX reports a failed allocation: Metal ("[metal::malloc] Attempting to allocate",
+# "Insufficient Memory"), CUDA ("out of memory"), CPU ("Unable to allocate"); MemoryError for a
+# failed allocation on the host. (On Linux the kernel may end the process first.)
+OUT_OF_MEMORY = ("attempting to allocate", "unable to allocate", "out of memory",
+                 "outofmemory", "insufficient memory")
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(what):
+    """Turns running out of memory during `what` into one TrainingError that says what to do."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as error:
+        if not (isinstance(error, MemoryError)
+                or any(text in str(error).lower() for text in OUT_OF_MEMORY)):
+            raise
+        raise TrainingError(
+            f"out of memory {what} ({str(error).strip() or type(error).__name__}): use "
+            "--grad-checkpoint, a shorter --max-seq-length or a smaller --batch-size") from None
 
 
 def loss_terms(model, batch):
@@ -32,6 +55,11 @@ def loss_terms(model, batch):
     total = weighted_cross_entropy(model.head, model.head_layer(), hidden,
                                    mx.array(batch.targets), weights, model.config.vocab_size)
     return total, weights.sum()
+
+
+def _size(batch):
+    rows, length = batch.inputs.shape
+    return f"{rows} x {length}"
 
 
 def shard(batch, world):
@@ -56,8 +84,9 @@ def evaluate(model, batches, world=None):
     total, tokens = mx.array(0.0), 0.0
     for batch in batches:
         tokens += float(batch.weights.sum())
-        total = total + loss_terms(model, shard(batch, world))[0]
-        mx.eval(total)
+        with out_of_memory_advice(f"evaluating a batch of {_size(batch)} tokens"):
+            total = total + loss_terms(model, shard(batch, world))[0]
+            mx.eval(total)
     model.train(was_training)
     return (_sum_over_ranks(total, world) / tokens).item()
 
@@ -124,10 +153,11 @@ def train(model, optimizer, train_batches, *, iters, val_batches=(), steps_per_e
         weighted = sum(float(b.weights.sum()) for b in batches)  # every rank sees whole batches
         total, grads = mx.array(0.0), None
         for batch in batches:
-            (loss, _), g = loss_and_grad(model, shard(batch, world))
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            total = total + loss
-            mx.eval(total, grads)
+            with out_of_memory_advice(f"training on a batch of {_size(batch)} tokens"):
+                (loss, _), g = loss_and_grad(model, shard(batch, world))
+                grads = g if grads is None else tree_map(mx.add, grads, g)
+                total = total + loss
+                mx.eval(total, grads)
         scale = world.size() / weighted  # average_gradients divides by the rank count
         grads = tree_map(lambda g: (g * scale).astype(g.dtype),
                          nn.average_gradients(grads, group=world))
