@@ -1,0 +1,174 @@
+"""Fine-tuning memory against sequence length, ours and mlx-lm's in one run: the same shapes
+(random weights), the same tokens, one optimizer step of batch x length tokens, LoRA or full.
+
+For each length: peak memory of a step (mx.get_peak_memory after mx.reset_peak_memory, weights
+and optimizer state included; the step before is a warm-up) and tokens/s. The longest length
+that fits `--budget-gb` is extrapolated from the two longest lengths measured (memory is linear
+in the length on both sides). A PNG plots memory against length.
+
+    python benchmarks/finetune_memory.py                       # CPU-sized: 4 layers, 512..2048
+    python benchmarks/finetune_memory.py --layers 24 --lengths 512 1024 2048 4096 8192
+"""
+
+import argparse
+import math
+import platform
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+import numpy as np
+from mlx_lm.models import mamba as lm_mamba
+from mlx_lm.models import mamba2 as lm_mamba2
+from mlx_lm.tuner.trainer import default_loss
+from mlx_lm.tuner.utils import linear_to_lora_layers
+
+from mlx_mamba.config import ModelConfig
+from mlx_mamba.models import Model
+from mlx_mamba.tuner import Batch, apply_adapters, loss_terms
+
+VOCAB = 50280
+LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
+
+
+def ours(arch, d_model, layers):
+    fields = dict(mamba1=dict(d_state=16, dt_rank=math.ceil(d_model / 16)),
+                  mamba2=dict(d_state=128, head_dim=64, chunk_size=256))[arch]
+    return Model(ModelConfig(arch=arch, d_model=d_model, n_layer=layers, vocab_size=VOCAB,
+                             **fields))
+
+
+def theirs(arch, d_model, layers):
+    if arch == "mamba1":
+        return lm_mamba.Model(lm_mamba.ModelArgs(
+            "mamba", VOCAB, d_model, 2 * d_model, 16, layers, 4, False, True,
+            math.ceil(d_model / 16)))
+    return lm_mamba2.Model(lm_mamba2.ModelArgs(
+        "mamba2", 2 * d_model // 64, 64, VOCAB, d_model, 2 * d_model, 128, layers, 1e-5, 4, 1,
+        False, True, True, (0.0, float("inf")), 256))
+
+
+def our_step(model, tokens):
+    batch = Batch(tokens[:, :-1], tokens[:, 1:], np.ones(tokens[:, 1:].shape, np.float32),
+                  np.full(len(tokens), tokens.shape[1] - 1, np.int32))
+    grad = nn.value_and_grad(model, lambda m: loss_terms(m, batch)[0])
+    return lambda: grad(model)
+
+
+def their_step(model, tokens):
+    lengths = mx.array([[0, tokens.shape[1] - 1]] * len(tokens))
+    grad = nn.value_and_grad(model, default_loss)
+    inputs = mx.array(tokens)
+    return lambda: grad(model, inputs, lengths)
+
+
+def measure(make_model, adapt, make_step, tokens):
+    mx.random.seed(0)
+    model = make_model()
+    mx.eval(model.parameters())
+    adapt(model)
+    optimizer = optim.Adam(learning_rate=1e-5)
+    step = make_step(model, tokens)
+
+    def update():
+        _, grads = step()
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state)
+
+    update()  # warm-up: allocations, optimizer state
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    start = time.perf_counter()
+    update()
+    seconds = time.perf_counter() - start
+    peak = mx.get_peak_memory()
+    del model, optimizer, step
+    mx.clear_cache()
+    return peak / 2**30, tokens.size / seconds
+
+
+def longest(points, budget):
+    """The length at which the line through the two longest points reaches `budget` GB."""
+    (l1, m1), (l2, m2) = points[-2:]
+    slope = (m2 - m1) / (l2 - l1)
+    return int(l2 + (budget - m2) / slope) if slope > 0 else math.inf
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--archs", nargs="+", default=["mamba1", "mamba2"])
+    parser.add_argument("--kinds", nargs="+", default=["lora", "full"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048])
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--d-model", type=int, default=768, help="130m: 768")
+    parser.add_argument("--layers", type=int, default=4, help="130m: 24")
+    parser.add_argument("--budget-gb", type=float, default=8.0)
+    parser.add_argument("--plot", default="finetune_memory.png")
+    args = parser.parse_args()
+    print(f"{platform.platform()}, MLX {mx.__version__}, device {mx.default_device()}; "
+          f"d_model {args.d_model}, {args.layers} layers, vocabulary {VOCAB}, batch "
+          f"{args.batch_size}, float32, random weights, one Adam step after a warm-up one\n")
+    print("| model | tuning | tokens | mlx-mamba GB | mlx-lm GB | ratio | mlx-mamba tok/s | "
+          "mlx-lm tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    curves = {}
+    for arch in args.archs:
+        for kind in args.kinds:
+            def adapt_ours(model):
+                apply_adapters(model, {"fine_tune_type": kind, "num_layers": -1,
+                                       "lora_parameters": LORA})
+
+            def adapt_theirs(model):
+                model.freeze()
+                if kind == "lora":
+                    linear_to_lora_layers(model, args.layers, LORA)
+                else:  # mlx-lm's full tuning: the layers, as ours
+                    for layer in model.layers:
+                        layer.unfreeze()
+
+            for length in args.lengths:
+                tokens = rng.integers(0, VOCAB, (args.batch_size, length + 1)).astype(np.int32)
+                ours_gb, ours_tps = measure(lambda: ours(arch, args.d_model, args.layers),
+                                            adapt_ours, our_step, tokens)
+                theirs_gb, theirs_tps = measure(lambda: theirs(arch, args.d_model, args.layers),
+                                                adapt_theirs, their_step, tokens)
+                for side, gb in (("mlx-mamba", ours_gb), ("mlx-lm", theirs_gb)):
+                    curves.setdefault((arch, kind, side), []).append((length, gb))
+                print(f"| {arch} | {kind} | {args.batch_size} x {length} | {ours_gb:.2f} | "
+                      f"{theirs_gb:.2f} | {ours_gb / theirs_gb:.2f} | {ours_tps:.0f} | "
+                      f"{theirs_tps:.0f} |", flush=True)
+    if len(args.lengths) >= 2:
+        print(f"\nLongest sequence in {args.budget_gb:g} GB (extrapolated from the two longest "
+              "lengths):")
+        for (arch, kind, side), points in curves.items():
+            print(f"  {arch} {kind} {side}: {longest(points, args.budget_gb)} tokens")
+    plot(curves, args)
+
+
+def plot(curves, args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    for (arch, kind, side), points in curves.items():
+        lengths, gb = zip(*points)
+        axes.plot(lengths, gb, marker="o", linestyle="-" if side == "mlx-mamba" else "--",
+                  label=f"{side} {arch} {kind}")
+    axes.set_xscale("log", base=2)
+    axes.set_xlabel(f"sequence length (batch {args.batch_size})")
+    axes.set_ylabel("peak memory of a training step (GB)")
+    axes.set_title(f"Fine-tuning memory, d_model {args.d_model}, {args.layers} layers, "
+                   f"vocabulary {VOCAB}")
+    axes.legend(fontsize=8)
+    axes.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(args.plot, dpi=120)
+    print(f"\nPlot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
