@@ -236,13 +236,15 @@ class ModelConfig:
 
 
 MAX_LAYERS = 10_000
-# A config may describe a model a few times larger than memory (convert streams the weights),
-# never one that could not be held at all: that is a damaged or hostile config.
-MEMORY_FACTOR = 16
+# A config may describe a model larger than this machine's memory (`mlx_mamba.info` describes
+# it, convert streams the weights), never one that no machine could hold: that is a damaged or
+# hostile config. The largest published checkpoints hold about 2 TB of weights.
+MAX_WEIGHT_BYTES = 2 ** 42
 
 
-def parameter_count(config):
-    """{config field most responsible: parameters} of the model `config` describes; shapes only."""
+def parameter_estimate(config):
+    """{config field most responsible: parameters}, an estimate from the config's largest shapes
+    (the exact counts are `mlx_mamba.sizes.parameter_count`'s); for the size guard only."""
     D, E, N, K = config.d_model, config.d_inner, config.d_state, config.d_conv
     H, G = E // config.head_dim, config.n_groups
     R = config.mimo_rank if config.is_mimo else 1
@@ -272,18 +274,15 @@ def parameter_count(config):
 
 
 def _check_memory(config):
-    import os
-
-    counts = parameter_count(config)
+    counts = parameter_estimate(config)
     bits = (config.quantization or {}).get("bits", 16)
     need = sum(counts.values()) * bits / 8
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > MEMORY_FACTOR * memory:
+    if need > MAX_WEIGHT_BYTES:
         field = max(counts, key=counts.get)
         raise ConfigError(
             f"field {field!r} is {getattr(config, field)}: the model would take at least "
-            f"{need / 1e9:,.0f} GB ({sum(counts.values()):,} parameters at {bits} bits), "
-            f"{MEMORY_FACTOR}x more than this machine's {memory / 1e9:.0f} GB of memory")
+            f"{need / 1e9:,.0f} GB ({sum(counts.values()):,} parameters at {bits} bits), more "
+            f"than any machine holds ({MAX_WEIGHT_BYTES / 1e12:.1f} TB)")
 
 
 def config_format(config):
