@@ -50,7 +50,9 @@ def tensor_shapes(config: ModelConfig):
 def parameter_count(config: ModelConfig) -> Counts:
     """Total and active (per token) parameters of the model `config` describes."""
     total = routed = 0
-    for name, value in tree_flatten(lazy_model(config).parameters()):
+    # A converted checkpoint's config says how it is quantized; its parameters are the same.
+    model = lazy_model(dataclasses.replace(config, quantization=None))
+    for name, value in tree_flatten(model.parameters()):
         total += value.size
         routed += value.size if ROUTED_EXPERT.search(name) else 0
     active = total - routed + (routed * config.top_k // config.n_experts if routed else 0)
