@@ -99,7 +99,11 @@ def info(model):
 
 
 def build_parser():
-    parser = cli.ArgumentParser(prog="python -m mlx_mamba.info", description=__doc__.split("\n\n")[0])
+    parser = cli.ArgumentParser(
+        prog="python -m mlx_mamba.info",
+        description="What a checkpoint is before its weights are downloaded: architecture, layer "
+                    "pattern, sizes, parameter counts, weight memory per dtype and quantization, "
+                    "cache memory per 1,000 tokens of context. Reads only the config.")
     parser.add_argument("--model", required=True,
                         help="a local checkpoint directory or a Hugging Face repo id (only its "
                              "config.json or params.json is downloaded)")

@@ -111,3 +111,23 @@ def test_a_bad_config_is_one_error_line(capsys, tmp_path, text, expected):
 def test_a_missing_directory_is_one_error_line(capsys, tmp_path):
     status, _, err = run(capsys, tmp_path / "absent")
     assert status == 1 and len(err) == 1 and "no such directory" in err[0]
+
+
+DOCS = Path(__file__).parent.parent / "docs" / "info.md"
+
+
+def test_the_documented_output_is_the_real_output(capsys):
+    text = DOCS.read_text()
+    documented = text.split("## What it prints")[1].split("```\n")[1].splitlines()
+    _, out, _ = run(capsys, REAL / "ai21labs--AI21-Jamba-1.5-Mini")
+    assert out[1:] == documented
+
+
+def test_the_documented_flags_and_python_are_real():
+    import re
+
+    text = DOCS.read_text()
+    parser_flags = {flag for action in info.build_parser()._actions for flag in action.option_strings}
+    assert set(re.findall(r"`(--[a-z-]+)", text)) <= parser_flags
+    for block in re.findall(r"```python\n(.*?)```", text, re.S):
+        exec(block, {})
