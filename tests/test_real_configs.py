@@ -121,7 +121,11 @@ def transformers_layers(entry):
     config = transformers.CONFIG_MAPPING[raw(entry)["model_type"]].from_dict(raw(entry))
     with torch.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(config)
-    return _per_layer(model.named_parameters(), lambda p: p.numel())
+    # Parameters once each (tied ones are not repeated), and the buffers a checkpoint stores
+    # (Nemotron 3's e_score_correction_bias).
+    stored = model.state_dict()
+    tensors = [*model.named_parameters(), *((n, b) for n, b in model.named_buffers() if n in stored)]
+    return _per_layer(tensors, lambda p: p.numel())
 
 
 def our_layers(config):
