@@ -8,7 +8,8 @@ import sys
 import mlx.core as mx
 
 from . import cli, sizes
-from .config import ConfigError, config_format, load_config, read_config
+from .config import ConfigError, load_config, read_config
+from .families import config_format
 from .loader import resolve
 
 CONFIG_FILES = ["config.json", "params.json"]

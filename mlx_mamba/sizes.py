@@ -13,7 +13,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .cache import KVCache, LayerCaches
-from .checkpoint import to_checkpoint_names
+from .families import to_checkpoint_names
 from .config import ModelConfig
 from .loader import build_model, cast
 

@@ -132,7 +132,7 @@ def our_layers(config):
     # Parameters as trained: a converted checkpoint's quantization is left out.
     model = sizes.lazy_model(dataclasses.replace(config, quantization=None))
     weights = dict(tree_flatten(model.parameters()))
-    from mlx_mamba.checkpoint import to_checkpoint_names
+    from mlx_mamba.families import to_checkpoint_names
 
     return _per_layer(to_checkpoint_names(weights, config).items(), lambda a: a.size)
 
