@@ -15,6 +15,7 @@ def parameter_count(config):
     D, E, N, K = config.d_model, config.d_inner, config.d_state, config.d_conv
     H, G = E // config.head_dim, config.n_groups
     R = config.mimo_rank if config.is_mimo else 1
+    matrices = 2 if config.mlp_activation == "relu2" else 3  # squared ReLU has no gate
     attention = config.attn_heads * config.attn_head_dim * 2 * D \
         + config.attn_kv_heads * config.attn_head_dim * 2 * D
     per_kind = {
@@ -24,9 +25,9 @@ def parameter_count(config):
         "mamba3": D * (2 * E + 2 * G * N * R + 3 * H + N // 2) + E * D + 2 * H * R * N
                   + (3 * E * R if config.is_mimo else 0) + 2 * N + 2 * H + E,
         "attention": attention,
-        "mlp": 3 * D * config.mlp_size,
-        "moe": config.n_experts * (3 * D * config.expert_size + D)
-               + 3 * D * config.shared_expert_size,
+        "mlp": matrices * D * config.mlp_size,
+        "moe": config.n_experts * (matrices * D * config.expert_size + D)
+               + matrices * D * config.shared_expert_size,
         "parallel": 0,
         "hybrid": 0,
         "": 0,

@@ -93,6 +93,16 @@ def test_the_parameter_count_is_the_published_one(entry):
         assert counts.active == counts.total
 
 
+def test_the_size_guard_estimates_the_same_count(entry):
+    # model_size's shape arithmetic (for the size check, without model code) against the model
+    # itself; 2%: it leaves out the small Zamba2 adapters' exact layout.
+    from mlx_mamba import model_size
+
+    config = read(entry)
+    estimate = sum(model_size.parameter_count(config).values())
+    assert abs(estimate / sizes.parameter_count(config).total - 1) < 0.02
+
+
 def card_values(config):
     """The sizes a model card states, as this package read them."""
     kinds = [config.layer_type(i) for i in range(config.n_layer)]
