@@ -248,3 +248,10 @@ def test_a_398b_config_is_described_without_allocating_it():
     sizes.cache_bytes(model)
     assert within(counts.total, "398B") and within(counts.active, "94B")
     assert mx.get_peak_memory() < 2**20  # bytes: shapes were read, no weight was made
+
+
+def test_the_original_and_the_transformers_mamba_2_8b_are_the_same_model():
+    # Two flavours of one checkpoint, read by two readers: the same tensors, the same shapes.
+    original = read(BY_REPO["state-spaces/mamba-2.8b"])
+    converted = read(BY_REPO["state-spaces/mamba-2.8b-hf"])
+    assert sizes.tensor_shapes(original) == sizes.tensor_shapes(converted)
