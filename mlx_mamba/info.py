@@ -33,8 +33,9 @@ def describe(config, raw):
     """The lines `info` prints for a ModelConfig and the raw config dict it came from."""
     c = config
     flavour = config_format(raw)
-    architectures = raw.get("architectures") or []
-    name = architectures[0] if architectures and isinstance(architectures[0], str) else ""
+    architectures = raw.get("architectures")
+    name = architectures[0] if isinstance(architectures, list) and architectures \
+        and isinstance(architectures[0], str) else ""
     lines = [f"architecture: {c.model_type}" + (f" ({name})" if name else "")
              + ("" if flavour == "transformers" else f", {flavour} config"),
              f"layers: {c.n_layer}, hidden size {c.d_model}, vocabulary {c.vocab_size}"

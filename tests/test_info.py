@@ -100,12 +100,20 @@ def test_the_hub_unreachable_is_one_error_line(capsys):
                  "vocab_size": 10**12}), "more than any machine holds"),
     (json.dumps({"model_type": "nemotron_h", "hidden_size": 64, "vocab_size": 10,
                  "hybrid_override_pattern": "M?M"}), "hybrid_override_pattern"),
+    (json.dumps({"model_type": ["mamba"], "hidden_size": 64}), "'model_type'"),
 ])
 def test_a_bad_config_is_one_error_line(capsys, tmp_path, text, expected):
     (tmp_path / "config.json").write_text(text)
     status, out, err = run(capsys, tmp_path)
     assert status == 1 and not out
     assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+
+
+def test_a_strange_architectures_field_is_not_an_error(capsys, tmp_path):
+    config = json.loads((CODESTRAL / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(dict(config, architectures=3)))
+    status, out, _ = run(capsys, tmp_path)
+    assert status == 0 and line(out, "architecture:") == "architecture: mamba2"
 
 
 def test_a_missing_directory_is_one_error_line(capsys, tmp_path):
