@@ -15,7 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_mamba import sizes
-from mlx_mamba.config import ModelConfig, load_config
+from mlx_mamba.config import ConfigError, ModelConfig, load_config
 
 DATA = Path(__file__).parent / "data" / "real_configs"
 INDEX = json.loads((DATA / "index.json").read_text())
@@ -255,3 +255,24 @@ def test_the_original_and_the_transformers_mamba_2_8b_are_the_same_model():
     original = read(BY_REPO["state-spaces/mamba-2.8b"])
     converted = read(BY_REPO["state-spaces/mamba-2.8b-hf"])
     assert sizes.tensor_shapes(original) == sizes.tensor_shapes(converted)
+
+
+HOSTILE = [None, -1, 0, "x", [], {}, True, 1.5, 2**40, float("inf")]
+
+
+def test_every_field_of_every_real_config_mutated_reads_or_names_the_problem():
+    # A damaged or hostile config.json: each field of each real config replaced in turn by a
+    # value of another kind. Reading it either works or raises ConfigError (the one error line
+    # of the command lines), never another exception.
+    failures = []
+    for entry in INDEX:
+        original = raw(entry)
+        for key in original:
+            for value in HOSTILE:
+                try:
+                    ModelConfig.from_dict(dict(original, **{key: value}))
+                except ConfigError:
+                    pass
+                except Exception as e:  # noqa: BLE001 - the point is to catch any other kind
+                    failures.append((entry["repo"], key, value, type(e).__name__, str(e)))
+    assert not failures, failures[:5]
