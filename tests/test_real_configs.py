@@ -7,6 +7,7 @@ MLX's lazy arrays, transformers' on torch's meta device."""
 import copy
 import dataclasses
 import json
+import math
 import re
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def test_the_parameter_count_is_the_published_one(entry):
         assert within(counts.active, entry["active"]), (counts.active, entry["active"])
     else:
         assert counts.active == counts.total
+
+
+def test_the_tensors_convert_writes_hold_every_parameter_once(entry):
+    # Renamed to the checkpoint's names (experts unstacked, Zamba2's shared blocks stored once,
+    # packed projections joined), nothing is lost or duplicated.
+    config = dataclasses.replace(read(entry), quantization=None)
+    shapes = sizes.tensor_shapes(config)
+    assert sum(math.prod(shape) for shape in shapes.values()) == \
+        sizes.parameter_count(config).total
 
 
 def test_the_size_guard_estimates_the_same_count(entry):
