@@ -31,8 +31,8 @@ from mlx.utils import tree_flatten
 
 import mlx_mamba
 from generate import CLOCKS, VOCAB, make_tokenizer, run_mlx
-from mlx_mamba.checkpoint import to_checkpoint_names
 from mlx_mamba.config import ModelConfig
+from mlx_mamba.families import to_checkpoint_names
 from mlx_mamba.loader import build_model
 
 GRANITE_LAYERS = (["mamba"] * 5 + ["attention"] + ["mamba"] * 9 + ["attention"]

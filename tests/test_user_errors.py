@@ -20,7 +20,7 @@ from mlx_mamba.generate import (GenerationError, batch_generate, build_parser, g
 from mlx_mamba.generate import main as generate_main
 from mlx_mamba.prompt_cache import (PromptCacheError, load_prompt_cache, make_prompt_cache,
                                     save_prompt_cache)
-from mlx_mamba.quantize import QuantizationError, quantization_params
+from mlx_mamba.quant_modes import QuantizationError, quantization_params
 from mlx_mamba.sample import SamplerError
 from mlx_mamba.tuner import (AdapterError, DataError, TrainingError, apply_adapters,
                              iterate_batches, load_split, make_schedule, train)
