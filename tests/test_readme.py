@@ -1,6 +1,6 @@
-"""The README and the pages of docs/ as a user meets them: every python block runs as written, and
+"""The README and the pages of docs/ as a user meets them: every python block runs as written,
 every flag that their command lines give `python convert.py`, `python -m mlx_mamba.X` or a script
-of benchmarks/ or examples/ exists in that command's parser."""
+of benchmarks/ or examples/ exists in that command's parser, and every link leads somewhere."""
 
 import importlib
 import re
@@ -141,3 +141,24 @@ def test_every_flag_exists(page, command, flags, monkeypatch, capsys):
     text = usage(command, monkeypatch, capsys)
     missing = [f for f in flags if not re.search(rf"(?<![\w-]){re.escape(f)}(?![\w-])", text)]
     assert not missing, f"{page} gives {command} flags it does not have: {sorted(missing)}"
+
+
+def anchors(text):
+    """The #anchors of a page's headings, as GitHub makes them."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", re.sub(r"^```.*?^```", "", text,
+                                                             flags=re.M | re.S), re.M)}
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_link_resolves(page):
+    text = re.sub(r"^```.*?^```", "", PAGES[page], flags=re.M | re.S)
+    broken = []
+    for link in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"\w+://", link):
+            continue
+        path, _, anchor = link.partition("#")
+        target = (ROOT / page).parent / path if path else ROOT / page
+        if not target.exists() or anchor and anchor not in anchors(target.read_text()):
+            broken.append(link)
+    assert not broken, f"{page} links to what does not exist: {broken}"
