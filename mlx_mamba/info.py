@@ -71,6 +71,10 @@ def describe(config, raw):
                   for b in QUANTIZED_BITS)]
     lines.append(f"quantized (group size {GROUP_SIZE}, bfloat16 scales and biases): "
                  + ", ".join(quantized))
+    if c.quantization:  # a converted model: what its files hold
+        q = c.quantization
+        lines.append(f"as converted ({q['mode']} {q['bits']}-bit, group size {q['group_size']}): "
+                     f"{_bytes(sizes.weight_bytes(c, mx.bfloat16, q))}")
     per_token, state = sizes.cache_bytes(c, mx.bfloat16)
     attention = sum(c.layer_type(i) in ("attention", "parallel", "hybrid")
                     for i in range(c.n_layer))

@@ -42,6 +42,14 @@ def test_describes_a_hybrid_checkpoint(capsys):
     assert line(out, "SSM state:").startswith(f"SSM state: {state / 1e6:.2f} MB per sequence, constant")
 
 
+def test_a_converted_model_says_what_its_files_hold(capsys):
+    # mlx-community's 4-bit Granite-4.0-H-350M: its own quantization is the 4-bit line's.
+    status, out, _ = run(capsys, REAL / "mlx-community--granite-4.0-h-350m-4bit")
+    four_bit = line(out, "quantized").split("4-bit ")[1].split(",")[0]
+    assert status == 0 and line(out, "as converted") == f"as converted (affine 4-bit, group size 64): {four_bit}"
+    assert "340,332,224" in line(out, "parameters:")
+
+
 def test_a_pure_mamba_model_has_no_kv_cache(capsys):
     status, out, _ = run(capsys, CODESTRAL)
     assert status == 0
