@@ -81,16 +81,21 @@ def test_real_size_test_fails_on_the_planted_nan(planted):
         test_kernel_shapes.test_metal_at_real_sizes(None, c)
 
 
-def test_tuning_tests_fail_on_the_planted_nan(planted, checkpoint, tmp_path):
-    """Gradients of a pure and of a hybrid model against torch autograd, through the kernels."""
+TUNING = {  # gradients of a pure and of a hybrid model against torch autograd, through the kernels
+    "pure": lambda checkpoint, tmp_path: test_tuner.test_loss_and_gradients_match_torch_autograd(checkpoint, "mamba2"),
+    "hybrid": lambda checkpoint, tmp_path: test_hybrid_tuning.test_gradients_match_torch_autograd_through_transformers(
+        checkpoint, "bamba", tmp_path),
+}
+
+
+@pytest.mark.parametrize("model", TUNING)
+def test_tuning_test_fails_on_the_planted_nan(planted, checkpoint, tmp_path, model):
     planted(PLANTED_NAN)
     with pytest.raises(AssertionError, match=r"A_log: \d+ NaN"):
-        test_tuner.test_loss_and_gradients_match_torch_autograd(checkpoint, "mamba2")
-    with pytest.raises(AssertionError, match=r"A_log: \d+ NaN"):
-        test_hybrid_tuning.test_gradients_match_torch_autograd_through_transformers(checkpoint, "bamba", tmp_path)
+        TUNING[model](checkpoint, tmp_path)
 
 
 def test_parity_test_fails_on_a_planted_nan(planted, checkpoint, tokenizer_file):
     planted(PLANTED_NAN_Y)
-    with pytest.raises(AssertionError):
+    with pytest.raises(AssertionError, match=r"mamba2's logits: \d+ NaN"):
         test_parity.test_logits_match_transformers(checkpoint, "mamba2", tokenizer_file)
