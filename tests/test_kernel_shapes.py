@@ -138,8 +138,9 @@ def test_cuda_at_real_sizes(emulated, c):
 
 # Planted bugs, one or more for each feature of today's layouts (KERNELS.md), in both kernels and
 # both families; each must fail `check` (an AssertionError naming the arrays), or the emulator
-# (the race detector, a canary). name: (case, kernel, text, its replacement). Most pass
-# test_kernels.py's small sizes, where a lane holds one state and 16 lanes scan a channel.
+# (the race detector, a canary). name: (case, kernel, text, its replacement). Each case is the
+# smallest real size with the feature: Mamba1 N = 16 (16 lanes, CPT = 4, TC = 64), Mamba2 N = 128
+# (32 lanes x 4 states, CPT = 4, TC = 8), at lengths of two chunks.
 M1, M2 = case(MAMBA1_16, L=67, dtype=mx.float32), case(MAMBA2_128, L=11, dtype=mx.float32)  # 2 chunks each
 MUTANTS = {
     # Several channels a thread (CPT = 4 in both cases)
