@@ -68,9 +68,13 @@ PLANTED_NAN = ("fwd", "ckpt[(long(bb * NC + t0 / TC) * CH + c + r) * N + n] = h[
                "ckpt[(long(bb * NC + t0 / TC) * CH + c) * N + n] = h[r * NPL + k];")
 
 
+PRISTINE = dict(ks.BODIES)  # the bodies as kernel_source.py has them
+
+
 def plant(monkeypatch, kind, old, new):
-    """Replaces `old` (which must be in kernel `kind`'s body exactly once) by `new` for this test."""
-    body = ks.BODIES[kind]
+    """Kernel `kind`'s body with `old` (which must be in it exactly once) replaced by `new`, for
+    this test; a second plant in the same test replaces the first."""
+    body = PRISTINE[kind]
     assert body.count(old) == 1, (f"{old!r} is not in the {kind} kernel once: re-target it to "
                                   "kernel_source.py")
     monkeypatch.setitem(ks.BODIES, kind, body.replace(old, new))
