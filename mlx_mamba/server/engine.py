@@ -13,6 +13,8 @@ import mlx.core as mx
 
 from ..detokenizer import StreamingDetokenizer
 from ..generate import Decoder, Row, _load, eos_token_ids
+from ..grammar import logits_processor
+from ..tool_calls import FORMATS, detect_format
 from ..prompt_cache import PrefixCache, prefill
 from ..sample import make_logits_processors, make_sampler
 
@@ -40,6 +42,7 @@ class Job:
     stop: list  # strings that end the text (not included in it)
     logprobs: int | None  # top alternatives to report per token; None: no logprobs
     deliver: object  # deliver(Piece | Exception), called from the engine thread
+    grammar: object = None  # a grammar.Grammar that the text follows, or None
     eos: set = dataclasses.field(default_factory=set)
     cached_tokens: int = 0
     completion_tokens: int = 0
@@ -68,6 +71,8 @@ class Engine:
     def __init__(self, args):
         self.args = args
         self.model, self.tokenizer = _load(args)
+        self.tool_format = FORMATS[args.tool_parser] if args.tool_parser else \
+            detect_format(getattr(self.tokenizer, "chat_template", None))
         self.prefix_cache = PrefixCache(self.model, args.prompt_cache_bytes,
                                         args.prompt_cache_dir, args.model)
         self.decoder = Decoder(self.model, on_leave=self._left)
@@ -157,8 +162,12 @@ class Engine:
             if stop < end:
                 return p
         job = p.job
-        row = Row(job, list(job.prompt), make_sampler(**job.sampling),
-                  make_logits_processors(job.repetition_penalty), job.max_tokens, job.eos)
+        processors = make_logits_processors(job.repetition_penalty)
+        if job.grammar is not None:
+            processors.append(logits_processor(job.grammar, self.tokenizer,
+                                               self.model.config.vocab_size))
+        row = Row(job, list(job.prompt), make_sampler(**job.sampling), processors,
+                  job.max_tokens, job.eos)
         self.decoder.join(p.cache, [row])
         return None
 
