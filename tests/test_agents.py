@@ -345,3 +345,43 @@ def test_command_line_json_schema(hermes_model, tmp_path):
     assert "Traceback" not in failed.stderr
     failed = run("--json-schema", str(tmp_path / "missing.json"))
     assert failed.returncode == 1 and "missing.json" in failed.stderr
+
+
+# ---- n choices from one prefill ----------------------------------------------------------------
+
+def test_n_choices_equal_separate_requests_from_one_prefill(servers):
+    """n = 3 with seed s: choice i is the text of a request with seed s + i; the prompt was
+    prefilled once (the engine's counter) and usage counts it once."""
+    server = servers("hermes")
+    client = server.client()
+    prompt = "Once upon a time, in a state space far away,"
+    settings = dict(model="m", prompt=prompt, max_tokens=24, temperature=1.0)
+    server.wait_idle()
+    before = server.raw("GET", "/health")[1]["prefills"]
+    whole = client.completions.create(n=3, seed=11, **settings)
+    assert server.raw("GET", "/health")[1]["prefills"] == before + 1
+    alone = [client.completions.create(seed=11 + i, **settings).choices[0] for i in range(3)]
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    assert [c.text for c in whole.choices] == [c.text for c in alone]
+    assert [c.finish_reason for c in whole.choices] == [c.finish_reason for c in alone]
+    assert len({c.text for c in whole.choices}) == 3
+    assert whole.usage.prompt_tokens == client.completions.create(
+        seed=11, **settings).usage.prompt_tokens
+    assert whole.usage.completion_tokens == sum(
+        client.completions.create(seed=11 + i, **settings).usage.completion_tokens
+        for i in range(3))
+    streamed = ["", "", ""]
+    for chunk in client.completions.create(n=3, seed=11, stream=True, **settings):
+        for choice in chunk.choices:
+            streamed[choice.index] += choice.text
+    assert streamed == [c.text for c in whole.choices]
+    # chat, with a grammar: each choice under its own
+    chats = ask(client, n=2, seed=5, temperature=1.0, max_tokens=400,
+                response_format=RESPONSE_FORMAT).choices
+    for i, choice in enumerate(chats):
+        assert choice.message.content == ask(client, seed=5 + i, temperature=1.0, max_tokens=400,
+                                             response_format=RESPONSE_FORMAT
+                                             ).choices[0].message.content
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    status, reply = server.raw("POST", "/v1/completions", {"prompt": "x", "n": 5}, JSON)
+    assert status == 400 and "max-batch-size" in reply["error"]["message"]

@@ -27,6 +27,7 @@ from .engine import Job, Overloaded, Piece
 log = logging.getLogger("mlx_mamba.server")
 MAX_LOGPROBS = 20  # top alternatives a request may ask for, per token
 MAX_STOPS = 4
+MAX_CHOICES = 16  # n; also at most --max-batch-size
 
 
 class RequestError(ValueError):
@@ -81,7 +82,7 @@ class Sampling(Schema):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     ignore_eos: bool = False  # generate max_tokens tokens whatever comes (benchmarks)
     response_format: ResponseFormat | None = None
 
@@ -190,7 +191,7 @@ def make_app(engine, settings):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active_requests": engine.active}
+        return {"status": "ok", "active_requests": engine.active, "prefills": engine.prefills}
 
     @app.get("/v1/models")
     async def models():
@@ -361,6 +362,10 @@ def response_grammar(engine, response_format):
 def submit(engine, settings, body, ids, logprobs, grammar=None):
     """Hand the request to the engine; (job, the asyncio queue its pieces arrive on)."""
     max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
+    if body.n > settings.max_batch_size:
+        raise RequestError(f"n is {body.n}; this server decodes at most "
+                           f"{settings.max_batch_size} sequences together (--max-batch-size)",
+                           param="n")
     if max_tokens > settings.max_tokens:
         raise RequestError(f"max_tokens is {max_tokens}; this server generates at most "
                            f"{settings.max_tokens} (--max-tokens)", param="max_tokens")
@@ -381,10 +386,11 @@ def submit(engine, settings, body, ids, logprobs, grammar=None):
     sampling = dict(temp=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     min_p=body.min_p, seed=body.seed)
     job = Job(ids, sampling, body.repetition_penalty, max_tokens, body.ignore_eos, stop,
-              logprobs, deliver, grammar=grammar)
+              logprobs, deliver, grammar=grammar, n=body.n)
     if max_tokens == 0:
         job.finished = True
-        deliver(Piece("", "length"))
+        for index in range(body.n):
+            deliver(Piece("", "length", index=index))
         return job, queue
     try:
         engine.submit(job)
@@ -398,7 +404,7 @@ async def respond(engine, request, body, job, queue, reply):
         usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(reply.stream(job, queue, usage), on_close=lambda: engine.cancel(job))
     try:
-        pieces = await collect(request, queue)
+        pieces = await collect(request, queue, job.n)
     finally:
         engine.cancel(job)  # a no-op once it is done; frees the place if the client left
     if pieces is None:
@@ -406,10 +412,10 @@ async def respond(engine, request, body, job, queue, reply):
     return reply.whole(job, pieces)
 
 
-async def collect(request, queue):
-    """Every piece of a request, or None if the client disconnects first (looked at every
-    second, whether pieces come or not)."""
-    pieces, looked = [], time.monotonic()
+async def collect(request, queue, n):
+    """Every piece of a request's n choices, or None if the client disconnects first (looked
+    at every second, whether pieces come or not)."""
+    pieces, looked, finished = [], time.monotonic(), 0
     while True:
         try:
             piece = await asyncio.wait_for(queue.get(), timeout=1.0)
@@ -423,7 +429,8 @@ async def collect(request, queue):
             raise piece
         if piece is not None:
             pieces.append(piece)
-            if piece.finish_reason:
+            finished += piece.finish_reason is not None
+            if finished == n:
                 return pieces
 
 
@@ -453,16 +460,21 @@ class Reply:
         """tool_format: the ToolFormat of the calls to find in the text (None: plain text)."""
         self.kind, self.model, self.logprobs = kind, model, logprobs
         self.tool_format = tool_format
-        self.calls = 0  # tool calls streamed so far
+        self.calls = {}  # choice -> tool calls streamed so far
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def whole(self, job, pieces):
+        choices = [self._choice(i, [p for p in pieces if p.index == i]) for i in range(job.n)]
+        return {"id": self.id, "object": self.kind, "created": self.created,
+                "model": self.model, "choices": choices, "usage": usage(job)}
+
+    def _choice(self, index, pieces):
         text, finish = "".join(p.text for p in pieces), pieces[-1].finish_reason
         if self.kind == "text_completion":
-            choice = {"index": 0, "text": text}
+            choice = {"index": index, "text": text}
         else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
+            choice = {"index": index, "message": {"role": "assistant", "content": text}}
             if self.tool_format is not None:
                 parser = ToolCallParser(self.tool_format)
                 content, calls = parser.feed(text)
@@ -473,13 +485,15 @@ class Reply:
                     finish = "tool_calls" if finish == "stop" else finish
         choice["logprobs"] = self._logprobs(pieces, 0) if self.logprobs else None
         choice["finish_reason"] = finish
-        return {"id": self.id, "object": self.kind, "created": self.created,
-                "model": self.model, "choices": [choice], "usage": usage(job)}
+        return choice
 
     async def stream(self, job, queue, include_usage):
-        offset, parser = 0, self.tool_format and ToolCallParser(self.tool_format)
+        offsets, finished = [0] * job.n, 0
+        parsers = [self.tool_format and ToolCallParser(self.tool_format) for _ in range(job.n)]
         if self.kind == "chat.completion":
-            yield self._event(self._chunk({"role": "assistant", "content": ""}, None, None))
+            for index in range(job.n):
+                yield self._event(self._chunk({"role": "assistant", "content": ""}, None, None,
+                                              index))
         while True:
             piece = await queue.get()
             if isinstance(piece, Exception):
@@ -488,14 +502,16 @@ class Reply:
                                              "type": "server_error", "param": None,
                                              "code": 500}})
                 break
-            if parser:
-                for event in self._tool_events(parser, piece):
+            index = piece.index
+            if parsers[index]:
+                for event in self._tool_events(parsers[index], piece):
                     yield event
             elif piece.text or piece.finish_reason or piece.logprob:
-                logprobs = self._logprobs([piece], offset) if self.logprobs else None
-                yield self._event(self._chunk(piece.text, logprobs, piece.finish_reason))
-                offset += len(piece.text)
-            if piece.finish_reason:
+                logprobs = self._logprobs([piece], offsets[index]) if self.logprobs else None
+                yield self._event(self._chunk(piece.text, logprobs, piece.finish_reason, index))
+                offsets[index] += len(piece.text)
+            finished += piece.finish_reason is not None
+            if finished == job.n:
                 break
         if include_usage:
             yield self._event({"id": self.id, "object": self._chunk_kind(),
@@ -507,30 +523,31 @@ class Reply:
         """The chunks of one piece when tools are on: content, then each call whole (name and
         arguments in one delta, as a tool_calls entry with its index), then the finish."""
         content, calls = parser.feed(piece.text)
-        finish = piece.finish_reason
+        finish, index = piece.finish_reason, piece.index
         if finish:
             content += parser.finish()[0]
         if content or piece.logprob:
             logprobs = self._logprobs([piece], 0) if self.logprobs else None
-            yield self._event(self._chunk(content, logprobs, None))
+            yield self._event(self._chunk(content, logprobs, None, index))
         for call in calls:
-            delta = {"tool_calls": [dict(call, index=self.calls)]}
-            self.calls += 1
-            yield self._event(self._chunk(delta, None, None))
+            number = self.calls.get(index, 0)
+            self.calls[index] = number + 1
+            yield self._event(self._chunk({"tool_calls": [dict(call, index=number)]}, None, None,
+                                          index))
         if finish:
             finish = "tool_calls" if finish == "stop" and parser.called else finish
-            yield self._event(self._chunk("", None, finish))
+            yield self._event(self._chunk("", None, finish, index))
 
     def _chunk_kind(self):
         return "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"
 
-    def _chunk(self, content, logprobs, finish_reason):
+    def _chunk(self, content, logprobs, finish_reason, index=0):
         if self.kind == "text_completion":
-            choice = {"index": 0, "text": content}
+            choice = {"index": index, "text": content}
         else:
             delta = content if isinstance(content, dict) else \
                 ({"content": content} if content else {})
-            choice = {"index": 0, "delta": delta}
+            choice = {"index": index, "delta": delta}
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         return {"id": self.id, "object": self._chunk_kind(), "created": self.created,
