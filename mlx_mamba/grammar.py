@@ -126,14 +126,15 @@ def _make_table(tokenizer, vocab_size):
 
         return llguidance.hf.from_tokenizer(tokenizer, n_vocab=size)
     except (ValueError, TypeError):
-        # A decoder llguidance does not know (Fuse, Replace...): each token's own text.
+        # A decoder llguidance does not know (Metaspace, Fuse...): each token's text in context.
         pass
     return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_DecodedTokens(tokenizer, size)),
                                   n_vocab=size)
 
 
 class _DecodedTokens:
-    """A tokenizer as llguidance's TokenizerWrapper reads it: each token's bytes decoded alone."""
+    """A tokenizer as llguidance's TokenizerWrapper reads it: each token's bytes, decoded after
+    a plain token (a token decoded alone can lose its leading space, as Metaspace's do)."""
 
     def __init__(self, tokenizer, size):
         self.tokenizer = tokenizer
@@ -141,11 +142,19 @@ class _DecodedTokens:
         self.bos_token_id = getattr(tokenizer, "bos_token_id", None)
         self.special_token_ids = list(getattr(tokenizer, "all_special_ids", []))
         count = len(tokenizer)
-        self.tokens = [tokenizer.decode([i]).encode() if i < count else b"" for i in range(size)]
+        self.before = tokenizer.encode("a", add_special_tokens=False)
+        start = len(tokenizer.decode(self.before))
+        self.tokens = [tokenizer.decode(self.before + [i])[start:].encode() if i < count
+                       else b"" for i in range(size)]
 
     def __call__(self, text):
+        """Token ids of `text` in the middle of a text (no space put in front, as Metaspace
+        puts at the start)."""
         if isinstance(text, bytes):
             text = text.decode("utf-8", errors="replace")
+        ids = self.tokenizer.encode("a" + text, add_special_tokens=False)
+        if ids[:len(self.before)] == self.before:
+            return ids[len(self.before):]
         return self.tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -167,14 +176,17 @@ def logits_processor(grammar, tokenizer, vocab_size):
         elif tokens.size > seen:
             for token in tokens[seen:].tolist():
                 if not matcher.consume_token(token):
-                    log.warning("the grammar refused token %d: %s", token, matcher.get_error())
+                    log.warning("the grammar refused token %d: %s", token,
+                                matcher.get_error().splitlines()[0])
             seen = tokens.size
-        if matcher.is_error():  # nothing is allowed: end the sequence rather than sample junk
+        words = None if matcher.is_error() else \
+            np.frombuffer(matcher.compute_bitmask(), dtype=np.uint32)
+        if words is None or not words[:(vocab_size + 31) // 32].any():
+            # Nothing the grammar allows is a token of this vocabulary (or it failed): end
+            # the sequence rather than sample junk.
             words = np.zeros((table.vocab_size + 31) // 32, np.uint32)
             for eos in table.eos_tokens:
                 words[eos // 32] |= np.uint32(1 << (eos % 32))
-        else:
-            words = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint32)
         return apply_token_mask(logits, mx.array(words)[None])
 
     return process

@@ -20,6 +20,7 @@ from mlx_mamba.grammar import Grammar, GrammarError
 from mlx_mamba.tool_calls import FORMATS, ToolCallParser, detect_format
 from server_fixtures import write_tokenizer
 from test_server import ROOT, Server, rendered
+from tuning import model_with_tokenizer
 
 FLAGS = ["--max-batch-size", "4", "--prefill-step-size", "16"]
 JSON = {"Content-Type": "application/json"}
@@ -323,6 +324,18 @@ def test_generate_follows_a_schema_or_grammar(hermes_model):
     with pytest.raises(GrammarError, match="frog"):
         mlx_mamba.generate(model, tokenizer, "x", response_format={
             "type": "json_schema", "json_schema": {"schema": {"type": "frog"}}})
+
+
+def test_grammar_over_a_metaspace_tokenizer(checkpoint, tmp_path):
+    """A tokenizer whose decoder llguidance does not read (Metaspace: "▁the" is " the" in a
+    text, "the" at its start): each token's bytes are taken in context, so the text matches."""
+    model, tokenizer = mlx_mamba.load(model_with_tokenizer(checkpoint("mamba2")[0],
+                                                           tmp_path / "m"))
+    grammar = Grammar.regex(r"(yes|no), (sir|my lady)")
+    texts = {mlx_mamba.generate(model, tokenizer, "Is it raining?", temp=1.0, seed=seed,
+                                max_tokens=30, response_format=grammar) for seed in range(8)}
+    assert texts <= {"yes, sir", "no, sir", "yes, my lady", "no, my lady"}
+    assert len(texts) > 1
 
 
 def test_command_line_json_schema(hermes_model, tmp_path):
