@@ -2,18 +2,22 @@
 forces one (tool_choice "required" or a named function), and the parser that turns the text
 into OpenAI `tool_calls` as it streams.
 
-Every format is JSON between two tags, `{"name": ..., "arguments": {...}}` for one call or a
-list of them:
+Every format but one is JSON between two tags, `{"name": ..., "arguments": {...}}` for one
+call or a list of them:
 - hermes: `<tool_call>\\n{...}\\n</tool_call>`, one call per tag pair: Granite 4.0 (its chat
   template's own words), Falcon-H1 instruct (an object, or in the Tiny models a list), and
   Bamba, which has no format of its own; also Qwen and Hermes models.
 - nemotron: `<TOOLCALL>[{...}, ...]</TOOLCALL>`: Nemotron-H / Nemotron Nano 2.
 - jamba: `<tool_calls>[{...}, ...]</tool_calls>`: AI21 Jamba 1.5 and later.
+The other is XML: `<tool_call>\n<function=NAME>\n<parameter=KEY>\nVALUE\n</parameter>\n...
+</function>\n</tool_call>`, each value as text (read as JSON unless the function's schema
+says string): Nemotron 3 Nano (and Qwen3-Coder).
 The format is read from the chat template (the tags it writes), hermes when it names none.
 """
 
 import dataclasses
 import json
+import re
 import uuid
 
 from .grammar import Grammar
@@ -25,17 +29,21 @@ class ToolFormat:
     start: str
     end: str
     listed: bool  # the tags hold a JSON list of calls, not one call
+    xml: bool = False  # the tags hold <function=...> elements, not JSON
 
 
 FORMATS = {f.name: f for f in (ToolFormat("hermes", "<tool_call>", "</tool_call>", False),
                                ToolFormat("nemotron", "<TOOLCALL>", "</TOOLCALL>", True),
-                               ToolFormat("jamba", "<tool_calls>", "</tool_calls>", True))}
+                               ToolFormat("jamba", "<tool_calls>", "</tool_calls>", True),
+                               ToolFormat("xml", "<tool_call>", "</tool_call>", False, True))}
 
 
 def detect_format(chat_template):
     """The ToolFormat whose tags the chat template (a string, or a dict of named templates)
     writes; hermes when it writes none of them."""
     text = json.dumps(chat_template) if isinstance(chat_template, dict) else str(chat_template)
+    if "<function=" in text:
+        return FORMATS["xml"]
     for name in ("nemotron", "jamba", "hermes"):  # "<tool_call>" is a prefix of "<tool_calls>"
         if FORMATS[name].start in text:
             return FORMATS[name]
@@ -54,10 +62,70 @@ def forced_call_grammar(fmt, tools, name=None):
                 "name": {"const": function["name"]},
                 "arguments": function.get("parameters") or {"type": "object"}},
                 "required": ["name", "arguments"], "additionalProperties": False})
+    if fmt.xml:
+        return _xml_call_grammar(fmt, [t["function"] for t in tools
+                                       if name is None or t["function"]["name"] == name])
     schema = {"anyOf": calls, "x-guidance": {"whitespace_flexible": False}}
     body = '"[" call "]"' if fmt.listed else r'"\n" call "\n"'
     return Grammar.lark(f"start: {json.dumps(fmt.start)} {body} {json.dumps(fmt.end)}\n"
                         f"call: %json {json.dumps(schema)}")
+
+
+def _xml_call_grammar(fmt, functions):
+    """One XML call to one of `functions`, with each of its required parameters in order: a
+    string as one line of text without "<" (an enum as one of its values), anything else as
+    JSON."""
+    rules, choices = [], []
+    for i, function in enumerate(functions):
+        schema = function.get("parameters") or {}
+        properties = schema.get("properties", {})
+        parts = [json.dumps(f"<function={function['name']}>\n")]
+        for j, key in enumerate(k for k in properties if k in schema.get("required", [])):
+            value = properties[key]
+            if value.get("type") == "string" and "enum" in value:
+                text = " | ".join(json.dumps(str(v)) for v in value["enum"])
+            elif value.get("type") == "string":
+                text = f"/[^<\\n]{{0,{value['maxLength']}}}/" if "maxLength" in value \
+                    else "/[^<\\n]*/"
+            else:
+                text = "%json " + json.dumps(dict(value, **{"x-guidance": {
+                    "whitespace_flexible": False}}))
+            rules.append(f"v{i}_{j}: {text}")
+            parts += [json.dumps(f"<parameter={key}>\n"), f"v{i}_{j}",
+                      json.dumps("\n</parameter>\n")]
+        rules.append(f"f{i}: " + " ".join(parts + [json.dumps("</function>\n")]))
+        choices.append(f"f{i}")
+    return Grammar.lark("\n".join([f"start: {json.dumps(fmt.start + chr(10))} call "
+                                   f"{json.dumps(fmt.end)}", "call: " + " | ".join(choices),
+                                   *rules]))
+
+
+_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.S)
+_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+
+
+def _xml_calls(body, tools):
+    """The calls of an XML body, None if it holds anything else; values typed by the tools'
+    schemas (a string stays text, anything else is read as JSON when it is JSON)."""
+    if _FUNCTION.sub("", body).strip():
+        return None
+    schemas = {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools}
+    calls = []
+    for name, inner in _FUNCTION.findall(body):
+        if _PARAMETER.sub("", inner).strip():
+            return None
+        properties = schemas.get(name, {}).get("properties", {})
+        arguments = {}
+        for key, value in _PARAMETER.findall(inner):
+            value = value.removeprefix("\n").removesuffix("\n")
+            if properties.get(key, {}).get("type") != "string":
+                try:
+                    value = json.loads(value)
+                except ValueError:
+                    pass
+            arguments[key] = value
+        calls.append(_call({"name": name, "arguments": arguments}))
+    return calls or None
 
 
 def _call(value):
@@ -89,8 +157,10 @@ class ToolCallParser:
     closed, is content, untouched. Whitespace between content and calls is dropped; text
     without calls comes out exactly as it went in."""
 
-    def __init__(self, fmt):
-        self.fmt = fmt
+    def __init__(self, fmt, tools=()):
+        """tools: the request's tools (OpenAI dicts), whose schemas type the XML format's
+        values."""
+        self.fmt, self.tools = fmt, tools
         self.buffer = ""  # text not handed out yet
         self.inside = False  # the buffer is a call's body
         self.spaces = ""  # trailing whitespace held back: a call may follow it
@@ -115,7 +185,7 @@ class ToolCallParser:
                 self.buffer, self.inside = self.buffer[at + len(tag):], True
                 continue
             body, self.buffer, self.inside = self.buffer[:at], self.buffer[at + len(tag):], False
-            parsed = parse_calls(body)
+            parsed = _xml_calls(body, self.tools) if self.fmt.xml else parse_calls(body)
             if parsed is None:
                 raw += self.fmt.start + body + self.fmt.end
                 continue

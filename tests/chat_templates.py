@@ -47,9 +47,25 @@ JAMBA = _template(
     "<tool_calls>[{%- for c in m.tool_calls %}" + _CALL + "{{ ', ' if not loop.last }}"
     "{%- endfor %}]</tool_calls>")
 
+# Nemotron 3 Nano (Qwen3-Coder's format): tools described in <tools>, each call in XML, one
+# parameter per element, its value as text.
+NEMOTRON3 = _template(
+    "# Tools\n<tools>{%- for t in tools %}\n<function><name>{{ t.function.name }}</name>"
+    "<parameters>{{ t.function.parameters | tojson }}</parameters></function>{%- endfor %}\n"
+    "</tools>\nTo call a function, reply with:\n<tool_call>\n<function=example_function>\n"
+    "<parameter=example_parameter>\nvalue\n</parameter>\n</function>\n</tool_call>",
+    "user", "<tool_response>\n{{ m.content }}\n</tool_response>",
+    "{%- for c in m.tool_calls %}<tool_call>\n<function={{ c.function.name }}>\n"
+    "{%- for k, v in c.function.arguments.items() %}\n<parameter={{ k }}>\n"
+    "{{ v if v is string else v | tojson }}\n</parameter>{%- endfor %}\n</function>\n"
+    "</tool_call>{%- endfor %}")
+
 # family -> (tiny checkpoint flavour, chat template, the tool-call tags)
 FAMILIES = {
     "hermes": ("granite_dense", GRANITE, ("<tool_call>", "</tool_call>")),
     "nemotron": ("nemotron_h", NEMOTRON, ("<TOOLCALL>", "</TOOLCALL>")),
     "jamba": ("jamba", JAMBA, ("<tool_calls>", "</tool_calls>")),
+    "xml": ("mamba2_groups_untied", NEMOTRON3, ("<tool_call>", "</tool_call>", "<function=",
+                                                 "</function>", "<parameter=", "</parameter>",
+                                                 ">")),
 }

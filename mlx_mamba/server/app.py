@@ -219,7 +219,7 @@ def make_app(engine, settings):
             grammar = await run_in_threadpool(response_grammar, engine, body.response_format)
         job, queue = submit(engine, settings, body, ids, count, grammar)
         reply = Reply("chat.completion", settings.model, body.logprobs,
-                      engine.tool_format if tools else None)
+                      engine.tool_format if tools else None, tools)
         return await respond(engine, request, body, job, queue, reply)
 
     return app
@@ -456,10 +456,11 @@ class Reply:
     """OpenAI's response objects for completions ("text_completion") and chat completions
     ("chat.completion"), whole or streamed."""
 
-    def __init__(self, kind, model, logprobs, tool_format=None):
-        """tool_format: the ToolFormat of the calls to find in the text (None: plain text)."""
+    def __init__(self, kind, model, logprobs, tool_format=None, tools=()):
+        """tool_format: the ToolFormat of the calls to find in the text (None: plain text);
+        tools: the request's (as dicts)."""
         self.kind, self.model, self.logprobs = kind, model, logprobs
-        self.tool_format = tool_format
+        self.tool_format, self.tools = tool_format, tools
         self.calls = {}  # choice -> tool calls streamed so far
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
@@ -476,7 +477,7 @@ class Reply:
         else:
             choice = {"index": index, "message": {"role": "assistant", "content": text}}
             if self.tool_format is not None:
-                parser = ToolCallParser(self.tool_format)
+                parser = ToolCallParser(self.tool_format, self.tools)
                 content, calls = parser.feed(text)
                 content += parser.finish()[0]
                 if calls:
@@ -489,7 +490,8 @@ class Reply:
 
     async def stream(self, job, queue, include_usage):
         offsets, finished = [0] * job.n, 0
-        parsers = [self.tool_format and ToolCallParser(self.tool_format) for _ in range(job.n)]
+        parsers = [self.tool_format and ToolCallParser(self.tool_format, self.tools)
+                   for _ in range(job.n)]
         if self.kind == "chat.completion":
             for index in range(job.n):
                 yield self._event(self._chunk({"role": "assistant", "content": ""}, None, None,
