@@ -128,8 +128,11 @@ def _make_table(tokenizer, vocab_size):
     except (ValueError, TypeError):
         # A decoder llguidance does not know (Metaspace, Fuse...): each token's text in context.
         pass
-    return llguidance.LLTokenizer(llguidance.TokenizerWrapper(_DecodedTokens(tokenizer, size)),
-                                  n_vocab=size)
+    try:
+        return llguidance.LLTokenizer(
+            llguidance.TokenizerWrapper(_DecodedTokens(tokenizer, size)), n_vocab=size)
+    except (ValueError, TypeError) as e:
+        raise GrammarError(f"llguidance cannot read this tokenizer: {e}") from None
 
 
 class _DecodedTokens:
