@@ -135,9 +135,9 @@ class Engine:
             for job in [job for job in waiting if job.cancelled]:
                 waiting.remove(job)
                 self._release(job)
+            # A request joins with its n rows (n <= max_batch_size: the web side checks).
             if prefilling is None and waiting and \
-                    len(self.decoder) + waiting[0].n <= max(self.args.max_batch_size,
-                                                            waiting[0].n):
+                    len(self.decoder) + waiting[0].n <= self.args.max_batch_size:
                 prefilling = self._guarded(self._start_prefill, waiting.popleft())
             if prefilling is not None:
                 prefilling = self._guarded(self._prefill_chunk, prefilling)
