@@ -9,24 +9,15 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from checkpoints import FLAVOURS, VOCAB, write_checkpoint
 from comparing import relative_error
+from quant_models import DEEP, deep  # noqa: F401 (a fixture)
 
 from mlx_mamba.convert import convert
 from mlx_mamba.loader import load_model
 from mlx_mamba.quant_recipes import RECIPES
 from mlx_mamba.quantize import quantized_bits
 
-# Eight layers, every projection a multiple of 64 wide: the recipes' layer pattern is visible
-# (the first and last eighth and every third layer between: 0, 3, 6, 7) and nothing is unfit.
-DEEP = {
-    "mamba2_deep": ("Mamba2ForCausalLM", dict(
-        hidden_size=64, num_hidden_layers=8, state_size=16, expand=2, conv_kernel=4, num_heads=8,
-        head_dim=16, chunk_size=8, n_groups=1, vocab_size=VOCAB, tie_word_embeddings=True), "hf"),
-    "mamba1_deep": ("MambaForCausalLM", dict(
-        hidden_size=64, num_hidden_layers=8, state_size=16, expand=2, conv_kernel=4,
-        time_step_rank=64, vocab_size=VOCAB, tie_word_embeddings=False), "hf"),
-}
+# The recipes' layer pattern over eight layers: the first and last eighth, every third between.
 HIGH_LAYERS = {0, 3, 6, 7}
 IDS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38]]
 
@@ -38,17 +29,6 @@ def expected_bits(path, low, high):
     if name in ("in_proj", "out_proj") and int(parts[2]) in HIGH_LAYERS:
         return high
     return low
-
-
-@pytest.fixture(scope="module")
-def deep(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        made = {}
-        for name, flavour in DEEP.items():
-            patch.setitem(FLAVOURS, name, flavour)
-            made[name] = tmp_path_factory.mktemp(name)
-            write_checkpoint(name, made[name])
-    return made
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
