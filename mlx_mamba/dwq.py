@@ -23,7 +23,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import ConvertError, check_destination, predicate_quantization, save_model
 from .dynamic_quant import calibration_tokens, kl_divergence
-from .loader import find_tokenizer, load_model, load_tokenizer, resolve
+from .loader import cast, find_tokenizer, load_model, load_tokenizer, resolve
 from .quant_modes import QuantizationError, quantization_params
 from .quant_recipes import RECIPES
 from .quantize import QUANTIZED_TYPES, quantize_model
@@ -91,7 +91,9 @@ def dwq(model_path, mlx_path, data=None, q_bits=3, q_group_size=64, quant_predic
     tokens = calibration_tokens(teacher, tokenizer, data, sequence_length, num_samples)
     held_out = max(1, len(tokens) // 8)
     train, valid = (tokens[:-held_out], tokens[-held_out:]) if len(tokens) > 1 else (tokens,) * 2
-    student = load_model(source)
+    # Trained in float32: Adam's small steps vanish in bfloat16 scales; saved in the stored dtype.
+    dtype = teacher.backbone.embeddings.weight.dtype
+    student = load_model(source, dtype=mx.float32)
     quantization = quantization_params(q_bits if quant_predicate is None else None, q_group_size)
     if quant_predicate is not None:
         quantization = predicate_quantization(quant_predicate, student, quantization)
@@ -109,7 +111,8 @@ def dwq(model_path, mlx_path, data=None, q_bits=3, q_group_size=64, quant_predic
         distill(student, teacher, train, iters, batch_size, learning_rate, log)
     after = mean_kl(student, teacher, valid, batch_size)
     print(f"Held-out KL after: {after:.5f}", flush=True)
-    save_model(Path(mlx_path), dict(tree_flatten(student.parameters())), student.config, location)
+    save_model(Path(mlx_path), cast(dict(tree_flatten(student.parameters())), dtype),
+               student.config, location)
     print(f"[INFO] Saved to {mlx_path}")
     return before, after
 
