@@ -392,7 +392,8 @@ def parser():
     p.add_argument("--quant-predicate", choices=tuple(RECIPES),
                    help="Mixed-precision recipe (with -q): mixed_L_H keeps the embedding, head, "
                    "Mamba1's x_proj/dt_proj and, in the first and last eighth of the layers and "
-                   "every third between, the mixers' in/out projections at H bits, the rest at L.")
+                   "every third between, the mixers' in/out projections at H bits, the rest at L "
+                   "(default: --q-bits for every layer).")
     p.add_argument("--tokenizer", help="Take the tokenizer from this directory, tokenizer.json "
                    "file or repo id (default: the source's).")
     p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo "

@@ -126,7 +126,7 @@ def parser():
     p.add_argument("--q-bits", type=int, default=3, help="Bits per weight (affine)")
     p.add_argument("--q-group-size", type=int, default=64, help="Group size")
     p.add_argument("--quant-predicate", choices=tuple(RECIPES),
-                   help="A mixed-precision recipe instead of --q-bits")
+                   help="A mixed-precision recipe (default: --q-bits for every layer)")
     p.add_argument("--iters", type=cli.integer(1), default=200, help="Training steps")
     p.add_argument("--batch-size", type=cli.integer(1), default=4, help="Sequences per step")
     p.add_argument("--learning-rate", type=cli.number(above=0), default=1e-4,
