@@ -15,7 +15,7 @@ top-k; the vocabulary is that of the GPT-NeoX tokenizer that decodes the output.
 models do not fit this project's 2-core CPU: a 4096-token prompt through one full Granite
 4.0-H-Tiny layer is about 300 GFLOP.
 
-    python benchmarks/hybrid.py --clock cpu                  # the README's table
+    python benchmarks/hybrid.py --clock cpu                  # docs/benchmarks.md's table
     python benchmarks/hybrid.py --models granite-4.0-h-tiny --narrow 1 --layers 40   # the model
 """
 

@@ -138,11 +138,15 @@ def _quantize(model, weights, quantization):
     group_size = quantization["group_size"]
     _report_unfit(unfit_layers(model, group_size), group_size)
     quantize_model(model, quantization)
+    bits = bits_per_weight(model)
+    if bits is None:
+        raise QuantizationError(f"--q-group-size {group_size}: no layer's input size is a "
+                                "multiple of it; nothing would be quantized")
     model.config.quantization = quantization
     mixed = len(set(quantized_bits(model).values())) > 1
     print(f"[INFO] Quantized ({quantization['mode']}, {'mixed, default ' * mixed}"
-          f"{quantization['bits']} bits, group {group_size}): {bits_per_weight(model):.2f} bits "
-          "per quantized weight")
+          f"{quantization['bits']} bits, group {group_size}): {bits:.2f} bits per quantized "
+          "weight")
     return dict(tree_flatten(model.parameters()))
 
 

@@ -181,6 +181,17 @@ def test_q_group_size_help_and_errors_list_the_sizes_of_the_chosen_mode(checkpoi
         quantization_params(None, 0, "nvfp4")
 
 
+
+def test_a_group_that_no_layer_fits_is_one_error(checkpoint, tmp_path, capsys):
+    # The tiny Mamba2's widest input is 64: grouping by 128 would quantize nothing.
+    line, out = error_line("convert", ["--hf-path", checkpoint("mamba2")[0], "--mlx-path",
+                                       tmp_path / "out", "-q", "--q-group-size", 128], capsys)
+    assert line == ("error: --q-group-size 128: no layer's input size is a multiple of it; "
+                    "nothing would be quantized")
+    assert "stays in full precision" in out  # each layer was reported first
+    assert files_in(tmp_path) == []
+
+
 # ---- generate --------------------------------------------------------------------------------
 
 def test_verbose_takes_mlx_lm_forms(model_dir, capsys):
