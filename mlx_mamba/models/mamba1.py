@@ -9,7 +9,7 @@ import mlx.nn as nn
 from .. import ops
 from ..cache import MambaCache
 from ..ops.reference import discretize_dt
-from .conv import causal_conv1d
+from .conv import causal_conv1d, windows_after
 
 
 def _without_bias(linear, x):
@@ -68,10 +68,22 @@ class Mamba1(nn.Module):
         """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
         were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
         x, z = mx.split(self.in_proj(x), 2, axis=-1)
+        marked = cache is not None and cache.trail is not None
+        windows = windows_after(cache.conv, x) if marked else None
         x, window = causal_conv1d(x, self.conv1d.weight, self.conv1d.get("bias"),
                                   cache.conv if cache else None, mask)
         x = nn.silu(x)
         delta, B, C = self._ssm_inputs(x)
+        if marked:  # rewindable: the decode step's recurrence, keeping each token's state
+            A = -mx.exp(self.A_log.astype(mx.float32))
+            ys = []
+            for t, window in enumerate(windows):
+                y, ssm = ops.selective_scan_step(cache.ssm, x[:, t], delta[:, t], A, B[:, t],
+                                                 C[:, t], self.D, z[:, t], self.dt_proj.bias, True)
+                cache.conv, cache.ssm = window, ssm
+                cache.remember()
+                ys.append(y)
+            return self.out_proj(mx.stack(ys, axis=1))
         bias, softplus = self.dt_proj.bias, True
         if mask is not None:
             # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
@@ -94,4 +106,5 @@ class Mamba1(nn.Module):
         y, cache.ssm = ops.selective_scan_step(
             cache.ssm, x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,
             self.dt_proj.bias, True)
+        cache.remember()
         return self.out_proj(y)

@@ -8,7 +8,7 @@ import mlx.nn as nn
 from .. import ops
 from ..cache import MambaCache
 from ..ops.reference import discretize_dt
-from .conv import causal_conv1d
+from .conv import causal_conv1d, windows_after
 
 
 def gated_rms_norm(y, z, weight, groups, eps, before_gate=False):
@@ -96,8 +96,11 @@ class Mamba2(nn.Module):
     def __call__(self, x, cache=None, mask=None):
         """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
         were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
-        z, x, B, C, dt, window = self._split(self._project(x), cache.conv if cache else None, mask)
+        projected = self._project(x)
+        z, x, B, C, dt, window = self._split(projected, cache.conv if cache else None, mask)
         bias, softplus, limit = self.dt_bias, True, self.dt_limit
+        if cache is not None and cache.trail is not None:
+            return self._stepwise(projected, z, x, B, C, dt, cache)
         if mask is not None:
             # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
             dt = discretize_dt(dt, bias, softplus, limit) * mask[..., None].astype(mx.float32)
@@ -109,10 +112,26 @@ class Mamba2(nn.Module):
             cache.conv, cache.ssm = window, state
         return self._output(y, z)
 
+    def _stepwise(self, projected, z, x, B, C, dt, cache):
+        """A rewindable cache's window: the decode step's recurrence token by token, keeping
+        each token's state (the projections and the conv stay parallel)."""
+        bc = self.n_groups * self.d_state
+        conv_inputs = projected[..., self.d_inner:2 * self.d_inner + 2 * bc]
+        A = -mx.exp(self.A_log.astype(mx.float32))
+        ys = []
+        for t, window in enumerate(windows_after(cache.conv, conv_inputs)):
+            y, ssm = ops.ssd_step(cache.ssm, x[:, t], dt[:, t], A, B[:, t], C[:, t], self.D,
+                                  None, self.dt_bias, True, self.dt_limit)
+            cache.conv, cache.ssm = window, ssm
+            cache.remember()
+            ys.append(y)
+        return self._output(mx.stack(ys, axis=1), z)
+
     def step(self, x, cache):
         """One token: x (B, d_model) -> (B, d_model); advances `cache` in place."""
         z, x, B, C, dt, cache.conv = self._split(self._project(x)[:, None], cache.conv)
         y, cache.ssm = ops.ssd_step(
             cache.ssm, x[:, 0], dt[:, 0], -mx.exp(self.A_log.astype(mx.float32)), B[:, 0],
             C[:, 0], self.D, None, self.dt_bias, True, self.dt_limit)
+        cache.remember()
         return self._output(y, z[:, 0])

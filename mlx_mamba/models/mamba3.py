@@ -166,6 +166,16 @@ class Mamba3(nn.Module):
         previous token's k and x as they were, so a padded row gets what it gets alone."""
         state = cache if cache is not None else self.make_cache(u.shape[0])
         z, x, q, k, dA, dt, trap, angle = self._prepare(u, state, mask)
+        if state.trail is not None:  # rewindable: step by step, keeping each token's state
+            ys = []
+            for t in range(u.shape[1]):
+                y, ssm = mamba3_step(state.ssm, q[:, t], k[:, t], self._values(x[:, t]),
+                                     dA[:, t], dt[:, t], trap[:, t], state.k.swapaxes(1, 2),
+                                     self._values(state.v))
+                state.state = [angle[:, t], ssm, k[:, t].swapaxes(1, 2), x[:, t]]
+                state.remember()
+                ys.append(y)
+            return self._output(mx.stack(ys, axis=1), self._values(x), z, u.dtype)
         k_prev = state.k.swapaxes(1, 2)  # (b, H, R, N)
         if mask is not None:
             # Padding carries the previous token's k and x, so the first real token's trapezoid
@@ -187,4 +197,5 @@ class Mamba3(nn.Module):
         y, ssm = mamba3_step(cache.ssm, q[:, 0], k, v, dA[:, 0], dt[:, 0], trap[:, 0],
                              cache.k.swapaxes(1, 2), self._values(cache.v))
         cache.state = [angle[:, 0], ssm, k.swapaxes(1, 2), x]
+        cache.remember()
         return self._output(y, v, z[:, 0], u.dtype)
