@@ -74,6 +74,11 @@ def per_sampler(rows, compute):
     return mx.concatenate(parts)[order]
 
 
+def accepts(u, log_p, log_q):
+    """Whether a draft is kept: u < p(d) / q(d), u uniform in [0, 1)."""
+    return mx.log(u) < log_p - log_q
+
+
 def residual(p, q):
     """Where a rejected position draws from: max(p - q, 0) (normalised by the draw)."""
     return mx.maximum(p - q, 0.0)
@@ -92,7 +97,7 @@ def verify(sampler, logp, logq, drafts, lengths):
     if k:
         p_d = mx.take_along_axis(logp[:, :k], drafts[..., None], axis=-1)[..., 0]
         q_d = mx.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]
-        ok = (mx.log(sampler.uniform((n, k))) < p_d - q_d) & (mx.arange(k) < lengths[:, None])
+        ok = accepts(sampler.uniform((n, k)), p_d, q_d) & (mx.arange(k) < lengths[:, None])
         accepted = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
         q = mx.exp(mx.concatenate([logq, mx.full((n, 1, logq.shape[-1]), -mx.inf)], axis=1))
         q = mx.where((accepted < lengths)[:, None], q[rows, accepted], 0.0)

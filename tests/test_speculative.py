@@ -9,6 +9,7 @@ import mlx_mamba
 from comparing import relative_error
 from mlx_mamba.cache import mark, rewind
 from mlx_mamba.config import ModelConfig
+from mlx_mamba.generate import batch_generate, stream_generate
 
 # Every family: pure Mamba1, Mamba2, Mamba-3 (SISO and MIMO), and each hybrid's cache layout.
 HYBRIDS = ["bamba", "granite_moe", "granite_rope", "nemotron_h", "falcon_h1", "zamba2", "jamba"]
@@ -22,8 +23,8 @@ MAMBA3 = {
 }
 
 
-def mamba3_model(flavour, seed=0):
-    config = {"d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 100,
+def mamba3_model(flavour, seed=0, vocab=100):
+    config = {"d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": vocab,
               "ssm_cfg": MAMBA3[flavour], "rms_norm": True, "residual_in_fp32": True,
               "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}
     mx.random.seed(seed)
@@ -120,3 +121,119 @@ def test_rewind_refuses_what_it_cannot_do(family_model):
         rewind(cache, 3)
     with pytest.raises(ValueError, match="one per row"):
         rewind(cache, [1])
+
+
+def quantized_copy(family, checkpoint):
+    from mlx_mamba.quantize import quantize_model
+
+    model = mamba3_model(family) if family in MAMBA3 else \
+        mlx_mamba.load(str(checkpoint(family)[0]))[0]
+    quantize_model(model, {"group_size": 32, "bits": 8, "mode": "affine"})
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_text_equals_plain_greedy(family, family_model, checkpoint):
+    """For K = 1..8 with a draft that agrees (the model itself, its 8-bit copy) and for K = 1, 2,
+    5, 8 with one that never does (a random Mamba-3 of a padded vocabulary, 104 ids), the greedy
+    tokens are those of plain greedy decoding; prefill chunks of 3 tokens put chunk boundaries in
+    the prompt. Two prompts of different lengths decoded together (rows accepting different
+    counts) equal their plain batch."""
+    model = family_model(family)
+    stranger = mamba3_model("mamba3", seed=7)
+    prompt = [5, 17, 3, 99, 42, 8, 8, 61, 20, 33]
+    plain = [r.token for r in stream_generate(model, None, prompt, max_tokens=12)]
+    agreeing = quantized_copy(family, checkpoint)
+    accepted = 0
+    runs = [(k, model if k % 2 else agreeing) for k in range(1, 9)]
+    for k, draft in runs + [(k, stranger) for k in (1, 2, 5, 8)]:
+        responses = list(stream_generate(model, None, prompt, max_tokens=12, prefill_step_size=3,
+                                         draft_model=draft, num_draft_tokens=k))
+        assert [r.token for r in responses] == plain, (k, draft is stranger)
+        if draft is not stranger:
+            accepted += sum(r.from_draft for r in responses)
+    assert accepted > 8 * 12 // 2  # the agreeing drafts were mostly accepted
+    prompts = [prompt, [7, 1, 2]]
+    expected = [r.tokens for r in batch_generate(model, None, prompts, max_tokens=10)]
+    for draft in (stranger, agreeing):
+        got = batch_generate(model, None, prompts, max_tokens=10, draft_model=draft,
+                             num_draft_tokens=3, prefill_step_size=2)
+        assert [r.tokens for r in got] == expected
+
+
+def chi_square_p_value(counts, probabilities):
+    """The chi-square test's p-value of `counts` against `probabilities`, cells expecting fewer
+    than 5 pooled into one."""
+    from scipy.stats import chi2
+
+    expected = probabilities * counts.sum()
+    small = expected < 5
+    observed = np.append(counts[~small], counts[small].sum())
+    expected = np.append(expected[~small], expected[small].sum())
+    keep = expected > 0
+    assert observed[~keep].sum() == 0, "a token the model gives no probability was drawn"
+    statistic = ((observed[keep] - expected[keep]) ** 2 / expected[keep]).sum()
+    return chi2.sf(statistic, keep.sum() - 1)
+
+
+SAMPLING = dict(temp=0.9, top_k=6, top_p=0.97, min_p=0.01, repetition_penalty=1.5)
+
+
+def pair_probabilities(model, prompt):
+    """P(first two tokens) under the model, with SAMPLING's processors and filters, computed
+    by plain forwards of the model (no cache, no drafting)."""
+    from mlx_mamba.sample import make_logits_processors, make_sampler
+
+    sampler = make_sampler(SAMPLING["temp"], SAMPLING["top_p"], SAMPLING["top_k"],
+                           SAMPLING["min_p"])
+    penalty = make_logits_processors(SAMPLING["repetition_penalty"])[0]
+
+    def next_probabilities(ids):
+        logits = model(mx.array([ids]))[:, -1].astype(mx.float32)
+        return np.array(mx.exp(sampler.distribution(penalty(mx.array(ids), logits)))[0])
+
+    first = next_probabilities(prompt)
+    return np.concatenate([first[a] * next_probabilities(prompt + [a])
+                           for a in range(len(first))])
+
+
+def sampled_pairs(model, draft, prompt, rows, **kwargs):
+    mx.random.seed(0)
+    results = batch_generate(model, None, [prompt] * rows, max_tokens=3, draft_model=draft,
+                             num_draft_tokens=2, **SAMPLING, **kwargs)
+    vocab = model.config.vocab_size
+    pairs = np.array([r.tokens[0] * vocab + r.tokens[1] for r in results])
+    return np.bincount(pairs, minlength=vocab * vocab)
+
+
+def test_sampled_tokens_follow_the_model_distribution(monkeypatch):
+    """1000 rows sample their first two tokens speculatively (a disagreeing draft proposes two
+    per round, top-k, top-p, min-p and a repetition penalty on both): the pairs' counts pass a
+    chi-square test against the model's own probabilities, and fail it when a wrong rule is
+    planted: after a rejection, drawing from p instead of max(p - q, 0); keeping a draft with
+    probability p(d) instead of p(d) / q(d)."""
+    from mlx_mamba import speculative
+
+    model, draft = mamba3_model("mamba3", seed=1, vocab=8), mamba3_model("mamba3", seed=2, vocab=8)
+    prompt = [1, 2, 3]
+    probabilities = pair_probabilities(model, prompt)
+    counts = sampled_pairs(model, draft, prompt, 1000)
+    assert chi_square_p_value(counts, probabilities) > 1e-3
+    for name, planted in (("residual", lambda p, q: p),
+                          ("accepts", lambda u, log_p, log_q: mx.log(u) < log_p)):
+        with monkeypatch.context() as patch:
+            patch.setattr(speculative, name, planted)
+            wrong = sampled_pairs(model, draft, prompt, 1000)
+        assert chi_square_p_value(wrong, probabilities) < 1e-6, name
+
+
+def test_a_seed_reproduces_the_text(family_model):
+    model, draft = family_model("mamba2"), mamba3_model("mamba3", seed=3)
+
+    def run(seed):
+        return [r.token for r in stream_generate(model, None, [4, 5, 6], max_tokens=16, temp=1.0,
+                                                 seed=seed, draft_model=draft,
+                                                 num_draft_tokens=3)]
+
+    assert run(11) == run(11)
+    assert run(11) != run(12)
