@@ -521,9 +521,34 @@ def build_parser():
              "(default: start afresh)")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward")
+    add("--draft-model", default=None,
+        help="decode speculatively with this smaller model (same tokenizer) proposing tokens "
+             "(default: none); the text stays the model's")
+    add("--num-draft-tokens", type=cli.integer(1, MAX_DRAFT_TOKENS), default=3,
+        help="tokens proposed per round by --draft-model or --prompt-lookup")
+    add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
+        help="decode speculatively without a draft model: propose what followed the latest "
+             "earlier match of the context's last N (or fewer) tokens (default: off)")
     cli.add_switch(parser, "--verbose",
-                   help="also print the model, the backend and the prompt as fed")
+                   help="also print the model, the backend, the prompt as fed and, when "
+                        "decoding speculatively, the acceptance rate and the model passes per "
+                        "generated token")
     return parser
+
+
+def _load_draft(args, tokenizer):
+    """The --draft-model, checked to share the model's token ids."""
+    from .loader import load
+    from .speculative import check_same_tokenizer
+
+    try:
+        draft, draft_tokenizer = load(args.draft_model)
+    except OSError as e:
+        raise GenerationError(e if args.draft_model in str(e) else f"{args.draft_model}: {e}") \
+            from None
+    if draft_tokenizer is not None:
+        check_same_tokenizer(tokenizer, draft_tokenizer)
+    return draft
 
 
 def _load(args):
@@ -586,8 +611,12 @@ def run(args):
     if not text and not args.prompt_cache_file:
         raise GenerationError("the prompt is empty" + (" (nothing on stdin)" if args.prompt == "-"
                                                         else ""))
+    if args.draft_model is not None and args.prompt_lookup is not None:
+        raise GenerationError("--prompt-lookup and --draft-model exclude each other: draft "
+                              "with one")
     start = time.perf_counter()
     model, tokenizer = _load(args)
+    draft = _load_draft(args, tokenizer) if args.draft_model else None
     previous = load_prompt_cache(args.prompt_cache_file, model) if args.prompt_cache_file else None
     ids, fed_text = _prompt_ids(args, model, tokenizer, text)
     if not ids and previous is None:
@@ -611,7 +640,9 @@ def run(args):
     for response in stream_generate(
             model, tokenizer, [], max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            seed=args.seed, prompt_cache=state):
+            seed=args.seed, prompt_cache=state, draft_model=draft,
+            num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup,
+            prefill_step_size=args.prefill_step_size):
         if response.generation_tokens == 1:
             # The prompt's last token goes through the first decoding step: prompt time.
             prompt_seconds += time.perf_counter() - start
@@ -619,13 +650,14 @@ def run(args):
     print(flush=True)
     print_stats(len(ids), len(ids) / prompt_seconds, response.generation_tokens if response else 0,
                 response.generation_tps if response else 0.0, mx.get_peak_memory() / 1e9,
-                file=sys.stderr)
+                file=sys.stderr, draft_stats=response.draft_stats if response and args.verbose
+                else None)
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     return cli.run(lambda: run(args), (ConfigError, CheckpointError, PromptCacheError,
-                                       SamplerError, GenerationError, OSError))
+                                       SamplerError, GenerationError, DraftError, OSError))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """Speculative decoding: rewindable caches of every kind, greedy text equal to plain greedy for
 every family, the sampled distribution equal to the target's, and the errors of bad settings."""
 
+import contextlib
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -237,3 +239,114 @@ def test_a_seed_reproduces_the_text(family_model):
 
     assert run(11) == run(11)
     assert run(11) != run(12)
+
+
+# ---- command line and bad input --------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cli_models(tmp_path_factory, tokenizer_file):
+    """(model, draft, draft with other token ids): tiny transformers directories over GPT-NeoX's
+    ids with a byte-level tokenizer; the draft is a Mamba1, the stranger's tokenizer swaps two
+    ids."""
+    import json
+
+    import torch
+    import transformers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast(tokenizer_file=str(tokenizer_file),
+                                        eos_token="<|endoftext|>")
+    made = []
+    for name, config in (
+            ("model", transformers.Mamba2Config(hidden_size=16, num_hidden_layers=1, state_size=8,
+                                                num_heads=4, head_dim=8, n_groups=1,
+                                                vocab_size=50280, tie_word_embeddings=True)),
+            ("draft", transformers.MambaConfig(hidden_size=16, num_hidden_layers=1, state_size=4,
+                                               vocab_size=50277)),
+            ("stranger", transformers.MambaConfig(hidden_size=16, num_hidden_layers=1,
+                                                  state_size=4, vocab_size=50277))):
+        directory = tmp_path_factory.mktemp(name)
+        torch.manual_seed(len(made))
+        cls = transformers.Mamba2ForCausalLM if name == "model" else \
+            transformers.MambaForCausalLM
+        cls(config).save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        made.append(directory)
+    spec = json.loads((made[2] / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    first, second = list(vocab)[100:102]
+    vocab[first], vocab[second] = vocab[second], vocab[first]
+    (made[2] / "tokenizer.json").write_text(json.dumps(spec))
+    return made
+
+
+def test_cli_decodes_speculatively_and_reports(cli_models, capsys):
+    from mlx_mamba.generate import main
+
+    model_dir, draft_dir, _ = cli_models
+    model, tokenizer = mlx_mamba.load(str(model_dir))
+    prompt = "the cat sat on the mat and the cat sat on the"
+    expected = mlx_mamba.generate(model, tokenizer, prompt, max_tokens=12)
+    for flags in (["--draft-model", draft_dir, "--num-draft-tokens", "4"],
+                  ["--prompt-lookup", "3"]):
+        argv = ["--model", model_dir, "--prompt", prompt, "-m", "12", "--verbose",
+                "--ignore-chat-template", *flags]
+        assert main(list(map(str, argv))) == 0
+        out, err = capsys.readouterr()
+        assert out == expected + "\n"
+        assert "draft tokens accepted" in err and "per generated token" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-draft-tokens", "0"], "--num-draft-tokens"),
+    (["--num-draft-tokens", "65"], "--num-draft-tokens"),
+    (["--prompt-lookup", "2", "--draft-model", "DRAFT"], "exclude each other"),
+    (["--draft-model", "STRANGER"], "tokenizer differs"),
+])
+def test_cli_bad_drafting_is_one_error_line(cli_models, capsys, flags, message):
+    from mlx_mamba.generate import main
+
+    model_dir, draft_dir, stranger_dir = cli_models
+    flags = [{"DRAFT": str(draft_dir), "STRANGER": str(stranger_dir)}.get(f, f) for f in flags]
+    with pytest.raises(SystemExit) if "num-draft" in message else contextlib.nullcontext():
+        status = main(["--model", str(model_dir), "--prompt", "hi", "-m", "2", *flags])
+        assert status == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_api_bad_drafting_is_refused(family_model):
+    from mlx_mamba.speculative import DraftError
+
+    model = family_model("mamba1")
+    for kwargs, message in ((dict(draft_model=model, num_draft_tokens=0), "1 to 64"),
+                            (dict(draft_model=model, num_draft_tokens=65), "1 to 64"),
+                            (dict(prompt_lookup=2, num_draft_tokens=True), "1 to 64"),
+                            (dict(prompt_lookup=0), "prompt_lookup"),
+                            (dict(prompt_lookup=2, draft_model=model), "exclude"),
+                            (dict(draft_model="path"), "expected a model")):
+        with pytest.raises(DraftError, match=message):
+            mlx_mamba.generate(model, None, [1, 2], max_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("family", ["mamba2", "mamba3", "jamba", "zamba2"])
+def test_prompt_lookup_gives_the_plain_text(family, family_model):
+    """Prompt lookup over a repetitive prompt proposes (and gets accepted) continuations; the
+    greedy tokens, alone and for rows of a batch, stay plain decoding's."""
+    from mlx_mamba.speculative import PromptLookup
+
+    model = family_model(family)
+    prompt = [5, 6, 7, 8, 9] * 4
+    plain = [r.token for r in stream_generate(model, None, prompt, max_tokens=20)]
+    for ngram, k in ((1, 1), (3, 4), (5, 8)):
+        responses = list(stream_generate(model, None, prompt, max_tokens=20, prompt_lookup=ngram,
+                                         num_draft_tokens=k))
+        assert [r.token for r in responses] == plain, (ngram, k)
+        assert responses[-1].draft_stats.proposed > 0
+    prompts = [prompt, [1, 2, 1, 2, 1]]
+    expected = [r.tokens for r in batch_generate(model, None, prompts, max_tokens=12)]
+    got = batch_generate(model, None, prompts, max_tokens=12, prompt_lookup=2, num_draft_tokens=3)
+    assert [r.tokens for r in got] == expected
+    assert PromptLookup(3).lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]  # the latest
+    assert PromptLookup(3).lookup([4, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # a shorter match
+    assert PromptLookup(3).lookup([1, 2, 3], 3) == []
