@@ -268,9 +268,9 @@ class Decoder:
         self.dropped &= {row.key for row in self.rows}
         if not self.rows:
             return []
-        rows, vocab = self.rows, self.model.config.vocab_size
-        k = min(self.drafter.num_draft_tokens, max(r.max_tokens - r.generated for r in rows) - 1)
-        drafts, logq, lengths = self.drafter.propose(rows, self.draft_cache, k,
+        # Always the full count (a row's draws then do not depend on its batch).
+        rows, vocab, width = self.rows, self.model.config.vocab_size, self.drafter.num_draft_tokens
+        drafts, logq, lengths = self.drafter.propose(rows, self.draft_cache, width,
                                                      [r.history for r in rows], vocab)
         k = drafts.shape[1]
         inputs = mx.concatenate([mx.array([[r.tokens[-1]] for r in rows], mx.int32), drafts], 1)
@@ -284,7 +284,7 @@ class Decoder:
         def check(sampler, index):
             pick = (lambda a: a) if index is None else (lambda a: a[index])  # noqa: E731
             return verify(sampler, sampler.distribution(pick(logprobs)), pick(logq),
-                          pick(drafts), pick(lengths))
+                          pick(drafts), pick(lengths), width)
 
         accepted, tokens = per_sampler(rows, check)
         accepted, tokens, drafted = accepted.tolist(), tokens.tolist(), drafts.tolist()

@@ -84,20 +84,23 @@ def residual(p, q):
     return mx.maximum(p - q, 0.0)
 
 
-def verify(sampler, logp, logq, drafts, lengths):
+def verify(sampler, logp, logq, drafts, lengths, width):
     """Rejection sampling of one round. logp (n, k+1, V): the model's distributions at each
     position (`sampler.distribution`); logq (n, k, V): the drafter's, from which drafts (n, k)
-    were drawn; lengths (n,): how many of each row's drafts are real (the rest are padding).
+    were drawn; lengths (n,): how many of each row's drafts are real (the rest are padding);
+    width >= k: the uniform numbers drawn (a fixed count, so that a seeded row gets the same
+    draws whatever its batch proposes).
 
     Returns (accepted (n,), token (n,)): draft d_j is kept while u_j < p(d_j) / q(d_j); the token
     after the kept ones is drawn from max(p - q, 0) at the first rejection, from p after them all.
     """
     n, k = drafts.shape
     rows = mx.arange(n)
+    u = sampler.uniform((n, width))[:, :k]  # drawn even for k = 0, for the same reason
     if k:
         p_d = mx.take_along_axis(logp[:, :k], drafts[..., None], axis=-1)[..., 0]
         q_d = mx.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]
-        ok = accepts(sampler.uniform((n, k)), p_d, q_d) & (mx.arange(k) < lengths[:, None])
+        ok = accepts(u, p_d, q_d) & (mx.arange(k) < lengths[:, None])
         accepted = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
         q = mx.exp(mx.concatenate([logq, mx.full((n, 1, logq.shape[-1]), -mx.inf)], axis=1))
         q = mx.where((accepted < lengths)[:, None], q[rows, accepted], 0.0)
@@ -160,9 +163,6 @@ class DraftModel:
             logqs.append(logq)
             mx.async_eval(token)
         self.model.step(mx.minimum(token, top), cache)
-        if not k:
-            return (mx.zeros((len(rows), 0), mx.int32), mx.zeros((len(rows), 0, vocab)),
-                    mx.zeros((len(rows),), mx.int32))
         return (mx.stack(drafts, axis=1), mx.stack(logqs, axis=1),
                 mx.full((len(rows),), k, mx.int32))
 

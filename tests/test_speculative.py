@@ -350,3 +350,75 @@ def test_prompt_lookup_gives_the_plain_text(family, family_model):
     assert PromptLookup(3).lookup([1, 2, 3, 9, 1, 2, 3, 7, 1, 2, 3], 2) == [7, 1]  # the latest
     assert PromptLookup(3).lookup([4, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]  # a shorter match
     assert PromptLookup(3).lookup([1, 2, 3], 3) == []
+
+
+# ---- server ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("drafting", ["draft", "lookup"])
+def test_server_requests_get_their_solo_text(drafting, checkpoint, tmp_path):
+    """A Nemotron-H server drafting with a Mamba2 model (or prompt lookup): concurrent requests,
+    greedy and seeded, get the text each gets alone from `generate` with the same drafting; a
+    conversation's next turn resumes from the prefix cache (which must hold only accepted
+    states for the text to match) and gets the cold run's text. Bad flag pairs: one error line."""
+    import concurrent.futures
+    import shutil
+    import subprocess
+    import sys
+
+    from server_fixtures import write_tokenizer
+    from test_server import ROOT, Server, complete
+
+    directories = {}
+    for flavour in ("nemotron_h", "mamba2"):
+        directories[flavour] = tmp_path / flavour
+        shutil.copytree(checkpoint(flavour)[0], directories[flavour])
+        write_tokenizer(directories[flavour])
+    model, tokenizer = mlx_mamba.load(str(directories["nemotron_h"]))
+    if drafting == "draft":
+        flags = ["--draft-model", str(directories["mamba2"]), "--num-draft-tokens", "3"]
+        drafted = dict(draft_model=mlx_mamba.load(str(directories["mamba2"]))[0],
+                       num_draft_tokens=3)
+    else:
+        flags, drafted = ["--prompt-lookup", "2", "--num-draft-tokens", "4"], \
+            dict(prompt_lookup=2, num_draft_tokens=4)
+    server = Server(directories["nemotron_h"], flags + ["--max-batch-size", "3",
+                                                        "--prefill-step-size", "16"],
+                    tmp_path / "log")
+    try:
+        client = server.client()
+        requests = [("Hi hi hi hi", 20, dict(temperature=0)),
+                    ("A much longer prompt, which takes more prefill than the others.", 14,
+                     dict(temperature=0.8, seed=11)),
+                    ("Middle-sized prompt here", 16, dict(temperature=0, repetition_penalty=1.4)),
+                    ([7, 9, 11, 7, 9], 8, dict(temperature=0.7, top_p=0.9, seed=3))]
+
+        def run(request):
+            prompt, max_tokens, settings = request
+            return complete(client, prompt, max_tokens, **settings).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+            texts = list(pool.map(run, requests))
+        for (prompt, max_tokens, settings), text in zip(requests, texts):
+            settings = dict(settings, temp=settings.pop("temperature"))
+            alone = mlx_mamba.generate(model, tokenizer, prompt, max_tokens=max_tokens,
+                                       **settings, **drafted)
+            assert text == alone, (prompt, settings)
+            if settings["temp"] == 0:
+                assert text == mlx_mamba.generate(model, tokenizer, prompt,
+                                                  max_tokens=max_tokens, **settings)
+        first = complete(client, "Once upon a time", 12, temperature=0)
+        follow = "Once upon a time" + first.choices[0].text + " and"
+        second = complete(client, follow, 12, temperature=0)
+        assert second.usage.prompt_tokens_details.cached_tokens >= \
+            first.usage.prompt_tokens + first.usage.completion_tokens - 1
+        assert second.choices[0].text == mlx_mamba.generate(model, tokenizer, follow,
+                                                            max_tokens=12)
+    finally:
+        assert server.stop() == 0
+    if drafting == "lookup":
+        result = subprocess.run(
+            [sys.executable, "-m", "mlx_mamba.server", "--model", str(directories["nemotron_h"]),
+             "--prompt-lookup", "2", "--draft-model", str(directories["mamba2"])],
+            capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert result.returncode == 1 and result.stderr.startswith("error: ") and \
+            "exclude each other" in result.stderr and "Traceback" not in result.stderr

@@ -1,7 +1,8 @@
 """The server's engine: the thread that does all MLX work. It prefills each request's prompt
 from the longest cached prefix of its tokens (a PrefixCache), keeping the state every
 `prefill_step_size` tokens and at the end of each request, and decodes every running request in
-one Decoder, which requests join and leave between steps.
+one Decoder, which requests join and leave between steps (speculatively with --draft-model or
+--prompt-lookup: the prefix cache then still gets only states after accepted tokens).
 """
 
 import collections
@@ -12,7 +13,7 @@ import threading
 import mlx.core as mx
 
 from ..detokenizer import StreamingDetokenizer
-from ..generate import Decoder, Row, _load, eos_token_ids
+from ..generate import Decoder, Row, _load, _load_draft, eos_token_ids, make_drafter
 from ..prompt_cache import PrefixCache, prefill
 from ..sample import make_logits_processors, make_sampler
 
@@ -68,9 +69,12 @@ class Engine:
     def __init__(self, args):
         self.args = args
         self.model, self.tokenizer = _load(args)
+        draft = _load_draft(args, self.tokenizer) if args.draft_model else None
+        self.drafter = make_drafter(draft, args.num_draft_tokens, args.prompt_lookup,
+                                    args.prefill_step_size)
         self.prefix_cache = PrefixCache(self.model, args.prompt_cache_bytes,
                                         args.prompt_cache_dir, args.model)
-        self.decoder = Decoder(self.model, on_leave=self._left)
+        self.decoder = Decoder(self.model, on_leave=self._left, drafter=self.drafter)
         self.lock = threading.Condition()
         self.incoming = collections.deque()
         self.active = 0  # requests submitted and not yet out of the engine
@@ -173,9 +177,9 @@ class Engine:
             for row in self.decoder.rows + [r for _, rows in self.decoder.joining for r in rows]:
                 row.key.deliver(e)
                 self._release(row.key)
-            self.decoder = Decoder(self.model, on_leave=self._left)
+            self.decoder = Decoder(self.model, on_leave=self._left, drafter=self.drafter)
             return
-        for job, token, logprobs, finish in events:
+        for job, token, logprobs, finish, _ in events:
             if not job.finished:
                 self._hand_out(job, token, logprobs, finish)
 
