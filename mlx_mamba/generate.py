@@ -252,7 +252,6 @@ class Decoder:
 
     def _speculate(self):
         """One round of speculative decoding for every row (see `step`)."""
-        self._leave([i for i, row in enumerate(self.rows) if row.key in self.dropped])
         if self.joining:
             caches, drafts = ([self.cache], [self.draft_cache]) if self.rows else ([], [])
             for cache, rows in self.joining:
@@ -265,7 +264,8 @@ class Decoder:
             self.cache = caches[0] if len(caches) == 1 else merge_caches(caches)
             self.draft_cache = self.drafter.merge(drafts)
             mark(self.cache)
-        self.dropped &= {row.key for row in self.rows}
+        self._leave([i for i, row in enumerate(self.rows) if row.key in self.dropped])
+        self.dropped = set()
         if not self.rows:
             return []
         # Always the full count (a row's draws then do not depend on its batch).
@@ -299,8 +299,7 @@ class Decoder:
                 row.generated += 1
                 finish = "stop" if token in row.eos else \
                     "length" if row.generated >= row.max_tokens else None
-                if row.key not in self.dropped:
-                    events.append((row.key, token, logprobs[i, j], finish, j < accepted[i]))
+                events.append((row.key, token, logprobs[i, j], finish, j < accepted[i]))
                 if finish:
                     ended.append(i)
                     new = new[:j + 1]
