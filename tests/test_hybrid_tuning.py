@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten
 import mlx_mamba
 from checkpoints import HYBRIDS
 from mlx_mamba import fuse
-from mlx_mamba.checkpoint import read_weights, to_model_names
+from mlx_mamba.checkpoint import read_weights
+from mlx_mamba.families import to_model_names
 from mlx_mamba.convert import convert
 from mlx_mamba.models.moe import ExpertLinear, QuantizedExpertLinear
 from mlx_mamba.tuner import (AdapterError, Batch, LoRALinear, apply_adapters, checkpoint_layers,

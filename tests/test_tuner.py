@@ -15,7 +15,7 @@ from mlx.utils import tree_flatten, tree_map
 import mlx_mamba
 from comparing import relative_error
 from mlx_mamba import fuse, lora
-from mlx_mamba.checkpoint import to_model_names
+from mlx_mamba.families import to_model_names
 from mlx_mamba.tuner import (Batch, DoRALinear, LoRALinear, apply_adapters, checkpoint_layers,
                              iterate_batches, load_adapters, load_split, loss_terms,
                              make_schedule, save_adapters, train)

@@ -2,8 +2,9 @@
 (`attn_layer_indices`), each followed by a gated SiLU MLP; attention rotates half of each head
 (partial RoPE)."""
 
-from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
-from . import attention_fields, layer_kinds, mixer_names, rename, rope_theta, swapped
+from ..config_fields import (ConfigError, attention_fields, common_fields, dt_limit, get,
+                             layer_kinds, rope_theta)
+from ._names import mixer_names, rename, swapped
 
 NAMES = [("model.embed_tokens.", "backbone.embeddings."),
          ("model.layers.{i}.input_layernorm.", "backbone.layers.{i}.norm."),
@@ -57,7 +58,7 @@ def read_config(config):
                               f"indices below {n_layer}")
         kinds = tuple("attention" if i in attention else "mamba2" for i in range(n_layer))
     head_dim = mamba2_fields(config)["attn_head_dim"]
-    return ModelConfig(
+    return dict(
         family="bamba", layer_types=kinds, ffn_types=("mlp",) * n_layer,
         rope_theta=rope_theta(config), rope_dims=head_dim // 2,
         mlp_size=get(config, "intermediate_size"),

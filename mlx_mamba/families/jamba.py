@@ -6,8 +6,8 @@ top-k of a softmax over all experts, not renormalised."""
 
 import math
 
-from ..config import ConfigError, ModelConfig, common_fields, get
-from . import attention_fields, mixer_names, rename, stack_experts, swapped, unstack_experts
+from ..config_fields import ConfigError, attention_fields, common_fields, get
+from ._names import mixer_names, rename, stack_experts, swapped, unstack_experts
 from .bamba import MIXERS as BAMBA_MIXERS
 from .bamba import NAMES
 
@@ -36,7 +36,7 @@ def read_config(config):
     rank = config.get("mamba_dt_rank", "auto")
     eps = get(config, "rms_norm_eps", 1e-6, "positive_number")
     size = get(config, "intermediate_size")
-    return ModelConfig(
+    return dict(
         family="jamba", arch="mamba1",
         layer_types=tuple("attention" if a else "mamba1" for a in attention),
         ffn_types=tuple("moe" if m else "mlp" for m in moe),

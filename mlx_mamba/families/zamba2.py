@@ -15,8 +15,8 @@ import re
 import mlx.core as mx
 
 from ..checkpoint import CheckpointError
-from ..config import ConfigError, ModelConfig, common_fields, get
-from . import join_rows, layer_kinds, rename, rope_theta, split_rows, swapped
+from ..config_fields import ConfigError, common_fields, get, layer_kinds, rope_theta
+from ._names import join_rows, rename, split_rows, swapped
 
 NAMES = [("model.embed_tokens.", "backbone.embeddings."),
          ("model.final_layernorm.", "backbone.norm_f."),
@@ -54,7 +54,7 @@ def read_config(config):
         raise ConfigError(f"field 'num_attention_heads' is {attention_heads}: it must divide "
                           f"2 * 'hidden_size' ({2 * hidden})")
     blocks = get(config, "num_mem_blocks", 1)
-    return ModelConfig(
+    return dict(
         family="zamba2", arch="mamba2", layer_types=kinds, d_model=hidden, n_layer=len(kinds),
         vocab_size=get(config, "vocab_size"), expand=expand, head_dim=expand * hidden // heads,
         d_state=get(config, "mamba_d_state", 64), d_conv=get(config, "mamba_d_conv", 4),
