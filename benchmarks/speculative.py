@@ -164,6 +164,7 @@ def main():
     for k in args.num_draft_tokens:
         lines.append((f"draft model, K={k}", prompts,
                       lambda q, k=k: ours(q, draft_model=draft, num_draft_tokens=k), k))
+    lines.append(("copy task: plain, mlx-lm", copying, lambda q: mlx_lm_plain(q, theirs), 0))
     lines.append(("copy task: plain", copying, lambda q: ours(q), 0))
     for k in args.num_draft_tokens:
         lines.append((f"copy task: prompt lookup {args.prompt_lookup}, K={k}", copying,
@@ -197,8 +198,10 @@ def main():
     print("\n| decoding | tok/s (CPU) | vs plain | vs mlx-lm | acceptance | model passes per "
           "token | bandwidth-bound speed-up (estimate) |\n|---|---|---|---|---|---|---|")
     for name, tps, acceptance, per_token, estimate in rows:
-        plain = base["copy task: plain"] if name.startswith("copy") else base["plain, mlx-mamba"]
-        print(f"| {name} | {tps:.1f} | {tps / plain:.2f}x | {tps / base['plain, mlx-lm']:.2f}x | "
+        copy = "copy task: " if name.startswith("copy") else ""
+        plain, theirs_tps = base[f"{copy}plain" if copy else "plain, mlx-mamba"], \
+            base[f"{copy}plain, mlx-lm"]
+        print(f"| {name} | {tps:.1f} | {tps / plain:.2f}x | {tps / theirs_tps:.2f}x | "
               f"{'-' if acceptance is None else f'{100 * acceptance:.0f}%'} | {per_token:.3f} | "
               f"{'-' if per_token == 1.0 else f'{estimate:.2f}x'} |")
     print("\nEvery speculative text equals the plain one (checked). Estimate: (tokens per pass) / "
