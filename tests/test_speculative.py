@@ -123,6 +123,8 @@ def test_rewind_refuses_what_it_cannot_do(family_model):
         rewind(cache, 3)
     with pytest.raises(ValueError, match="one per row"):
         rewind(cache, [1])
+    with pytest.raises(ValueError, match="takes no mask"):
+        model(mx.zeros((2, 2), mx.int32), cache, mx.ones((2, 2)))
 
 
 def quantized_copy(family, checkpoint):

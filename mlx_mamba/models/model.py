@@ -197,3 +197,7 @@ def _check_inputs(ids, cache, mask, ndim, layers):
         if layer is not None and layer.batch_size != shape[0]:
             raise ValueError(f"the cache holds {layer.batch_size} sequences, the input has "
                              f"{shape[0]}: make the cache with model.make_cache(batch_size)")
+        parts = getattr(layer, "parts", {"": layer}).values()
+        if mask is not None and any(getattr(p, "trail", None) is not None for p in parts):
+            raise ValueError("a marked (rewindable) cache takes no mask: its windows are "
+                             "unpadded")
