@@ -10,8 +10,8 @@ token it sees (its `trail`), and the mixers run a marked cache's window token by
 the decode step's recurrence (projections stay parallel), so `rewind(n)` only picks a kept state:
 no recompute. n is an int or one count per batch row. A rewind starts a new trail at the state it
 leaves. The trail costs one state (SSM state + conv window, or Mamba-3's angles, state, k and v)
-per token since the mark or the last rewind. KV caches rewind by trimming; rows rewound by
-different counts leave masked holes in their keys.
+per token since the mark or the last rewind. KV caches rewind by trimming, and pack their rows
+again when rows go back by different counts.
 """
 
 import mlx.core as mx
@@ -271,21 +271,29 @@ class KVCache:
         """Nothing to do: keys and values are kept anyway."""
 
     def rewind(self, n):
-        """Forget each row's last n keys (n an int or a count per row): trimmed when every row
-        drops the same count, else masked out (`valid`) where a row drops more than the least."""
+        """Forget each row's last n keys (n an int or a count per row). Rows going back by
+        different counts are packed again: each row's kept keys end at the last position, left
+        padding (masked out in `valid`) before them, as `merge` lays rows out."""
         counts = rewind_counts(n, self.batch_size, self.positions.tolist())
-        if not isinstance(counts, int):
-            if self.valid is None:
-                self.valid = mx.broadcast_to(mx.arange(self.keys.shape[2]) < self.length,
-                                             (self.batch_size, self.keys.shape[2]))
-            drop = mx.array(counts)[:, None]
-            index = mx.arange(self.valid.shape[1])[None]
-            self.valid = self.valid & ((index < self.length - drop) | (index >= self.length))
-            self.positions = self.positions - mx.array(counts, mx.int32)
-            counts = min(counts)
-        else:
+        if isinstance(counts, int):
             self.positions = self.positions - counts
-        self.length -= counts
+            self.length -= counts
+            return
+        index = mx.arange(self.length)[None]
+        kept = index < self.length - mx.array(counts)[:, None]  # (B, S)
+        if self.valid is not None:
+            kept = kept & self.valid[:, :self.length]
+        sizes = kept.astype(mx.int32).sum(axis=1)
+        length = int(sizes.max().item())
+        # Each row's kept positions in order, last: padding sorts first (its keys go below 0).
+        order = mx.argsort(mx.where(kept, index, index - self.length), axis=1)
+        order = order[:, self.length - length:]
+        self.keys, self.values = (mx.take_along_axis(a[..., :self.length, :],
+                                                     order[:, None, :, None], axis=2)
+                                  for a in (self.keys, self.values))
+        self.valid = mx.arange(length)[None] >= (length - sizes)[:, None]
+        self.positions = self.positions - mx.array(counts, mx.int32)
+        self.length = length
 
     @classmethod
     def merge(cls, caches):

@@ -9,7 +9,7 @@ import pytest
 
 import mlx_mamba
 from comparing import relative_error
-from mlx_mamba.cache import mark, rewind
+from mlx_mamba.cache import KVCache, mark, rewind
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.generate import batch_generate, stream_generate
 
@@ -50,7 +50,7 @@ def family_model(checkpoint):
 
 def layer_arrays(cache, row):
     """Every state array of one row of a model's cache, by name; keys and values only where
-    they are real tokens (a rewound row may hold masked holes)."""
+    they are real tokens (a rewound row may be padded)."""
     out = {}
     for i, layer in enumerate(cache):
         if layer is None:
@@ -103,6 +103,10 @@ def test_rewind_equals_never_seeing_the_rejected_tokens(family, family_model):
             mark(again)
             model(window, again)
             rewind(again, counts)
+            for layer in again:  # KV rows packed again: as long as the longest kept row
+                for part in getattr(layer, "parts", {"": layer}).values():
+                    if isinstance(part, KVCache):
+                        assert part.length == 7 + 6 - min(per_row)
             got = layer_arrays(again, row)
             assert got.keys() == expected_state.keys()
             for name, value in expected_state.items():
