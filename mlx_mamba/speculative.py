@@ -102,8 +102,8 @@ def verify(sampler, logp, logq, drafts, lengths, width):
         q_d = mx.take_along_axis(logq, drafts[..., None], axis=-1)[..., 0]
         ok = accepts(u, p_d, q_d) & (mx.arange(k) < lengths[:, None])
         accepted = mx.cumprod(ok.astype(mx.int32), axis=1).sum(axis=1)
-        q = mx.exp(mx.concatenate([logq, mx.full((n, 1, logq.shape[-1]), -mx.inf)], axis=1))
-        q = mx.where((accepted < lengths)[:, None], q[rows, accepted], 0.0)
+        q = mx.exp(logq[rows, mx.minimum(accepted, k - 1)])
+        q = mx.where((accepted < lengths)[:, None], q, 0.0)  # after every draft: q = 0
     else:
         accepted, q = mx.zeros((n,), mx.int32), 0.0
     p = mx.exp(logp[rows, accepted])
