@@ -18,10 +18,8 @@ import math
 from pathlib import Path
 
 from . import families
-from .config_fields import ConfigError, as_float, is_integer
+from .config_fields import MAX_LAYERS, ConfigError, as_float, is_integer
 from .model_size import check_memory
-
-MAX_LAYERS = 10_000
 
 
 @dataclasses.dataclass

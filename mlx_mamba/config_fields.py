@@ -11,6 +11,9 @@ class ConfigError(ValueError):
 
 
 REQUIRED = object()
+# No real checkpoint has more layers; a reader that lays out one entry per layer checks the count
+# first, so that a hostile count fails here instead of filling memory.
+MAX_LAYERS = 10_000
 
 
 def is_integer(value):
@@ -31,8 +34,9 @@ def as_float(value, name="time_step_limit"):
 
 def get(config, name, default=REQUIRED, kind="positive", where=""):
     """config[name] (or `default` when absent), checked to be of `kind`: "positive" or "count"
-    (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool", "text",
-    "ids" (token ids: an int, a list of ints or null). The error names the field."""
+    (an int > 0 or >= 0), "layers" (1 to MAX_LAYERS), "number" (finite or infinite float),
+    "positive_number", "bool", "text", "ids" (token ids: an int, a list of ints or null). The
+    error names the field."""
     label = where + name
     if name not in config:
         if default is REQUIRED:
@@ -45,6 +49,9 @@ def get(config, name, default=REQUIRED, kind="positive", where=""):
         if not is_integer(value) or value < (1 if kind == "positive" else 0):
             raise ConfigError(f"field {label!r} is {value!r}: expected "
                               f"{'a positive' if kind == 'positive' else 'a non-negative'} integer")
+    elif kind == "layers":
+        if not is_integer(value) or not 1 <= value <= MAX_LAYERS:
+            raise ConfigError(f"field {label!r} is {value!r}: expected 1 to {MAX_LAYERS} layers")
     elif kind in ("number", "positive_number"):
         value = as_float(value, label)
         if value != value or (kind == "positive_number" and not value > 0):

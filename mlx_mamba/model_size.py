@@ -1,20 +1,21 @@
-"""How large a configured model is, counted from its shapes alone, and the check that this
-machine could hold it."""
-
-import os
+"""How large a configured model is, estimated from its shapes alone, and the check that some
+machine could hold it. (The exact counts and memory figures are `mlx_mamba.sizes`'s.)"""
 
 from .config_fields import ConfigError
 
-# A config may describe a model a few times larger than memory (convert streams the weights),
-# never one that could not be held at all: that is a damaged or hostile config.
-MEMORY_FACTOR = 16
+# A config may describe a model larger than this machine's memory (`mlx_mamba.info` describes
+# it, convert streams the weights), never one that no machine could hold: that is a damaged or
+# hostile config. The largest published checkpoints hold about 2 TB of weights.
+MAX_WEIGHT_BYTES = 2 ** 42
 
 
 def parameter_count(config):
-    """{config field most responsible: parameters} of the model `config` describes; shapes only."""
+    """{config field most responsible: parameters} of the model `config` describes, estimated
+    from its largest shapes; for the size check."""
     D, E, N, K = config.d_model, config.d_inner, config.d_state, config.d_conv
     H, G = E // config.head_dim, config.n_groups
     R = config.mimo_rank if config.is_mimo else 1
+    matrices = 2 if config.mlp_activation == "relu2" else 3  # squared ReLU has no gate
     attention = config.attn_heads * config.attn_head_dim * 2 * D \
         + config.attn_kv_heads * config.attn_head_dim * 2 * D
     per_kind = {
@@ -24,9 +25,9 @@ def parameter_count(config):
         "mamba3": D * (2 * E + 2 * G * N * R + 3 * H + N // 2) + E * D + 2 * H * R * N
                   + (3 * E * R if config.is_mimo else 0) + 2 * N + 2 * H + E,
         "attention": attention,
-        "mlp": 3 * D * config.mlp_size,
-        "moe": config.n_experts * (3 * D * config.expert_size + D)
-               + 3 * D * config.shared_expert_size,
+        "mlp": matrices * D * config.mlp_size,
+        "moe": config.n_experts * (matrices * D * config.expert_size + D)
+               + matrices * D * config.shared_expert_size,
         "parallel": 0,
         "hybrid": 0,
         "": 0,
@@ -41,14 +42,13 @@ def parameter_count(config):
 
 
 def check_memory(config):
-    """Refuse a config whose model could not be held in this machine's memory at all."""
+    """Refuse a config whose model no machine could hold."""
     counts = parameter_count(config)
     bits = (config.quantization or {}).get("bits", 16)
     need = sum(counts.values()) * bits / 8
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > MEMORY_FACTOR * memory:
+    if need > MAX_WEIGHT_BYTES:
         field = max(counts, key=counts.get)
         raise ConfigError(
             f"field {field!r} is {getattr(config, field)}: the model would take at least "
-            f"{need / 1e9:,.0f} GB ({sum(counts.values()):,} parameters at {bits} bits), "
-            f"{MEMORY_FACTOR}x more than this machine's {memory / 1e9:.0f} GB of memory")
+            f"{need / 1e9:,.0f} GB ({sum(counts.values()):,} parameters at {bits} bits), more "
+            f"than any machine holds ({MAX_WEIGHT_BYTES / 1e12:.1f} TB)")

@@ -45,7 +45,7 @@ def read_fields(config):
     if form != "transformers":
         return {"state-spaces": state_spaces, "mistral": mistral}[form].read_config(config)
     model_type = config["model_type"]
-    if model_type not in TRANSFORMERS:
+    if not isinstance(model_type, str) or model_type not in TRANSFORMERS:
         raise ConfigError(f"field 'model_type' is {model_type!r}: expected one of "
                           f"{', '.join(TRANSFORMERS)}")
     return TRANSFORMERS[model_type].read_config(config)

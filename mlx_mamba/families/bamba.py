@@ -37,14 +37,14 @@ def mamba2_fields(config):
                 conv_bias=get(config, "mamba_conv_bias", True, "bool"),
                 bias=get(config, "mamba_proj_bias", False, "bool"), dt_limit=dt_limit(config),
                 norm_eps=get(config, "rms_norm_eps", 1e-5, "positive_number"),
-                n_layer=get(config, "num_hidden_layers"), vocab_size=get(config, "vocab_size"),
+                n_layer=get(config, "num_hidden_layers", kind="layers"), vocab_size=get(config, "vocab_size"),
                 tie_embeddings=get(config, "tie_word_embeddings", False, "bool"),
                 arch="mamba2", residual_in_fp32=False, source_config=config,
                 **attention_fields(config), **common_fields(config))
 
 
 def read_config(config):
-    n_layer = get(config, "num_hidden_layers")
+    n_layer = get(config, "num_hidden_layers", kind="layers")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     if "layer_types" in config or "layers_block_type" in config:

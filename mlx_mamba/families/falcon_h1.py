@@ -24,7 +24,7 @@ def _numbers(config, name, count):
 
 
 def read_config(config):
-    n_layer = get(config, "num_hidden_layers")
+    n_layer = get(config, "num_hidden_layers", kind="layers")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     hidden, expand = get(config, "hidden_size"), get(config, "mamba_expand", 2)

@@ -25,7 +25,7 @@ PACKED, PARTS = "input_linear", ("gate_proj", "up_proj")
 
 
 def read_config(config):
-    n_layer = get(config, "num_hidden_layers")
+    n_layer = get(config, "num_hidden_layers", kind="layers")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     kinds = layer_kinds(config.get("layer_types") or config.get("layers_block_type")

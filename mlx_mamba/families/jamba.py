@@ -25,7 +25,7 @@ def _every(config, period_field, offset_field, period, offset, n_layer):
 
 
 def read_config(config):
-    n_layer, hidden = get(config, "num_hidden_layers"), get(config, "hidden_size")
+    n_layer, hidden = get(config, "num_hidden_layers", kind="layers"), get(config, "hidden_size")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     attention = _every(config, "attn_layer_period", "attn_layer_offset", 8, 4, n_layer)

@@ -26,11 +26,13 @@ def read_shared(config):
 def read_config(config):
     fields = read_shared(config)
     d_model, expand = fields["d_model"], fields["expand"]
+    # The width is intermediate_size when the config has one, as in transformers: the published
+    # tiiuae/falcon-mamba-7b config.json says expand 16 beside intermediate_size 8192 (2 * 4096).
     inner = get(config, "intermediate_size", expand * d_model)
-    if inner != expand * d_model:
+    if inner % d_model:
         raise ConfigError(
-            f"field 'intermediate_size' ({inner}) must equal 'expand' * 'hidden_size' "
-            f"({expand} * {d_model})")
+            f"field 'intermediate_size' ({inner}) must be a multiple of 'hidden_size' ({d_model})")
+    fields["expand"] = inner // d_model
     rank = config.get("time_step_rank", "auto")
     return dict(
         arch="mamba1", d_state=get(config, "state_size", 16),
