@@ -330,6 +330,8 @@ def test_api_bad_drafting_is_refused(family_model):
                             (dict(prompt_lookup=2, num_draft_tokens=True), "1 to 64"),
                             (dict(prompt_lookup=0), "prompt_lookup"),
                             (dict(prompt_lookup=2, draft_model=model), "exclude"),
+                            (dict(prompt_lookup=2, response_format={"type": "json_object"}),
+                             "response_format and speculative decoding exclude"),
                             (dict(draft_model="path"), "expected a model")):
         with pytest.raises(DraftError, match=message):
             mlx_mamba.generate(model, None, [1, 2], max_tokens=2, **kwargs)

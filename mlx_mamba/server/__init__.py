@@ -24,6 +24,7 @@ from ..config import ConfigError
 from ..generate import GenerationError
 from ..prompt_cache import PREFILL_STEP_SIZE, PromptCacheError
 from ..speculative import MAX_DRAFT_TOKENS, DraftError
+from ..tool_calls import FORMATS
 from .engine import Engine
 
 
@@ -72,6 +73,9 @@ def build_parser():
     add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
         help="decode speculatively without a draft model: propose what followed the latest "
              "earlier match of the context's last N (or fewer) tokens (default: off)")
+    add("--tool-parser", choices=sorted(FORMATS), default=None,
+        help="the format of the model's tool calls (default: read from the chat template's "
+             "tags; hermes when it has none)")
     add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
         help="what the server logs to stderr")
     return parser
