@@ -117,7 +117,7 @@ def main():
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--prompts", type=int, default=3, help="held-out prompts")
     p.add_argument("--repeats", type=int, default=1, help="runs per line; the median is shown")
-    p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "out" / "speculative")
+    p.add_argument("--cache", type=Path, default=ROOT / "benchmarks" / "cache" / "speculative")
     args = p.parse_args()
 
     text = DATA.read_text()
