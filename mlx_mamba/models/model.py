@@ -18,6 +18,7 @@ from .mlp import MLP
 from .moe import MoE
 from .parallel import ParallelMixer
 from .shared_block import InvocationAdapters, SharedBlock
+from .sharding import prefixed
 
 
 def make_layer(config: ModelConfig, kind):
@@ -107,6 +108,31 @@ class Model(nn.Module):
                                     attention=block.self_attn.make_cache(batch_size))
             caches.append(cache)
         return caches
+
+    def shard(self, group=None):
+        """Tensor parallel over `group` (default: the world of `mx.distributed.init()`), in
+        place: every layer keeps its share of heads, channels or hidden size and sums its output
+        over the group; embeddings, norms, routers and the head stay whole, so every rank gets
+        the full logits. Returns the plan, {parameter: (axis, [(start, stop), ...])}, that says
+        which slices of each full tensor this rank holds.
+
+        A world size that does not divide what must be split raises `ShardingError` (naming the
+        field, its value and the world size); the model is then unusable."""
+        group = group or mx.distributed.init()
+        if group.size() == 1:
+            return {}
+        plan = {}
+        rows = [block.adapter_rows(group) for block in self.backbone.blocks]
+        for i, layer in enumerate(self.backbone.layers):
+            for name in ("mixer", "ffn"):
+                if name in layer:
+                    plan.update(prefixed(f"backbone.layers.{i}.{name}", layer[name].shard(group)))
+            if "adapters" in layer:
+                adapters = layer.adapters.shard(rows[self.config.shared_block(i)[0]])
+                plan.update(prefixed(f"backbone.layers.{i}.adapters", adapters))
+        for j, block in enumerate(self.backbone.blocks):
+            plan.update(prefixed(f"backbone.blocks.{j}", block.shard(group)))
+        return plan
 
     def _dtype(self):
         # The dtype the layers compute in: that of the first Mamba conv, which is never

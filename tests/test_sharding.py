@@ -1,0 +1,111 @@
+"""Tensor parallel inference: two processes started by `mlx.launch --backend ring` on the loopback
+interface give the logits of one process (within 1e-5, relative) and its greedy tokens, for every
+family, with `model.shard` and with `sharded_load`; each rank holds its shard of the weights. One
+launch runs every family (each launch costs seconds of start-up)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+import torch
+
+import mlx_mamba
+from mlx_mamba.config import ModelConfig
+from mlx_mamba.convert import convert
+from test_distributed import free_ports, launcher
+from test_mamba3_model import SSM_CFGS, random_weights
+from tuning import write_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+FLAVOURS = ["mamba1", "falcon_mamba", "mamba2", "mamba2_groups_untied", "bamba",
+            "granite_dense", "granite_moe", "granite_rope", "nemotron_h", "falcon_h1",
+            "falcon_h1_no_norm", "zamba2", "zamba2_plain", "jamba"]
+QUANTIZED = ["mamba1", "mamba2", "mamba3_mimo"]  # 8 bits, groups of 32: every split fits
+
+
+def launch(script_args, processes=2, timeout=600):
+    command = [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", str(processes),
+               "--starting-port", str(free_ports(processes)), "--", sys.executable,
+               *map(str, script_args)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def write_mamba3(flavour, directory):
+    """A state-spaces original Mamba-3 checkpoint (tests/test_mamba3_model.py's configs)."""
+    config = {"d_model": 32, "d_intermediate": 0, "n_layer": 2, "vocab_size": 100,
+              "ssm_cfg": SSM_CFGS[flavour], "rms_norm": True, "residual_in_fp32": True,
+              "fused_add_norm": True, "pad_vocab_size_multiple": 8, "tie_embeddings": True}
+    directory.mkdir()
+    (directory / "config.json").write_text(json.dumps(config))
+    weights = random_weights(mlx_mamba.Model(ModelConfig.from_dict(config)), seed=3)
+    torch.save({k: torch.tensor(v, dtype=torch.float32) for k, v in weights.items()},
+               directory / "pytorch_model.bin")
+    write_tokenizer(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def checkpoints(checkpoint, tmp_path_factory):
+    """name -> directory of every family, Mamba-3 SISO and MIMO, and quantized ones."""
+    root = tmp_path_factory.mktemp("sharding")
+    paths = {name: checkpoint(name)[0] for name in FLAVOURS}
+    for flavour in SSM_CFGS:
+        paths[f"mamba3_{flavour}"] = write_mamba3(flavour, root / f"mamba3_{flavour}")
+    for name in QUANTIZED:
+        paths[f"{name}_q8"] = convert(paths[name], root / f"{name}_q8", quantize=True,
+                                      q_bits=8, q_group_size=32)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def sharded(checkpoints):
+    """The worker's results over two processes: {name: {...}}."""
+    result = launch([ROOT / "tests" / "sharded_worker.py",
+                     *(f"{name}={path}" for name, path in checkpoints.items())])
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, result.stdout  # rank 0 alone reports
+    report = json.loads(lines[0])
+    assert report["world"] == 2
+    return report["results"]
+
+
+# Their B/C groups (n_groups 1) are read by both ranks' heads, and Mamba-3's rotation angles by
+# every head; elsewhere the world size divides every count of groups and KV heads.
+READ_TWICE = {"mamba2", "zamba2_plain", "mamba3_mimo", "mamba3_siso"}
+NAMES = FLAVOURS + [f"mamba3_{f}" for f in SSM_CFGS] + [f"{n}_q8" for n in QUANTIZED]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_two_processes_give_one_process_logits_and_tokens(sharded, name):
+    result = sharded[name]
+    for way in ("shard", "sharded_load"):
+        print(f"{name} {way}: whole {result[way]['whole']:.1e}, "
+              f"prefill + steps {result[way]['stepped']:.1e}")
+        assert result[way]["whole"] <= 1e-5 and result[way]["stepped"] <= 1e-5
+        assert result[way]["tokens_equal"]
+    assert result["ranks_agree"] == 0.0
+    assert result["same_weights"]  # sharded_load reads what shard keeps, bit for bit
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_rank_holds_its_shard(sharded, name):
+    """Held bytes: the rank's slices of the split tensors plus the whole replicated ones, at most
+    1/N of the split tensors plus the replicated ones, except for the rows that several ranks
+    read (B/C of a group, a KV head) when the world size is a multiple of their count."""
+    b = sharded[name]["bytes"]
+    bound = b["sharded"] / 2 + b["replicated"]
+    print(f"{name}: held {b['held']} bytes of {b['full']}; 1/N of the split tensors + the "
+          f"replicated ones: {bound:.0f}")
+    print(f"    bytes of rows that both ranks hold: {b['read_twice']}")
+    assert b["held"] == b["shard"] < b["full"]
+    assert b["held"] == bound + b["read_twice"] / 2  # the ranks hold equal amounts
+    # Only rows read by both ranks' heads (a B/C group, a KV head, angles) are held twice.
+    assert (b["read_twice"] > 0) == (name.split("_q8")[0] in READ_TWICE)
