@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .cache import cache_rows, merge_caches
 from .detokenizer import StreamingDetokenizer
+from .models.sharding import ShardingError
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
                            load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
 from .sample import (MAX_SEED, SamplerError, check_settings, make_logits_processors,
@@ -428,14 +429,25 @@ def build_parser():
     return parser
 
 
-def _load(args):
+def _load(args, world):
+    """The model and tokenizer; tensor parallel over `world` when it has several processes (every
+    process fails, with its own error or one saying that another failed, or none does)."""
     from .loader import load
+    from .sharded import agree, sharded_load
 
+    model = tokenizer = error = None
     try:
-        model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+        model, tokenizer = sharded_load(args.model, world, tokenizer=args.tokenizer) \
+            if world.size() > 1 else load(args.model, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
         named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
-        raise GenerationError(e if named else f"{args.model}: {e}") from None
+        error = GenerationError(e if named else f"{args.model}: {e}")
+    except (ConfigError, CheckpointError, ValueError) as e:  # ShardingError is a ValueError
+        error = e
+    if world.size() > 1:
+        agree(world, error)
+    elif error is not None:
+        raise error
     if tokenizer is None:
         raise GenerationError(f"{args.tokenizer or args.model}: no tokenizer that transformers "
                               "reads (tokenizer.json or tokenizer_config.json): pass --tokenizer "
@@ -489,7 +501,13 @@ def run(args):
         raise GenerationError("the prompt is empty" + (" (nothing on stdin)" if args.prompt == "-"
                                                         else ""))
     start = time.perf_counter()
-    model, tokenizer = _load(args)
+    world = mx.distributed.init()
+    model, tokenizer = _load(args, world)
+    seed = args.seed
+    if seed is None and world.size() > 1:
+        from .sharded import shared_seed
+
+        seed = shared_seed(world)  # every rank must draw the same tokens
     previous = load_prompt_cache(args.prompt_cache_file, model) if args.prompt_cache_file else None
     ids, fed_text = _prompt_ids(args, model, tokenizer, text)
     if not ids and previous is None:
@@ -513,7 +531,7 @@ def run(args):
     for response in stream_generate(
             model, tokenizer, [], max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            seed=args.seed, prompt_cache=state):
+            seed=seed, prompt_cache=state):
         if response.generation_tokens == 1:
             # The prompt's last token goes through the first decoding step: prompt time.
             prompt_seconds += time.perf_counter() - start
@@ -525,9 +543,14 @@ def run(args):
 
 
 def main(argv=None):
+    """Under `mlx.launch` with several processes the model is tensor parallel over them and rank
+    0 alone prints."""
+    from .sharded import quiet_unless_first
+
+    quiet_unless_first(mx.distributed.init())
     args = build_parser().parse_args(argv)
     return cli.run(lambda: run(args), (ConfigError, CheckpointError, PromptCacheError,
-                                       SamplerError, GenerationError, OSError))
+                                       SamplerError, GenerationError, OSError, ShardingError))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ freed before the next, so a rank never holds more than its shard plus one source
 
 import json
 import math
-from pathlib import Path
+import os
+import random
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -19,7 +21,7 @@ from mlx.utils import tree_flatten
 from .checkpoint import CheckpointError, check_weights, read_file, to_model_names, weight_files
 from .config import load_config
 from .loader import build_model, cast, find_tokenizer, load_tokenizer, resolve
-from .models.sharding import take
+from .models.sharding import ShardingError, take
 
 # safetensors dtype -> the numpy dtype its bytes are read as (bfloat16's as uint16 bits).
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
@@ -96,3 +98,28 @@ def sharded_load(path_or_repo, tensor_group=None, *, dtype=None, tokenizer=None)
     model.load_weights(list(weights.items()))
     mx.eval(model.parameters())
     return model, load_tokenizer(location, model.config.eos_token_id)
+
+
+def agree(world, error):
+    """Called by every rank after a step that may fail on some (loading): raises this rank's
+    `error`, or a ShardingError saying that another rank failed, so that every rank stops or
+    none does (a rank left alone would wait for the others forever)."""
+    failed = mx.distributed.all_sum(mx.array(error is not None, mx.int32), group=world).item()
+    if error is not None:
+        raise error
+    if failed:
+        raise ShardingError(f"{failed} of the {world.size()} processes failed (see their "
+                            "errors)")
+
+
+def shared_seed(world):
+    """A random seed drawn by rank 0 and given to every rank: unseeded sampling must still draw
+    the same tokens on every rank."""
+    seed = random.getrandbits(31) if world.rank() == 0 else 0
+    return mx.distributed.all_sum(mx.array(seed, mx.int32), group=world).item()
+
+
+def quiet_unless_first(world):
+    """Only rank 0 prints: the others' stdout and stderr go nowhere."""
+    if world.rank() > 0:
+        sys.stdout = sys.stderr = open(os.devnull, "w")

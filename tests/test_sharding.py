@@ -5,20 +5,22 @@ launch runs every family (each launch costs seconds of start-up)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 import torch
 
 import mlx_mamba
+from mlx_mamba.generate import main as generate_main
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.convert import convert
 from test_distributed import free_ports, launcher
 from test_mamba3_model import SSM_CFGS, random_weights
-from tuning import write_tokenizer
+from tuning import model_with_tokenizer, write_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAVOURS = ["mamba1", "falcon_mamba", "mamba2", "mamba2_groups_untied", "bamba",
@@ -109,3 +111,42 @@ def test_each_rank_holds_its_shard(sharded, name):
     assert b["held"] == bound + b["read_twice"] / 2  # the ranks hold equal amounts
     # Only rows read by both ranks' heads (a B/C group, a KV head, angles) are held twice.
     assert (b["read_twice"] > 0) == (name.split("_q8")[0] in READ_TWICE)
+
+
+def test_generate_command_shards_under_mlx_launch(checkpoint, tmp_path, capsys):
+    model = model_with_tokenizer(checkpoint("jamba")[0], tmp_path / "jamba")
+    args = ["--model", model, "--prompt", "To be, or not", "--max-tokens", 12]
+    result = launch(["-m", "mlx_mamba.generate", *args])
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert generate_main(list(map(str, args))) == 0
+    alone = capsys.readouterr().out
+    assert alone.strip() and result.stdout == alone  # rank 0 alone prints, the same text
+    assert result.stderr.count("Generation: 12 tokens") == 1
+
+
+@pytest.mark.parametrize("flavour, processes, quantized, message", [
+    ("mamba1", 3, False, "Mamba1 channels (d_inner) is 64, which the world size 3 does not "
+                         "divide"),
+    ("jamba", 2, True, "attention o_proj: its 32 inputs over the world size 2 leave 16 per rank, "
+                       "not a multiple of the quantization group size 32"),
+])
+def test_a_world_size_that_does_not_fit_fails_every_process_at_once(
+        checkpoint, tmp_path, flavour, processes, quantized, message):
+    model = model_with_tokenizer(checkpoint(flavour)[0], tmp_path / flavour)
+    if quantized:
+        model = convert(model, tmp_path / "q8", quantize=True, q_bits=8, q_group_size=32)
+    # Weights that cannot be read: the error must come before any weight is read.
+    for file in Path(model).glob("*.safetensors"):
+        file.write_bytes(file.read_bytes()[:64])
+    start = time.perf_counter()
+    result = launch(["-m", "mlx_mamba.generate", "--model", model, "--prompt", "Hi"], processes,
+                    timeout=120)
+    seconds = time.perf_counter() - start
+    output = result.stdout + result.stderr
+    print(f"{processes} processes failed in {seconds:.1f} s:\n{output}")
+    assert [line for line in output.splitlines() if "error" in line] == [f"error: {message}"]
+    assert "Traceback" not in output
+    # mlx.launch itself exits 0 here; it reports each process's exit code.
+    codes = re.findall(r"Node with rank (\d+) exited with code (-?\d+)", output)
+    assert sorted(int(rank) for rank, _ in codes) == list(range(processes))
+    assert all(int(code) != 0 for _, code in codes)

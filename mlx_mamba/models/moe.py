@@ -114,7 +114,7 @@ class MoE(nn.Module):
         split the same way. Returns the plan."""
         hidden = self.experts.up_proj.weight.shape[1]
         rows = [share(hidden, group, "experts' intermediate size")]
-        down = columns_plan(self.experts.down_proj, rows, "experts' down_proj")
+        down = columns_plan(self.experts.down_proj, rows, group, "experts' down_proj")
         plan = prefixed("experts.down_proj", down)
         apply_plan(self.experts.down_proj, down)
         for name in ("gate_proj", "up_proj"):

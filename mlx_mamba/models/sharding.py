@@ -92,15 +92,17 @@ def rows_plan(module, ranges):
             for name, value in module.parameters().items()}
 
 
-def columns_plan(module, ranges, field):
+def columns_plan(module, ranges, group, field):
     """The plan keeping input columns `ranges` (in input features) of such a linear; quantized
     weights, scales and biases in their packed units. A bias stays whole (added once, after the
     sum). A share that splits a quantization group is an error."""
     group_size = getattr(module, "group_size", 1)
     for start, stop in ranges:
         if start % group_size or stop % group_size:
-            raise ShardingError(f"{field}: each rank's share of the {stop - start} inputs is not "
-                                f"a multiple of the quantization group size {group_size}")
+            raise ShardingError(
+                f"{field}: its {(stop - start) * group.size()} inputs over the world size "
+                f"{group.size()} leave {stop - start} per rank, not a multiple of the "
+                f"quantization group size {group_size}")
     plan = {}
     for name, value in module.parameters().items():
         if name != "bias":
@@ -127,7 +129,7 @@ def sharded_to_all(linear, group):
 
 def shard_output(parent, name, ranges, group, field):
     """Keep input columns `ranges` of `parent[name]` and make it sum over the group; the plan."""
-    plan = columns_plan(parent[name], ranges, field)
+    plan = columns_plan(parent[name], ranges, group, field)
     apply_plan(parent[name], plan)
     parent[name] = sharded_to_all(parent[name], group)
     return prefixed(name, plan)
