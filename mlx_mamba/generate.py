@@ -424,6 +424,9 @@ def build_parser():
              "(default: start afresh)")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward")
+    cli.add_switch(parser, "--pipeline",
+                   help="under mlx.launch with several processes: pipeline parallel (each "
+                        "process holds a range of layers) instead of tensor parallel")
     cli.add_switch(parser, "--verbose",
                    help="also print the model, the backend and the prompt as fed")
     return parser
@@ -437,8 +440,13 @@ def _load(args, world):
 
     model = tokenizer = error = None
     try:
-        model, tokenizer = sharded_load(args.model, world, tokenizer=args.tokenizer) \
-            if world.size() > 1 else load(args.model, tokenizer=args.tokenizer)
+        if world.size() == 1:
+            model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+        elif args.pipeline:
+            model, tokenizer = sharded_load(args.model, pipeline_group=world,
+                                            tokenizer=args.tokenizer)
+        else:
+            model, tokenizer = sharded_load(args.model, world, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
         named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
         error = GenerationError(e if named else f"{args.model}: {e}")

@@ -56,9 +56,9 @@ def read_slices(file, name, axis, ranges):
     return array.view(mx.bfloat16) if dtype == "BF16" else array
 
 
-def _read_shard(path, config, shapes, plan):
-    """This rank's part of every tensor of checkpoint `path`, under the model's names; shapes:
-    the unsharded model's {name: shape}, which the files must match."""
+def _read_shard(path, config, shapes, plan, held):
+    """This rank's part of the tensors `held` of checkpoint `path`, under the model's names;
+    shapes: the unsharded model's {name: shape}, which the files must match."""
     sources, origin = {}, {}
     for file in weight_files(path):
         tensors = read_file(file)  # lazy for safetensors: nothing is read yet
@@ -72,6 +72,8 @@ def _read_shard(path, config, shapes, plan):
         raise CheckpointError(f"{path}: {e}") from None
     shard = {}
     for name, value in weights.items():
+        if name not in held:
+            continue
         if name in plan and id(value) in origin:
             shard[name] = read_slices(*origin[id(value)], *plan[name])
         else:
@@ -80,19 +82,25 @@ def _read_shard(path, config, shapes, plan):
     return shard
 
 
-def sharded_load(path_or_repo, tensor_group=None, *, dtype=None, tokenizer=None):
+def sharded_load(path_or_repo, tensor_group=None, pipeline_group=None, *, dtype=None,
+                 tokenizer=None):
     """(model, tokenizer) tensor parallel over `tensor_group` (default: the world of
-    `mx.distributed.init()`), each rank reading only its shard of the weights. Every rank calls
+    `mx.distributed.init()`), or pipeline parallel over `pipeline_group` when it is given, each
+    rank reading only its shard of the weights (pipeline: its layers' tensors). Every rank calls
     it with the same arguments; every rank's model gives the full logits. Arguments otherwise as
     `mlx_mamba.load`. A world size that does not fit the model raises
     `mlx_mamba.models.sharding.ShardingError` on every rank, before any weight is read."""
-    group = tensor_group or mx.distributed.init()
     path = resolve(path_or_repo)
     location = find_tokenizer(path, tokenizer)
     model = build_model(load_config(path))
     shapes = {name: value.shape for name, value in tree_flatten(model.parameters())}
-    plan = model.shard(group)
-    weights = _read_shard(path, model.config, shapes, plan)
+    if pipeline_group is not None:
+        model.pipeline(pipeline_group)
+        plan = {}
+    else:
+        plan = model.shard(tensor_group or mx.distributed.init())
+    held = {name for name, _ in tree_flatten(model.parameters())}
+    weights = _read_shard(path, model.config, shapes, plan, held)
     if dtype is not None:
         weights = cast(weights, dtype)
     model.load_weights(list(weights.items()))

@@ -84,6 +84,9 @@ def main(specs):
         result["bytes"] = {"held": held, "shard": shard_bytes, "full": sum(full.values()),
                            "sharded": sharded, "replicated": replicated,
                            "read_twice": every_rank - sharded, "largest": max(full.values())}
+        loaded, _ = mlx_mamba.sharded_load(directory, pipeline_group=world)
+        result["pipeline"] = compare(loaded, reference)
+        result["pipeline_bytes"] = weight_bytes(loaded)
         results[name] = result
     if world.rank() == 0:
         print(json.dumps({"world": world.size(), "results": results}), flush=True)

@@ -18,6 +18,7 @@ import mlx_mamba
 from mlx_mamba.generate import main as generate_main
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.convert import convert
+from mlx_mamba.models.sharding import ShardingError, balanced_ranges
 from test_distributed import free_ports, launcher
 from test_mamba3_model import SSM_CFGS, random_weights
 from tuning import model_with_tokenizer, write_tokenizer
@@ -88,7 +89,7 @@ NAMES = FLAVOURS + [f"mamba3_{f}" for f in SSM_CFGS] + [f"{n}_q8" for n in QUANT
 @pytest.mark.parametrize("name", NAMES)
 def test_two_processes_give_one_process_logits_and_tokens(sharded, name):
     result = sharded[name]
-    for way in ("shard", "sharded_load"):
+    for way in ("shard", "sharded_load", "pipeline"):
         print(f"{name} {way}: whole {result[way]['whole']:.1e}, "
               f"prefill + steps {result[way]['stepped']:.1e}")
         assert result[way]["whole"] <= 1e-5 and result[way]["stepped"] <= 1e-5
@@ -111,12 +112,32 @@ def test_each_rank_holds_its_shard(sharded, name):
     assert b["held"] == bound + b["read_twice"] / 2  # the ranks hold equal amounts
     # Only rows read by both ranks' heads (a B/C group, a KV head, angles) are held twice.
     assert (b["read_twice"] > 0) == (name.split("_q8")[0] in READ_TWICE)
+    pipeline = sharded[name]["pipeline_bytes"]
+    print(f"    pipeline: held {pipeline} bytes")
+    assert pipeline < b["full"]
 
 
-def test_generate_command_shards_under_mlx_launch(checkpoint, tmp_path, capsys):
+@pytest.mark.parametrize("sizes, parts, bounds", [
+    ([1, 1, 1, 1], 2, [0, 2, 4]),
+    ([1, 1, 10, 1, 1, 1, 1, 1, 1, 1, 1], 2, [0, 3, 11]),  # bytes, not layer counts
+    ([5, 1, 1, 1, 1, 1], 3, [0, 1, 3, 6]),
+    ([1, 1, 100], 3, [0, 1, 2, 3]),  # never an empty range
+])
+def test_pipeline_ranges_balance_bytes(sizes, parts, bounds):
+    assert balanced_ranges(sizes, parts, "layers") == bounds
+
+
+def test_fewer_layers_than_ranks_is_an_error():
+    with pytest.raises(ShardingError, match="layers is 2, fewer than the world size 3"):
+        balanced_ranges([1, 1], 3, "layers")
+
+
+@pytest.mark.parametrize("how", [[], ["--pipeline"]])
+def test_generate_command_shards_under_mlx_launch(checkpoint, tmp_path, capsys, how):
     model = model_with_tokenizer(checkpoint("jamba")[0], tmp_path / "jamba")
-    args = ["--model", model, "--prompt", "To be, or not", "--max-tokens", 12]
-    result = launch(["-m", "mlx_mamba.generate", *args])
+    args = ["--model", model, "--prompt", "To be, or not", "--max-tokens", 12, "--temp", 0.8,
+            "--seed", 5]
+    result = launch(["-m", "mlx_mamba.generate", *args, *how])
     assert result.returncode == 0, result.stdout + result.stderr
     assert generate_main(list(map(str, args))) == 0
     alone = capsys.readouterr().out

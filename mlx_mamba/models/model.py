@@ -7,6 +7,7 @@ say. Pure Mamba models are the stack with Mamba mixers only; the hybrids add lay
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..cache import LayerCaches
 from ..config import ModelConfig
@@ -18,7 +19,7 @@ from .mlp import MLP
 from .moe import MoE
 from .parallel import ParallelMixer
 from .shared_block import InvocationAdapters, SharedBlock
-from .sharding import prefixed
+from .sharding import balanced_ranges, prefixed
 
 
 def make_layer(config: ModelConfig, kind):
@@ -95,12 +96,16 @@ class Model(nn.Module):
         self.backbone = Backbone(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._stage = None  # pipeline parallel: (group, first layer, end layer, dtype)
 
     def make_cache(self, batch_size=1):
         """One cache per layer: MambaCache, KVCache, None for MLP and MoE layers, LayerCaches
         for layers with several stateful parts (Falcon-H1's parallel layer, Zamba2's hybrid)."""
         caches = []
         for i, layer in enumerate(self.backbone.layers):
+            if "mixer" not in layer:  # held by another rank of a pipeline
+                caches.append(None)
+                continue
             cache = layer.mixer.make_cache(batch_size)
             if "linear" in layer:
                 block = self.backbone.blocks[self.config.shared_block(i)[0]]
@@ -134,7 +139,42 @@ class Model(nn.Module):
             plan.update(prefixed(f"backbone.blocks.{j}", block.shard(group)))
         return plan
 
+    def pipeline(self, group=None):
+        """Pipeline parallel over `group` (default: the world of `mx.distributed.init()`), in
+        place: rank r keeps the r-th of contiguous layer ranges balanced by their parameter
+        bytes (an MoE layer weighs more than a Mamba layer), and only those layers' caches; the
+        hidden state goes from rank to rank with send/recv, and the last rank's logits reach
+        every rank. Returns (first layer, end layer)."""
+        group = group or mx.distributed.init()
+        layers = self.backbone.layers
+        if group.size() == 1:
+            return 0, len(layers)
+        sizes = [sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in layers]
+        bounds = balanced_ranges(sizes, group.size(), "layers (num_hidden_layers)")
+        start, stop = bounds[group.rank()], bounds[group.rank() + 1]
+        c, last = self.config, group.rank() == group.size() - 1
+        self._stage = (group, start, stop, self._dtype())
+        for i in range(len(layers)):
+            if not start <= i < stop:
+                layers[i] = nn.Module()
+        hybrids = [i for i in range(start, stop) if "linear" in layers[i]]
+        used = {c.shared_block(i)[0] for i in hybrids}
+        for j in range(len(self.backbone.blocks)):
+            if j not in used:
+                self.backbone.blocks[j] = nn.Module()
+        # The first rank embeds; Zamba2's hybrid layers take the embeddings too; the last rank
+        # holds the head (the embeddings when tied).
+        if not (start == 0 or hybrids or (last and c.tie_embeddings)):
+            self.backbone.pop("embeddings")
+        if not last:
+            self.backbone.pop("norm_f")
+            if "lm_head" in self:
+                self.pop("lm_head")
+        return start, stop
+
     def _dtype(self):
+        if self._stage is not None:
+            return self._stage[3]
         # The dtype the layers compute in: that of the first Mamba conv, which is never
         # quantized (a quantized embedding dequantizes to bfloat16 in the fp4/fp8 modes) nor
         # kept in float32 like the norms.
@@ -156,12 +196,22 @@ class Model(nn.Module):
     def _run(self, input_ids, cache, mask, step):
         c = self.config
         dtype = self._dtype()
-        embedded = self.backbone.embeddings(input_ids).astype(dtype)
-        if c.embedding_multiplier != 1.0:
-            embedded = embedded * c.embedding_multiplier
+        group, start, stop, _ = self._stage or (None, 0, c.n_layer, dtype)
+        embedded = None
+        if "embeddings" in self.backbone:
+            embedded = self.backbone.embeddings(input_ids).astype(dtype)
+            if c.embedding_multiplier != 1.0:
+                embedded = embedded * c.embedding_multiplier
         # The residual stream stays in float32 when the checkpoint says so (residual_in_fp32).
-        residual = embedded.astype(mx.float32) if c.residual_in_fp32 else embedded
-        for i, layer in enumerate(self.backbone.layers):
+        residual_dtype = mx.float32 if c.residual_in_fp32 else dtype
+        if start == 0:
+            residual = embedded.astype(residual_dtype)
+        else:  # from the rank before in the pipeline
+            residual = mx.distributed.recv((*input_ids.shape, c.d_model), residual_dtype,
+                                           group.rank() - 1, group=group)
+            mx.eval(residual)  # at once: see _exchanged
+        for i in range(start, stop):
+            layer = self.backbone.layers[i]
             layer_cache = cache[i] if cache is not None else None
             x = residual
             if "linear" in layer:
@@ -178,10 +228,15 @@ class Model(nn.Module):
             residual = self._add(residual, h)
             if "ffn" in layer:
                 residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))
+        if stop < c.n_layer:  # the next rank goes on; the logits come from the last one
+            mx.eval(mx.distributed.send(residual, group.rank() + 1, group=group))
+            return _exchanged(mx.zeros((*input_ids.shape, c.vocab_size), mx.float32), group,
+                              dtype)
         hidden = self.backbone.norm_f(residual).astype(dtype)
         logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
             else self.lm_head(hidden)
-        return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
+        logits = logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
+        return logits if group is None else _exchanged(logits, group, dtype)
 
     def _add(self, residual, branch):
         scale = self.config.residual_multiplier
@@ -200,6 +255,17 @@ class Model(nn.Module):
         """token_ids (B,) -> logits (B, V), advancing `cache` by one token."""
         _check_inputs(token_ids, cache, None, 1, self.config.n_layer)
         return self._run(token_ids, cache, None, step=True)
+
+
+def _exchanged(logits, group, dtype):
+    """The last pipeline rank's logits on every rank (the others give zeros).
+
+    Messages between ranks match in the order they are evaluated, not by call: a pipeline's
+    receives, sends and this sum therefore run at once, in call order on every rank, whatever
+    the caller evaluates later (a prefill evaluates only the caches)."""
+    logits = mx.distributed.all_sum(logits.astype(mx.float32), group=group).astype(dtype)
+    mx.eval(logits)
+    return logits
 
 
 def _check_inputs(ids, cache, mask, ndim, layers):

@@ -40,6 +40,22 @@ def readers_share(members, readers, group, field):
                         "a multiple of it")
 
 
+def balanced_ranges(sizes, parts, field):
+    """Bounds [0, b1, ..., len(sizes)] of `parts` contiguous, non-empty ranges of items whose
+    sizes sum as evenly as the items allow: each bound is the one nearest to its share."""
+    if len(sizes) < parts:
+        raise ShardingError(f"{field} is {len(sizes)}, fewer than the world size {parts}")
+    before = [0]
+    for size in sizes:
+        before.append(before[-1] + size)
+    bounds = [0]
+    for k in range(1, parts):
+        target = before[-1] * k / parts
+        candidates = range(bounds[-1] + 1, len(sizes) - (parts - k) + 1)
+        bounds.append(min(candidates, key=lambda b: abs(before[b] - target)))
+    return bounds + [len(sizes)]
+
+
 def shifted(ranges, offset):
     return [(start + offset, stop + offset) for start, stop in ranges]
 
