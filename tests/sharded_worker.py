@@ -87,6 +87,14 @@ def main(specs):
         loaded, _ = mlx_mamba.sharded_load(directory, pipeline_group=world)
         result["pipeline"] = compare(loaded, reference)
         result["pipeline_bytes"] = weight_bytes(loaded)
+        # In bfloat16: a pipeline rank computes in the checkpoint's dtype, not the placeholders'.
+        half, _ = mlx_mamba.load(directory, dtype=mx.bfloat16)
+        loaded, _ = mlx_mamba.sharded_load(directory, pipeline_group=world, dtype=mx.bfloat16)
+        ids, mask = mx.array(IDS), mx.array(MASK)
+        logits = loaded(ids, mask=mask)
+        result["pipeline_bfloat16"] = {
+            "dtype": str(logits.dtype),
+            "error": relative_error(outputs(loaded)[0], outputs(half)[0])}
         results[name] = result
     if world.rank() == 0:
         print(json.dumps({"world": world.size(), "results": results}), flush=True)

@@ -95,6 +95,8 @@ def test_two_processes_give_one_process_logits_and_tokens(sharded, name):
         assert result[way]["whole"] <= 1e-5 and result[way]["stepped"] <= 1e-5
         assert result[way]["tokens_equal"]
     assert result["ranks_agree"] == 0.0
+    half = result["pipeline_bfloat16"]
+    assert half["dtype"] == "mlx.core.bfloat16" and half["error"] <= 1e-5, half
     assert result["same_weights"]  # sharded_load reads what shard keeps, bit for bit
 
 

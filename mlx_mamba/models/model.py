@@ -96,7 +96,7 @@ class Model(nn.Module):
         self.backbone = Backbone(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
-        self._stage = None  # pipeline parallel: (group, first layer, end layer, dtype)
+        self._stage = None  # pipeline parallel: (group, first layer, end layer)
 
     def make_cache(self, batch_size=1):
         """One cache per layer: MambaCache, KVCache, None for MLP and MoE layers, LayerCaches
@@ -143,8 +143,8 @@ class Model(nn.Module):
         """Pipeline parallel over `group` (default: the world of `mx.distributed.init()`), in
         place: rank r keeps the r-th of contiguous layer ranges balanced by their parameter
         bytes (an MoE layer weighs more than a Mamba layer), and only those layers' caches; the
-        hidden state goes from rank to rank with send/recv, and the last rank's logits reach
-        every rank. Returns (first layer, end layer)."""
+        hidden state goes from rank to rank with send/recv, and the last rank's final hidden
+        state reaches every rank, which holds the head. Returns (first layer, end layer)."""
         group = group or mx.distributed.init()
         layers = self.backbone.layers
         if group.size() == 1:
@@ -152,8 +152,8 @@ class Model(nn.Module):
         sizes = [sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in layers]
         bounds = balanced_ranges(sizes, group.size(), "layers (num_hidden_layers)")
         start, stop = bounds[group.rank()], bounds[group.rank() + 1]
-        c, last = self.config, group.rank() == group.size() - 1
-        self._stage = (group, start, stop, self._dtype())
+        c = self.config
+        self._stage = (group, start, stop)
         for i in range(len(layers)):
             if not start <= i < stop:
                 layers[i] = nn.Module()
@@ -162,41 +162,39 @@ class Model(nn.Module):
         for j in range(len(self.backbone.blocks)):
             if j not in used:
                 self.backbone.blocks[j] = nn.Module()
-        # The first rank embeds; Zamba2's hybrid layers take the embeddings too; the last rank
-        # holds the head (the embeddings when tied).
-        if not (start == 0 or hybrids or (last and c.tie_embeddings)):
+        # The first rank embeds; Zamba2's hybrid layers take the embeddings too; every rank
+        # holds the final norm and the head (the embeddings when tied).
+        if not (start == 0 or hybrids or c.tie_embeddings):
             self.backbone.pop("embeddings")
-        if not last:
-            self.backbone.pop("norm_f")
-            if "lm_head" in self:
-                self.pop("lm_head")
         return start, stop
 
     def _dtype(self):
-        if self._stage is not None:
-            return self._stage[3]
         # The dtype the layers compute in: that of the first Mamba conv, which is never
         # quantized (a quantized embedding dequantizes to bfloat16 in the fp4/fp8 modes) nor
-        # kept in float32 like the norms.
-        for layer in self.backbone.layers:
-            mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
+        # kept in float32 like the norms. A pipeline rank asks the layers it holds.
+        mixers = [layer.mixer for layer in self.backbone.layers if "mixer" in layer]
+        for mixer in mixers:
+            mamba = mixer.get("mamba", mixer)  # a parallel layer's Mamba part
             if "conv1d" in mamba:
                 return mamba.conv1d.weight.dtype
-        # No conv (Mamba-3): the dtype of the first projection, or of an affine-quantized one's
-        # scales; with float quantization modes, what the (then quantized) embedding gives.
-        for layer in self.backbone.layers:
-            projection = layer.mixer.get("out_proj")
+        # No conv (Mamba-3, attention): the dtype of the first projection, or of an
+        # affine-quantized one's scales; with float quantization modes, what the (then
+        # quantized) embedding gives.
+        for mixer in mixers:
+            projection = mixer.get("out_proj", mixer.get("o_proj"))
             if projection is not None:
                 projection = projection.get("linear", projection)  # the layer inside a LoRA
                 dtype = projection.get("scales", projection.weight).dtype
                 if mx.issubdtype(dtype, mx.floating):
                     return dtype
+        if "embeddings" not in self.backbone:  # a pipeline rank: the untied head's
+            return self.lm_head(mx.zeros((1, self.config.d_model), mx.bfloat16)).dtype
         return self.backbone.embeddings(mx.zeros((1,), mx.int32)).dtype
 
     def _run(self, input_ids, cache, mask, step):
         c = self.config
         dtype = self._dtype()
-        group, start, stop, _ = self._stage or (None, 0, c.n_layer, dtype)
+        group, start, stop = self._stage or (None, 0, c.n_layer)
         embedded = None
         if "embeddings" in self.backbone:
             embedded = self.backbone.embeddings(input_ids).astype(dtype)
@@ -228,15 +226,15 @@ class Model(nn.Module):
             residual = self._add(residual, h)
             if "ffn" in layer:
                 residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))
-        if stop < c.n_layer:  # the next rank goes on; the logits come from the last one
-            mx.eval(mx.distributed.send(residual, group.rank() + 1, group=group))
-            return _exchanged(mx.zeros((*input_ids.shape, c.vocab_size), mx.float32), group,
-                              dtype)
+        if group is not None:
+            if stop < c.n_layer:  # the next rank goes on
+                mx.eval(mx.distributed.send(residual, group.rank() + 1, group=group))
+                residual = mx.zeros_like(residual)
+            residual = _exchanged(residual, group)
         hidden = self.backbone.norm_f(residual).astype(dtype)
         logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
             else self.lm_head(hidden)
-        logits = logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
-        return logits if group is None else _exchanged(logits, group, dtype)
+        return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
 
     def _add(self, residual, branch):
         scale = self.config.residual_multiplier
@@ -257,15 +255,16 @@ class Model(nn.Module):
         return self._run(token_ids, cache, None, step=True)
 
 
-def _exchanged(logits, group, dtype):
-    """The last pipeline rank's logits on every rank (the others give zeros).
+def _exchanged(residual, group):
+    """The last pipeline rank's final hidden state on every rank (the others give zeros), which
+    each turns into the logits: one hidden vector per token crosses the group, not a vocabulary.
 
     Messages between ranks match in the order they are evaluated, not by call: a pipeline's
     receives, sends and this sum therefore run at once, in call order on every rank, whatever
     the caller evaluates later (a prefill evaluates only the caches)."""
-    logits = mx.distributed.all_sum(logits.astype(mx.float32), group=group).astype(dtype)
-    mx.eval(logits)
-    return logits
+    residual = mx.distributed.all_sum(residual, group=group)
+    mx.eval(residual)
+    return residual
 
 
 def _check_inputs(ids, cache, mask, ndim, layers):
