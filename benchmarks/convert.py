@@ -112,7 +112,7 @@ def quantization_errors(source, work):
     import mlx.core as mx
 
     from mlx_mamba.convert import convert
-    from mlx_mamba.quantize import quantization_params
+    from mlx_mamba.quant_modes import quantization_params
 
     errors = {}
     for mode, bits in MODES:

@@ -15,7 +15,7 @@ top-k; the vocabulary is that of the GPT-NeoX tokenizer that decodes the output.
 models do not fit this project's 2-core CPU: a 4096-token prompt through one full Granite
 4.0-H-Tiny layer is about 300 GFLOP.
 
-    python benchmarks/hybrid.py --clock cpu                  # the README's table
+    python benchmarks/hybrid.py --clock cpu                  # docs/benchmarks.md's table
     python benchmarks/hybrid.py --models granite-4.0-h-tiny --narrow 1 --layers 40   # the model
 """
 
@@ -31,8 +31,8 @@ from mlx.utils import tree_flatten
 
 import mlx_mamba
 from generate import CLOCKS, VOCAB, make_tokenizer, run_mlx
-from mlx_mamba.checkpoint import to_checkpoint_names
 from mlx_mamba.config import ModelConfig
+from mlx_mamba.families import to_checkpoint_names
 from mlx_mamba.loader import build_model
 
 GRANITE_LAYERS = (["mamba"] * 5 + ["attention"] + ["mamba"] * 9 + ["attention"]

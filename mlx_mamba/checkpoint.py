@@ -18,8 +18,6 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
-from .config import ModelConfig
-
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read; the message names the file or tensor."""
@@ -313,61 +311,3 @@ def _unpickle(data, file):
     except Exception as e:  # a hostile pickle can make the unpickler raise almost any type
         raise CheckpointError(f"{file}: damaged torch checkpoint: data.pkl does not unpickle "
                               f"({type(e).__name__}: {e})") from None
-
-
-def to_model_names(weights, config: ModelConfig):
-    """Rename and reshape foreign tensors to this package's parameters.
-
-    Original checkpoints name the embedding `backbone.embedding`; Mistral's consolidated files
-    put every name under `model.` (mistral_inference wraps mamba_ssm's model as `self.model`);
-    torch stores the depthwise conv kernel as (C, 1, K) where MLX uses (C, K, 1); a tied head is
-    dropped.
-    """
-    if config.family:
-        from .families import MODULES
-
-        weights = MODULES[config.family].to_model_names(weights, config)
-    renamed = {}
-    for name, value in weights.items():
-        if name.startswith(("model.backbone.", "model.lm_head.")):
-            name = name[len("model."):]
-        name = name.replace("backbone.embedding.", "backbone.embeddings.")
-        if name.endswith("conv1d.weight") and value.ndim == 3 and value.shape[1] == 1:
-            value = value.swapaxes(1, 2)
-        renamed[name] = value
-    if config.tie_embeddings:
-        renamed.pop("lm_head.weight", None)
-    return renamed
-
-
-def to_checkpoint_names(weights, config: ModelConfig):
-    """The names a model's tensors have in its family's transformers checkpoints (the inverse of
-    `to_model_names` for converted models; pure Mamba models already use them)."""
-    if not config.family:
-        return weights
-    from .families import MODULES
-
-    return MODULES[config.family].to_checkpoint_names(weights, config)
-
-
-def check_weights(weights, expected, config=None):
-    """Every expected tensor present with its shape, nothing else. expected: {name: shape}.
-    With the model's `config`, a message names a missing tensor as the checkpoint does."""
-    for name, shape in expected.items():
-        if name not in weights:
-            raise CheckpointError(f"missing tensor {_checkpoint_name(name, shape, config)!r} "
-                                  f"(expected shape {tuple(shape)})")
-        if tuple(weights[name].shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(weights[name].shape)}, "
-                                  f"the config implies {tuple(shape)}")
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected:
-        raise CheckpointError(f"unexpected tensor {unexpected[0]!r}: the config has no such "
-                              "parameter")
-
-
-def _checkpoint_name(name, shape, config):
-    # A lazy placeholder is renamed (and split or unstacked) like the real tensor; never evaluated.
-    if config is None or not config.family:
-        return name
-    return next(iter(to_checkpoint_names({name: mx.zeros(shape)}, config)))

@@ -1,10 +1,9 @@
 """One model configuration, parsed from every checkpoint flavour a user meets.
 
-Sources: transformers `MambaConfig` / `Mamba2Config` / `FalconMambaConfig` JSON (`model_type`
-mamba, mamba2, falcon_mamba), the original state-spaces `config.json` (`d_model` + `ssm_cfg`),
-Mistral's `params.json` (Mamba-Codestral), and the hybrids' transformers configs, read by their
-family modules in `mlx_mamba/families/`. `to_dict` writes the transformers form, which is what
-convert.py saves and what mlx-lm reads.
+Each flavour (transformers Mamba, Mamba2 and Falcon-Mamba, the state-spaces originals, Mistral's
+params.json, the hybrids) is read by its module in `mlx_mamba/families/`; `to_dict` writes the
+form that convert.py saves: a hybrid's own config.json, or the transformers form that mlx-lm
+reads (the state-spaces one for Mamba-3).
 
 A model is one stack of residual layers. `layer_types` names each layer's mixer ("mamba1",
 "mamba2", "attention", "mlp", "moe", "parallel": Mamba2 and attention side by side, or
@@ -18,9 +17,9 @@ import json
 import math
 from pathlib import Path
 
-
-class ConfigError(ValueError):
-    """A configuration this package cannot use; the message names the field."""
+from . import families
+from .config_fields import MAX_LAYERS, ConfigError, as_float, is_integer
+from .model_size import check_memory
 
 
 @dataclasses.dataclass
@@ -133,7 +132,7 @@ class ModelConfig:
         return "falcon_mamba" if self.mixer_rms_eps is not None else "mamba"
 
     def __post_init__(self):
-        self.dt_limit = tuple(_as_float(v) for v in self.dt_limit)
+        self.dt_limit = tuple(as_float(v) for v in self.dt_limit)
         self._validate()
 
     def _validate(self):
@@ -182,121 +181,16 @@ class ModelConfig:
             raise ConfigError(f"fields 'n_group'/'topk_group' ({self.router_groups}, "
                               f"{self.router_topk_groups}): the groups must split the "
                               f"{self.n_experts} experts and 1 <= topk_group <= n_group")
-        _check_memory(self)
+        check_memory(self)
 
     @classmethod
     def from_dict(cls, config):
         """Parse any supported flavour; unknown or contradictory fields raise ConfigError."""
-        parse = {"transformers": _from_transformers, "state-spaces": _from_state_spaces,
-                 "mistral": _from_mistral}[config_format(config)]
-        return parse(config)
+        return cls(**families.read_fields(config))
 
     def to_dict(self):
-        """The transformers form of this config: a hybrid's own config.json, or the mamba, mamba2
-        or falcon_mamba form."""
-        if self.family:
-            config = {k: v for k, v in self.source_config.items() if k != "quantization"}
-            if self.quantization is not None:
-                config["quantization"] = self.quantization
-            return config
-        if self.arch == "mamba3":
-            return _to_state_spaces(self)
-        config = {
-            "model_type": self.model_type,
-            "architectures": [{"mamba": "MambaForCausalLM", "mamba2": "Mamba2ForCausalLM",
-                               "falcon_mamba": "FalconMambaForCausalLM"}[self.model_type]],
-            "hidden_size": self.d_model,
-            "num_hidden_layers": self.n_layer,
-            "vocab_size": self.vocab_size,
-            "state_size": self.d_state,
-            "conv_kernel": self.d_conv,
-            "expand": self.expand,
-            "intermediate_size": self.d_inner,
-            "use_bias": self.bias,
-            "use_conv_bias": self.conv_bias,
-            "layer_norm_epsilon": self.norm_eps,
-            "residual_in_fp32": self.residual_in_fp32,
-            "tie_word_embeddings": self.tie_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-        }
-        if self.arch == "mamba1":
-            config["time_step_rank"] = self.dt_rank
-        else:
-            # time_step_rank is unused by Mamba2, but transformers writes it and mlx-lm needs it.
-            config.update(num_heads=self.n_heads, head_dim=self.head_dim, n_groups=self.n_groups,
-                          chunk_size=self.chunk_size, time_step_limit=list(self.dt_limit),
-                          time_step_rank=math.ceil(self.d_model / 16))
-        if self.mixer_rms_eps is not None:
-            config["mixer_rms_eps"] = self.mixer_rms_eps
-        if self.quantization is not None:
-            config["quantization"] = self.quantization
-        return config
-
-
-MAX_LAYERS = 10_000
-# A config may describe a model a few times larger than memory (convert streams the weights),
-# never one that could not be held at all: that is a damaged or hostile config.
-MEMORY_FACTOR = 16
-
-
-def parameter_count(config):
-    """{config field most responsible: parameters} of the model `config` describes; shapes only."""
-    D, E, N, K = config.d_model, config.d_inner, config.d_state, config.d_conv
-    H, G = E // config.head_dim, config.n_groups
-    R = config.mimo_rank if config.is_mimo else 1
-    attention = config.attn_heads * config.attn_head_dim * 2 * D \
-        + config.attn_kv_heads * config.attn_head_dim * 2 * D
-    per_kind = {
-        "mamba1": 2 * E * D + E * K + (config.dt_rank + 2 * N) * E + config.dt_rank * E
-                  + E * N + 3 * E + E * D,
-        "mamba2": D * (2 * E + 2 * G * N + H) + (E + 2 * G * N) * K + E * D + 3 * H + E,
-        "mamba3": D * (2 * E + 2 * G * N * R + 3 * H + N // 2) + E * D + 2 * H * R * N
-                  + (3 * E * R if config.is_mimo else 0) + 2 * N + 2 * H + E,
-        "attention": attention,
-        "mlp": 3 * D * config.mlp_size,
-        "moe": config.n_experts * (3 * D * config.expert_size + D)
-               + 3 * D * config.shared_expert_size,
-        "parallel": 0,
-        "hybrid": 0,
-        "": 0,
-    }
-    per_kind["parallel"] = per_kind["mamba2"] + per_kind["attention"]
-    per_kind["hybrid"] = per_kind["mamba2"] + D * D + 2 * config.adapter_rank * 8 * D
-    layers = sum(per_kind[config.layer_type(i)] + per_kind[config.ffn_type(i)] + 2 * D
-                 for i in range(config.n_layer))
-    layers += config.shared_blocks * (per_kind["attention"] * 2 + per_kind["mlp"])
-    embedding = config.vocab_size * D * (1 if config.tie_embeddings else 2)
-    return {"vocab_size": embedding, "n_layer": layers}
-
-
-def _check_memory(config):
-    import os
-
-    counts = parameter_count(config)
-    bits = (config.quantization or {}).get("bits", 16)
-    need = sum(counts.values()) * bits / 8
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if need > MEMORY_FACTOR * memory:
-        field = max(counts, key=counts.get)
-        raise ConfigError(
-            f"field {field!r} is {getattr(config, field)}: the model would take at least "
-            f"{need / 1e9:,.0f} GB ({sum(counts.values()):,} parameters at {bits} bits), "
-            f"{MEMORY_FACTOR}x more than this machine's {memory / 1e9:.0f} GB of memory")
-
-
-def config_format(config):
-    """Which flavour a raw config dict is: "transformers", "state-spaces" or "mistral"."""
-    if "model_type" in config and "dim" not in config:
-        return "transformers"
-    if "d_model" in config or "ssm_cfg" in config:
-        return "state-spaces"
-    if "dim" in config and "n_layers" in config:
-        return "mistral"
-    raise ConfigError(
-        "unrecognised config: expected a transformers config ('model_type'), a state-spaces "
-        "config ('d_model', 'ssm_cfg') or a Mistral params.json ('dim', 'n_layers')")
+        """The config.json of this model as convert.py writes it (see `families.write_config`)."""
+        return families.write_config(self)
 
 
 def read_config(path):
@@ -324,226 +218,6 @@ def load_config(path):
         raise ConfigError(f"{file}: {e}") from None
 
 
-def _as_float(value, name="time_step_limit"):
-    # transformers writes infinity as {"__float__": "Infinity"}; plain JSON writers as Infinity.
-    if isinstance(value, dict) and "__float__" in value:
-        value = value["__float__"]
-    if isinstance(value, bool):
-        raise ConfigError(f"field {name!r} holds {value!r}: expected a number")
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"field {name!r} holds {value!r}: expected a number") from None
-
-
-def is_integer(value):
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-REQUIRED = object()
-
-
-def get(config, name, default=REQUIRED, kind="positive", where=""):
-    """config[name] (or `default` when absent), checked to be of `kind`: "positive" or "count"
-    (an int > 0 or >= 0), "number" (finite or infinite float), "positive_number", "bool", "text",
-    "ids" (token ids: an int, a list of ints or null). The error names the field."""
-    label = where + name
-    if name not in config:
-        if default is REQUIRED:
-            raise ConfigError(f"missing field {label!r}")
-        return default
-    value = config[name]
-    if value is None and kind != "ids" and default is not REQUIRED:
-        return default  # configs spell some unset fields as null
-    if kind in ("positive", "count"):
-        if not is_integer(value) or value < (1 if kind == "positive" else 0):
-            raise ConfigError(f"field {label!r} is {value!r}: expected "
-                              f"{'a positive' if kind == 'positive' else 'a non-negative'} integer")
-    elif kind in ("number", "positive_number"):
-        value = _as_float(value, label)
-        if value != value or (kind == "positive_number" and not value > 0):
-            raise ConfigError(f"field {label!r} is {config[name]!r}: expected a "
-                              f"{'positive ' if kind == 'positive_number' else ''}number")
-    elif kind == "bool":
-        if not isinstance(value, bool):
-            raise ConfigError(f"field {label!r} is {value!r}: expected true or false")
-    elif kind == "text":
-        if not isinstance(value, str):
-            raise ConfigError(f"field {label!r} is {value!r}: expected a string")
-    elif kind == "ids":
-        items = value if isinstance(value, list) else [value]
-        if not all(v is None or (is_integer(v) and v >= 0) for v in items):
-            raise ConfigError(f"field {label!r} is {value!r}: expected token ids")
-    return value
-
-
-def dt_limit(config, name="time_step_limit", where=""):
-    """A (low, high) pair of Δ bounds, infinity spelled either way."""
-    value = config.get(name, (0.0, math.inf))
-    if not isinstance(value, (list, tuple)) or len(value) != 2:
-        raise ConfigError(f"field {where + name!r} is {value!r}: expected [low, high]")
-    return tuple(_as_float(v, where + name) for v in value)
-
-
-def quantization(config):
-    """The checked `quantization` block of a converted model's config, or None."""
-    block = config.get("quantization")
-    if block is None:
-        return None
-    from .quantize import QuantizationError, quantization_params
-
-    if not isinstance(block, dict) or not {"group_size", "bits"} <= set(block):
-        raise ConfigError(f"field 'quantization' is {block!r}: expected {{\"group_size\", "
-                          "\"bits\", \"mode\"}")
-    try:
-        return quantization_params(block["bits"], block["group_size"], block.get("mode", "affine"))
-    except QuantizationError as e:
-        raise ConfigError(f"field 'quantization': {e}") from None
-
-
-def common_fields(config):
-    """Token ids and quantization, shared by every transformers flavour."""
-    tokens = {k: get(config, k, None, "ids") for k in ("bos_token_id", "eos_token_id",
-                                                        "pad_token_id") if k in config}
-    return dict(quantization=quantization(config), **tokens)
-
-
-def _from_transformers(config):
-    model_type = config["model_type"]
-    if model_type in FAMILIES:
-        return FAMILIES[model_type](config)
-    if model_type not in ("mamba", "mamba2", "falcon_mamba"):
-        raise ConfigError(
-            f"field 'model_type' is {model_type!r}: expected one of mamba, mamba2, falcon_mamba, "
-            f"{', '.join(FAMILIES)}")
-    d_model = get(config, "hidden_size")
-    expand = get(config, "expand", 2)
-    common = dict(
-        d_model=d_model,
-        n_layer=get(config, "num_hidden_layers"),
-        vocab_size=get(config, "vocab_size"),
-        d_conv=get(config, "conv_kernel", 4),
-        expand=expand,
-        conv_bias=get(config, "use_conv_bias", True, "bool"),
-        bias=get(config, "use_bias", False, "bool"),
-        norm_eps=get(config, "layer_norm_epsilon", 1e-5, "positive_number"),
-        residual_in_fp32=get(config, "residual_in_fp32", True, "bool"),
-        **common_fields(config),
-    )
-    if model_type == "mamba2":
-        head_dim = get(config, "head_dim", 64)
-        heads = get(config, "num_heads", max(expand * d_model // head_dim, 1))
-        if heads * head_dim != expand * d_model:
-            raise ConfigError(
-                f"fields 'num_heads' * 'head_dim' ({heads} * {head_dim}) must equal "
-                f"'expand' * 'hidden_size' ({expand} * {d_model})")
-        return ModelConfig(
-            arch="mamba2", d_state=get(config, "state_size", 128), head_dim=head_dim,
-            n_groups=get(config, "n_groups", 8), chunk_size=get(config, "chunk_size", 256),
-            dt_limit=dt_limit(config),
-            tie_embeddings=get(config, "tie_word_embeddings", False, "bool"), **common)
-    inner = get(config, "intermediate_size", expand * d_model)
-    if inner != expand * d_model:
-        raise ConfigError(
-            f"field 'intermediate_size' ({inner}) must equal 'expand' * 'hidden_size' "
-            f"({expand} * {d_model})")
-    rank = config.get("time_step_rank", "auto")
-    return ModelConfig(
-        arch="mamba1", d_state=get(config, "state_size", 16),
-        dt_rank=math.ceil(d_model / 16) if rank == "auto" else get(config, "time_step_rank"),
-        mixer_rms_eps=get(config, "mixer_rms_eps", 1e-6, "positive_number")
-        if model_type == "falcon_mamba" else None,
-        tie_embeddings=get(config, "tie_word_embeddings", True, "bool"), **common)
-
-
-def _padded_vocab(vocab_size, multiple):
-    return -(-vocab_size // multiple) * multiple if multiple and multiple > 1 else vocab_size
-
-
-def _from_state_spaces(config):
-    ssm = config.get("ssm_cfg") or {}
-    if not isinstance(ssm, dict):
-        raise ConfigError(f"field 'ssm_cfg' is {ssm!r}: expected an object")
-    ssm, where = dict(ssm), "ssm_cfg."
-    layer = ssm.pop("layer", "Mamba1")
-    if layer not in ("Mamba1", "Mamba2", "Mamba3"):
-        raise ConfigError(f"field 'ssm_cfg.layer' is {layer!r}: expected Mamba1, Mamba2 or "
-                          "Mamba3")
-    if config.get("d_intermediate", 0):
-        raise ConfigError(
-            f"field 'd_intermediate' is {config['d_intermediate']}: MLP layers between mixers "
-            "are not supported (expected 0)")
-    if config.get("attn_layer_idx"):
-        raise ConfigError("field 'attn_layer_idx': hybrid attention layers are not supported")
-    if not get(config, "rms_norm", True, "bool"):
-        raise ConfigError("field 'rms_norm' is false: LayerNorm models are not supported")
-    d_model = get(config, "d_model")
-    expand = get(ssm, "expand", 2, where=where)
-    ssm.pop("expand", None)
-    common = dict(
-        d_model=d_model,
-        n_layer=get(config, "n_layer"),
-        vocab_size=_padded_vocab(get(config, "vocab_size"),
-                                 get(config, "pad_vocab_size_multiple", 8, "count")),
-        d_conv=get(ssm, "d_conv", 4, where=where),
-        expand=expand,
-        conv_bias=get(ssm, "conv_bias", True, "bool", where),
-        bias=get(ssm, "bias", False, "bool", where),
-        norm_eps=get(config, "norm_epsilon", 1e-5, "positive_number"),
-        residual_in_fp32=get(config, "residual_in_fp32", True, "bool"),
-        tie_embeddings=get(config, "tie_embeddings", True, "bool"),
-        **common_fields(config),
-    )
-    for name in ("d_conv", "conv_bias", "bias"):
-        ssm.pop(name, None)
-    if layer == "Mamba3":
-        result = _mamba3_from_ssm_cfg(ssm, common)
-    elif layer == "Mamba1":
-        rank = ssm.pop("dt_rank", "auto")
-        result = ModelConfig(arch="mamba1", d_state=get(ssm, "d_state", 16, where=where),
-                             dt_rank=math.ceil(d_model / 16) if rank == "auto"
-                             else get({"dt_rank": rank}, "dt_rank", where=where), **common)
-    else:
-        if ssm.pop("d_ssm", None) not in (None, expand * d_model):
-            raise ConfigError("field 'ssm_cfg.d_ssm': a partial SSM width is not supported")
-        if not ssm.pop("rmsnorm", True) or ssm.pop("norm_before_gate", False):
-            raise ConfigError(
-                "fields 'ssm_cfg.rmsnorm'/'ssm_cfg.norm_before_gate': only the gated RMSNorm "
-                "after the gate is supported")
-        result = ModelConfig(
-            arch="mamba2", d_state=get(ssm, "d_state", 128, where=where),
-            head_dim=get(ssm, "headdim", 64, where=where),
-            n_groups=get(ssm, "ngroups", 1, where=where),
-            chunk_size=get(ssm, "chunk_size", 256, where=where),
-            dt_limit=dt_limit(ssm, "dt_limit", where), **common)
-    _check_ssm_leftovers(ssm)
-    return result
-
-
-def _mamba3_from_ssm_cfg(ssm, common):
-    # Mamba-3 has no conv (d_conv, conv_bias do not apply) and no bias on its projections.
-    where = "ssm_cfg."
-    if common.pop("bias"):
-        raise ConfigError("field 'ssm_cfg.bias' is true: Mamba-3's projections have no bias")
-    common.pop("conv_bias")
-    is_mimo = get(ssm, "is_mimo", False, "bool", where)
-    fields = dict(
-        d_state=get(ssm, "d_state", 128, where=where),
-        head_dim=get(ssm, "headdim", 64, where=where),
-        n_groups=get(ssm, "ngroups", 1, where=where),
-        chunk_size=get(ssm, "chunk_size", 64, where=where),
-        rope_fraction=get(ssm, "rope_fraction", 0.5, "positive_number", where),
-        A_floor=get(ssm, "A_floor", 1e-4, "number", where),
-        is_outproj_norm=get(ssm, "is_outproj_norm", False, "bool", where), is_mimo=is_mimo,
-        mimo_rank=get(ssm, "mimo_rank", 4, where=where) if is_mimo else 1,
-        A_activation=get(ssm, "A_activation", "heavy_tail", "text", where))
-    get(ssm, "fuse_pregate_headwise_norm", True, "bool", where)  # a kernel choice: same result
-    for name in ("rope_fraction", "A_floor", "is_outproj_norm", "is_mimo", "mimo_rank",
-                 "A_activation", "fuse_pregate_headwise_norm", "dropout", "n_layer"):
-        ssm.pop(name, None)
-    return ModelConfig(arch="mamba3", **fields, **common)
-
-
 def _validate_mamba3(config):
     if config.rope_fraction not in (0.5, 1.0):
         raise ConfigError(f"field 'ssm_cfg.rope_fraction' is {config.rope_fraction!r}: expected "
@@ -564,68 +238,3 @@ def _validate_mamba3(config):
     if config.A_activation not in ("heavy_tail", "softplus"):
         raise ConfigError(f"field 'ssm_cfg.A_activation' is {config.A_activation!r}: expected "
                           "'heavy_tail' or 'softplus'")
-
-
-def _to_state_spaces(config):
-    """A Mamba-3 model's config in the state-spaces form, the only one it has."""
-    ssm_cfg = {"layer": "Mamba3", "d_state": config.d_state, "expand": config.expand,
-               "headdim": config.head_dim, "ngroups": config.n_groups,
-               "rope_fraction": config.rope_fraction, "A_floor": config.A_floor,
-               "is_outproj_norm": config.is_outproj_norm, "is_mimo": config.is_mimo,
-               "mimo_rank": config.mimo_rank, "chunk_size": config.chunk_size,
-               "A_activation": config.A_activation}
-    result = {"d_model": config.d_model, "n_layer": config.n_layer,
-              "vocab_size": config.vocab_size, "ssm_cfg": ssm_cfg, "rms_norm": True,
-              "residual_in_fp32": config.residual_in_fp32, "norm_epsilon": config.norm_eps,
-              "pad_vocab_size_multiple": 1, "tie_embeddings": config.tie_embeddings,
-              "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-              "pad_token_id": config.pad_token_id}
-    if config.quantization is not None:
-        result["quantization"] = config.quantization
-    return result
-
-
-# Fields of ssm_cfg that only matter for initialisation or for the CUDA implementation, or that
-# were read above.
-_IGNORED_SSM_FIELDS = {
-    "dt_min", "dt_max", "dt_init", "dt_scale", "dt_init_floor", "A_init_range", "use_fast_path",
-    "layer_idx", "D_has_hdim", "activation", "sequence_parallel", "use_mem_eff_path",
-    "process_group", "dt_limit", "d_state", "headdim", "ngroups", "chunk_size",
-}
-
-
-def _check_ssm_leftovers(ssm):
-    unknown = sorted(set(ssm) - _IGNORED_SSM_FIELDS)
-    if unknown:
-        raise ConfigError(f"unknown field 'ssm_cfg.{unknown[0]}'")
-    if ssm.get("D_has_hdim"):
-        raise ConfigError("field 'ssm_cfg.D_has_hdim' is true: a per-channel D is not supported")
-
-
-def _from_mistral(config):
-    # Mamba-Codestral's params.json (mistral_inference's MambaArgs): dim, n_layers, vocab_size,
-    # n_groups, rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple,
-    # tie_embeddings, model_type "mamba"; every other size is a mamba_ssm Mamba2 default.
-    if config.get("model_type", "mamba") != "mamba":
-        raise ConfigError(f"field 'model_type' is {config['model_type']!r}: only Mistral's Mamba "
-                          "params.json ('mamba') is supported")
-    if not get(config, "rms_norm", True, "bool"):
-        raise ConfigError("field 'rms_norm' is false: LayerNorm models are not supported")
-    return ModelConfig(
-        arch="mamba2",
-        d_model=get(config, "dim"),
-        n_layer=get(config, "n_layers"),
-        vocab_size=_padded_vocab(get(config, "vocab_size"),
-                                 get(config, "pad_vocab_size_multiple", 1, "count")),
-        d_state=get(config, "d_state", 128),
-        head_dim=get(config, "head_dim", 64),
-        n_groups=get(config, "n_groups", 1),
-        chunk_size=get(config, "chunk_size", 256),
-        norm_eps=get(config, "norm_eps", 1e-5, "positive_number"),
-        residual_in_fp32=get(config, "residual_in_fp32", True, "bool"),
-        tie_embeddings=get(config, "tie_embeddings", False, "bool"),
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )
-
-
-from .families import FAMILIES  # noqa: E402  (the families build ModelConfigs with the helpers above)

@@ -26,13 +26,14 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from . import cli
-from .checkpoint import CheckpointError, to_checkpoint_names
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
+from .families import to_checkpoint_names
 from .files import check_directory_path, save_safetensors
 from .loader import (STATE_SPACES_TOKENIZER, build_model, cast, find_tokenizer, load_tokenizer,
                      load_weights, resolve)
-from .quantize import (MODES, QuantizationError, accepted, bits_per_weight, quantization_params,
-                       quantize_model, unfit_layers)
+from .quant_modes import MODES, QuantizationError, accepted, quantization_params
+from .quantize import bits_per_weight, quantize_model, unfit_layers
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm: one model.safetensors up to 5 GiB, else shards + index
 DTYPES = ("float16", "bfloat16", "float32")
@@ -126,9 +127,13 @@ def _quantize(model, weights, quantization):
     group_size = quantization["group_size"]
     _report_unfit(unfit_layers(model, group_size), group_size)
     quantize_model(model, quantization)
+    bits = bits_per_weight(model)
+    if bits is None:
+        raise QuantizationError(f"--q-group-size {group_size}: no layer's input size is a "
+                                "multiple of it; nothing would be quantized")
     model.config.quantization = quantization
     print(f"[INFO] Quantized ({quantization['mode']}, {quantization['bits']} bits, group "
-          f"{group_size}): {bits_per_weight(model):.2f} bits per quantized weight")
+          f"{group_size}): {bits:.2f} bits per quantized weight")
     return dict(tree_flatten(model.parameters()))
 
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .checkpoint import (WEIGHT_PATTERNS, CheckpointError, check_weights, keeps_float32,
-                         read_weights, to_model_names)
-from .config import config_format, load_config, read_config
+from .checkpoint import WEIGHT_PATTERNS, CheckpointError, keeps_float32, read_weights
+from .config import load_config, read_config
+from .families import config_format, to_checkpoint_names, to_model_names
 from .models import Model
 
 # What a Hugging Face repo needs besides its weights, for loading or converting.
@@ -95,6 +95,29 @@ def load_weights(path, model):
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return weights
+
+
+def check_weights(weights, expected, config=None):
+    """Every expected tensor present with its shape, nothing else. expected: {name: shape}.
+    With the model's `config`, a message names a missing tensor as the checkpoint does."""
+    for name, shape in expected.items():
+        if name not in weights:
+            raise CheckpointError(f"missing tensor {_checkpoint_name(name, shape, config)!r} "
+                                  f"(expected shape {tuple(shape)})")
+        if tuple(weights[name].shape) != tuple(shape):
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(weights[name].shape)}, "
+                                  f"the config implies {tuple(shape)}")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise CheckpointError(f"unexpected tensor {unexpected[0]!r}: the config has no such "
+                              "parameter")
+
+
+def _checkpoint_name(name, shape, config):
+    # A lazy placeholder is renamed (and split or unstacked) like the real tensor; never evaluated.
+    if config is None or not config.family:
+        return name
+    return next(iter(to_checkpoint_names({name: mx.zeros(shape)}, config)))
 
 
 def load_model(path, dtype=None):

@@ -18,9 +18,11 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from .checkpoint import CheckpointError, check_weights, read_file, to_model_names, weight_files
+from .checkpoint import CheckpointError, read_file, weight_files
 from .config import load_config
-from .loader import build_model, cast, find_tokenizer, load_tokenizer, resolve
+from .families import to_model_names
+from .loader import (build_model, cast, check_weights, find_tokenizer, load_tokenizer,
+                     resolve)
 from .models.sharding import ShardingError, take
 
 # safetensors dtype -> the numpy dtype its bytes are read as (bfloat16's as uint16 bits).

@@ -1,9 +1,10 @@
 """Checking token ids that come from a user before they reach a model.
 
 `model(ids)` and `model.step` do not check their ids (that would force the lazy ids to be
-evaluated): an id outside the vocabulary reads outside the embedding table, which gives garbage
-or crashes the process. Every entry point that takes ids from a user (generation, prompt caches,
-training data) passes them through `check_token_ids` first.
+evaluated): an id outside the vocabulary reads a clamped row and gives NaN logits at its position,
+which says something is wrong but not what. Every entry point that takes ids from a user
+(generation, prompt caches, training data) passes them through `check_token_ids` first, which
+names the bad id.
 """
 
 import mlx.core as mx

@@ -1,5 +1,5 @@
 """The scan kernels' full text as MLX compiles it, for the template arguments kernel_ops gives them
-on the checkpoints people run (test_nvrtc.py, test_kernel_source_review.py)."""
+on the checkpoints people run (test_nvrtc.py, test_kernel_source_review.py), and planted bugs."""
 import types
 
 import mlx.core as mx
@@ -58,3 +58,24 @@ def wrapped(backend, kind, dtype, template, header=None, source=None):
     if backend == "cuda":
         return harness.cuda_source(kernel, inputs, out_dtypes, template)
     return harness.metal_source(kernel, inputs, out_dtypes, template)[:2]
+
+
+# The issue's planted bug: the forward kernel saves the chunk checkpoints of a thread's CPT
+# channels all over its first channel's, so the others' slots are never written (the emulator
+# starts outputs as NaN). y and the last state stay right; the gradients of dt, A, C, z and
+# dt_bias that the backward kernel computes from those checkpoints are NaN for those channels.
+PLANTED_NAN = ("fwd", "ckpt[(long(bb * NC + t0 / TC) * CH + c + r) * N + n] = h[r * NPL + k];",
+               "ckpt[(long(bb * NC + t0 / TC) * CH + c) * N + n] = h[r * NPL + k];")
+
+
+PRISTINE = dict(ks.BODIES)  # the bodies as kernel_source.py has them
+
+
+def plant(monkeypatch, kind, old, new):
+    """Kernel `kind`'s body with `old` (which must be in it exactly once) replaced by `new`, for
+    this test; a second plant in the same test replaces the first."""
+    body = PRISTINE[kind]
+    assert body.count(old) == 1, (f"{old!r} is not in the {kind} kernel once: re-target it to "
+                                  "kernel_source.py")
+    monkeypatch.setitem(ks.BODIES, kind, body.replace(old, new))
+    kernel_ops._kernel.cache_clear()

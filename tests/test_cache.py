@@ -5,13 +5,14 @@ import numpy as np
 import pytest
 
 import mlx_mamba
+from comparing import relative_error
 from mlx_mamba import Mamba1, Mamba2
 
 FLAVOURS = ["mamba1", "falcon_mamba", "mamba2", "mamba2_groups_untied"]
 
 
 def close(a, b, tol=1e-4):
-    return float(mx.abs(a - b).max()) <= tol * max(1.0, float(mx.abs(b).max()))
+    return relative_error(a, b, floor=1.0) <= tol
 
 
 @pytest.fixture(params=FLAVOURS)

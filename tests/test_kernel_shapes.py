@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 import float64_reference as f64
+from comparing import assert_close
+from kernel_texts import PLANTED_NAN, plant
 from metal_emulator import harness
 from mlx_mamba import ops
-from mlx_mamba.ops import kernel_ops, kernel_source
+from mlx_mamba.ops import kernel_ops
 
 pytestmark = pytest.mark.skipif(harness.compiler() is None,
                                 reason="g++ is missing: the kernel emulator compiles kernels with it")
@@ -114,54 +116,80 @@ def float64_outputs(c):
     return f64.ssd(**x, dt_softplus=True, dt_limit=(0.0, math.inf))
 
 
-def err(a, ref):
-    a, ref = np.array(a.astype(mx.float32), np.float64), np.asarray(ref, np.float64)
-    assert a.shape == ref.shape, (a.shape, ref.shape)
-    return float(np.abs(a - ref).max() / max(1.0, np.abs(ref).max()))
-
-
-def errors(c, backend):
-    """The error of each output and gradient of the kernels against the reference (and float64)."""
+def check(c, backend):
+    """Each output and gradient of the kernels against the reference (and float64), each within
+    TOLERANCE of its scale (max |ref|, at least 1); an AssertionError names those that are not."""
     got, ref = outputs_and_gradients(c, backend), outputs_and_gradients(c, "reference")
-    errs = {k: err(got[k], np.array(ref[k].astype(mx.float32))) for k in got}
     if c["dtype"] == mx.float32:
         for k, r in zip(["y", "last"], float64_outputs(c)):
-            errs[k + " (float64)"] = err(got[k], r)
-    return errs
+            got[k + " (float64)"], ref[k + " (float64)"] = got[k], r
+    return assert_close(got, ref, TOLERANCE[c["dtype"]], floor=1.0)
 
 
 @pytest.mark.parametrize("c", CASES, ids=case_id)
 def test_metal_at_real_sizes(emulated, c):
-    errs = errors(c, "metal")
-    assert max(errs.values()) < TOLERANCE[c["dtype"]], errs
+    check(c, "metal")
 
 
 @pytest.mark.parametrize("c", CUDA_CASES, ids=case_id)
 def test_cuda_at_real_sizes(emulated, c):
-    errs = errors(c, "cuda")
-    assert max(errs.values()) < TOLERANCE[c["dtype"]], errs
+    check(c, "cuda")
 
 
-# Bugs that the small sizes of test_kernels.py cannot see (with one state a lane and 16 lanes they
-# change nothing) and that these sizes must catch: (old, new) text of the backward kernel.
+# Planted bugs, one or more for each feature of today's layouts (KERNELS.md), in both kernels and
+# both families; each must fail `check` (an AssertionError naming the arrays), or the emulator
+# (the race detector, a canary). name: (case, kernel, text, its replacement). Each case is the
+# smallest real size with the feature: Mamba1 N = 16 (16 lanes, CPT = 4, TC = 64), Mamba2 N = 128
+# (32 lanes x 4 states, CPT = 4, TC = 8), at lengths of two chunks.
+M1, M2 = case(MAMBA1_16, L=67, dtype=mx.float32), case(MAMBA2_128, L=11, dtype=mx.float32)  # 2 chunks each
 MUTANTS = {
-    "lane count hard-coded in a reduction": ("gd = mm_xor_sum(gd, 1, S);", "gd = mm_xor_sum(gd, 1, 16);"),
-    "wrong state layout in the recompute": ("* prev + d * uv * sB[tt * NP + lane + S * k];",
-                                            "* prev + d * uv * sB[tt * NP + lane * NPL + k];"),
-    "reduction slot ignores the state index": ("red[(tid / 32) * NP + lane + S * k] = sb;",
-                                               "red[(tid / 32) * NP + lane] = sb;"),
+    # Several channels a thread (CPT = 4 in both cases)
+    "CPT: a thread's channels read its first channel's u": (
+        M2, "fwd", "uv[r] = float(u[row * CH + cr]);", "uv[r] = float(u[row * CH + c]);"),
+    "CPT: Mamba1's A of a thread's first channel for all": (
+        M1, "fwd", "A[(c + r) * N + n] : 0.0f) : A[(c + r) / P];", "A[c * N + n] : 0.0f) : A[(c + r) / P];"),
+    # Several states a lane (N = 128: NPL = 4)
+    "NPL: forward reads B at state lane * NPL + k": (
+        M2, "fwd", "bv[k] = sB[tt * NP + lane + S * k];", "bv[k] = sB[tt * NP + lane * NPL + k];"),
+    "NPL: wrong state layout in the backward recompute": (
+        M2, "bwd", "* prev + d * uv * sB[tt * NP + lane + S * k];", "* prev + d * uv * sB[tt * NP + lane * NPL + k];"),
+    "NPL: reduction slot ignores the state index": (  # the race detector's find: red read unwritten
+        M2, "bwd", "red[(tid / 32) * NP + lane + S * k] = sb;", "red[(tid / 32) * NP + lane] = sb;"),
+    "NPL: gradient of A written at the lane, not the state": (
+        M2, "bwd", "MM_ST(&gA[long(bb * CH + c) * N + n], gA_acc[k]);", "MM_ST(&gA[long(bb * CH + c) * N + lane], gA_acc[k]);"),
+    # Chunk checkpoints (two chunks in both cases)
+    "checkpoints: a thread's channels saved over its first (planted NaN)": (M2, *PLANTED_NAN),
+    "checkpoints: Mamba1's saved over a thread's first channel": (M1, *PLANTED_NAN),
+    "checkpoints: backward starts a chunk from the next chunk's state": (
+        M2, "bwd", "ckpt[(long(bb * NC + j) * CH + c) * N + n]", "ckpt[(long(bb * NC + (j + 1) % NC) * CH + c) * N + n]"),
+    # The paired lane reduction of a thread's CPT sums (S = 32 lanes, CPT = 4: two exchanges)
+    "paired reduction: a lane keeps the half it sends": (
+        M2, "fwd", "const float kept = upper ? acc[i + m] : acc[i], sent = upper ? acc[i] : acc[i + m];",
+        "const float kept = upper ? acc[i] : acc[i + m], sent = upper ? acc[i + m] : acc[i];"),
+    "paired reduction: a lane's sum given to the wrong channel": (
+        M1, "fwd", "const int r = lane / (S / CPT), cr = c + r;", "const int r = lane % CPT, cr = c + r;"),
+    "lane count hard-coded in the backward reduction": (M2, "bwd", "gd = mm_xor_sum(gd, 1, S);", "gd = mm_xor_sum(gd, 1, 16);"),
+    # Head boundaries inside a thread (Mamba1: every channel is a head of P = 1)
+    "heads: a thread's later heads take its first head's dt": (
+        M1, "fwd", "if (r == 0 || cr % P == 0) {", "if (r == 0) {"),
+    # The final-state write
+    "final state: a thread's channels written over its first": (
+        M2, "fwd", "if (n < N) last[long(bb * CH + c + r) * N + n]", "if (n < N) last[long(bb * CH + c) * N + n]"),
+    "final state: Mamba1's last state of the wrong states": (
+        M1, "fwd", "if (n < N) last[long(bb * CH + c + r) * N + n] = h[r * NPL + k];",
+        "if (n < N) last[long(bb * CH + c + r) * N + (n + 1) % N] = h[r * NPL + k];"),
+    "final state: gradient of the initial state of every batch row at row 0's place": (
+        M1, "bwd", "MM_ST(&gstate[long(bb * CH + c) * N + n], gh[k]);", "MM_ST(&gstate[long(c) * N + n], gh[k]);"),
 }
 
 
 @pytest.mark.parametrize("mutant", MUTANTS)
 def test_real_sizes_catch_broken_kernels(emulated, monkeypatch, mutant):
-    old, new = MUTANTS[mutant]
-    body = kernel_source.BODIES["bwd"]
-    assert body.count(old) == 1, (f"the mutant {mutant!r} no longer applies: {old!r} is not in the "
-                                  "backward kernel once; re-target MUTANTS to kernel_source.py")
-    monkeypatch.setitem(kernel_source.BODIES, "bwd", body.replace(old, new))
+    c, kind, old, new = MUTANTS[mutant]
+    plant(monkeypatch, kind, old, new)
     try:
-        errs = errors(case(MAMBA2_128, L=11, dtype=mx.float32), "metal")
-    except harness.EmulatorError:  # the race detector's find (an unwritten slot of red is read)
+        check(c, "metal")
+    except (AssertionError, harness.EmulatorError) as e:  # the emulator: a race or a canary
+        print(f"{mutant}: caught: {str(e).splitlines()[0][:300]}")
         return
-    assert not max(errs.values()) < TOLERANCE[mx.float32], f"the mutant {mutant!r} passed: {errs}"  # NaN: caught
+    raise AssertionError(f"the mutant {mutant!r} passed the kernel comparison")

@@ -20,7 +20,7 @@ from mlx_mamba.generate import (GenerationError, batch_generate, build_parser, g
 from mlx_mamba.generate import main as generate_main
 from mlx_mamba.prompt_cache import (PromptCacheError, load_prompt_cache, make_prompt_cache,
                                     save_prompt_cache)
-from mlx_mamba.quantize import QuantizationError, quantization_params
+from mlx_mamba.quant_modes import QuantizationError, quantization_params
 from mlx_mamba.sample import SamplerError
 from mlx_mamba.tuner import (AdapterError, DataError, TrainingError, apply_adapters,
                              iterate_batches, load_split, make_schedule, train)
@@ -179,6 +179,17 @@ def test_q_group_size_help_and_errors_list_the_sizes_of_the_chosen_mode(checkpoi
         quantization_params(0, None, "affine")  # not the default in disguise
     with pytest.raises(QuantizationError, match="--q-group-size 0: --q-mode nvfp4 takes 16"):
         quantization_params(None, 0, "nvfp4")
+
+
+
+def test_a_group_that_no_layer_fits_is_one_error(checkpoint, tmp_path, capsys):
+    # The tiny Mamba2's widest input is 64: grouping by 128 would quantize nothing.
+    line, out = error_line("convert", ["--hf-path", checkpoint("mamba2")[0], "--mlx-path",
+                                       tmp_path / "out", "-q", "--q-group-size", 128], capsys)
+    assert line == ("error: --q-group-size 128: no layer's input size is a multiple of it; "
+                    "nothing would be quantized")
+    assert "stays in full precision" in out  # each layer was reported first
+    assert files_in(tmp_path) == []
 
 
 # ---- generate --------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 (`attn_layer_indices`), each followed by a gated SiLU MLP; attention rotates half of each head
 (partial RoPE)."""
 
-from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
-from . import attention_fields, layer_kinds, mixer_names, rename, rope_theta, swapped
+from ..config_fields import (ConfigError, attention_fields, common_fields, dt_limit, get,
+                             layer_kinds, rope_theta)
+from ._names import mixer_names, rename, swapped
 
 NAMES = [("model.embed_tokens.", "backbone.embeddings."),
          ("model.layers.{i}.input_layernorm.", "backbone.layers.{i}.norm."),
@@ -36,14 +37,14 @@ def mamba2_fields(config):
                 conv_bias=get(config, "mamba_conv_bias", True, "bool"),
                 bias=get(config, "mamba_proj_bias", False, "bool"), dt_limit=dt_limit(config),
                 norm_eps=get(config, "rms_norm_eps", 1e-5, "positive_number"),
-                n_layer=get(config, "num_hidden_layers"), vocab_size=get(config, "vocab_size"),
+                n_layer=get(config, "num_hidden_layers", kind="layers"), vocab_size=get(config, "vocab_size"),
                 tie_embeddings=get(config, "tie_word_embeddings", False, "bool"),
                 arch="mamba2", residual_in_fp32=False, source_config=config,
                 **attention_fields(config), **common_fields(config))
 
 
 def read_config(config):
-    n_layer = get(config, "num_hidden_layers")
+    n_layer = get(config, "num_hidden_layers", kind="layers")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     if "layer_types" in config or "layers_block_type" in config:
@@ -57,7 +58,7 @@ def read_config(config):
                               f"indices below {n_layer}")
         kinds = tuple("attention" if i in attention else "mamba2" for i in range(n_layer))
     head_dim = mamba2_fields(config)["attn_head_dim"]
-    return ModelConfig(
+    return dict(
         family="bamba", layer_types=kinds, ffn_types=("mlp",) * n_layer,
         rope_theta=rope_theta(config), rope_dims=head_dim // 2,
         mlp_size=get(config, "intermediate_size"),

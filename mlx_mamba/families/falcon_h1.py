@@ -3,8 +3,9 @@ in parallel on the same normed input and sums them, then a SiLU-gated MLP; µP m
 embedding, the Mamba2 in_proj rows, both branches' inputs and outputs, the keys, the MLP and the
 logits."""
 
-from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
-from . import attention_fields, rename, rope_theta, swapped
+from ..config_fields import (ConfigError, attention_fields, common_fields, dt_limit, get,
+                             rope_theta)
+from ._names import rename, swapped
 
 NAMES = [("model.embed_tokens.", "backbone.embeddings."),
          ("model.layers.{i}.input_layernorm.", "backbone.layers.{i}.norm."),
@@ -23,7 +24,7 @@ def _numbers(config, name, count):
 
 
 def read_config(config):
-    n_layer = get(config, "num_hidden_layers")
+    n_layer = get(config, "num_hidden_layers", kind="layers")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     hidden, expand = get(config, "hidden_size"), get(config, "mamba_expand", 2)
@@ -38,7 +39,7 @@ def read_config(config):
     norm = "none" if not get(config, "mamba_rms_norm", False, "bool") else \
         "before_gate" if get(config, "mamba_norm_before_gate", True, "bool") else "after_gate"
     number = lambda name: get(config, name, 1.0, "number")  # noqa: E731
-    return ModelConfig(
+    return dict(
         family="falcon_h1", arch="mamba2", layer_types=("parallel",) * n_layer,
         ffn_types=("mlp",) * n_layer, d_model=hidden, n_layer=n_layer,
         vocab_size=get(config, "vocab_size"), expand=expand, inner_size=inner,

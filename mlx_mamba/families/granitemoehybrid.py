@@ -4,8 +4,8 @@ mixture of experts (`block_sparse_moe`) added to it; attention without positions
 `position_embedding_type` is "rope"; µP-style multipliers on the embedding, the residual
 branches, the attention scores and the logits."""
 
-from ..config import ConfigError, ModelConfig, get
-from . import join_rows, layer_kinds, mixer_names, rename, rope_theta, split_rows, swapped
+from ..config_fields import ConfigError, get, layer_kinds, rope_theta
+from ._names import join_rows, mixer_names, rename, split_rows, swapped
 from .bamba import KINDS, mamba2_fields
 
 COMMON = [("model.embed_tokens.", "backbone.embeddings."),
@@ -25,7 +25,7 @@ PACKED, PARTS = "input_linear", ("gate_proj", "up_proj")
 
 
 def read_config(config):
-    n_layer = get(config, "num_hidden_layers")
+    n_layer = get(config, "num_hidden_layers", kind="layers")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     kinds = layer_kinds(config.get("layer_types") or config.get("layers_block_type")
@@ -36,7 +36,7 @@ def read_config(config):
                           "or null")
     experts = get(config, "num_local_experts", 0, "count")
     fields = mamba2_fields(config)
-    return ModelConfig(
+    return dict(
         family="granitemoehybrid", layer_types=kinds,
         ffn_types=("moe" if experts else "mlp",) * n_layer,
         rope_theta=rope_theta(config) if position == "rope" else None,

@@ -6,8 +6,8 @@ top-k of a softmax over all experts, not renormalised."""
 
 import math
 
-from ..config import ConfigError, ModelConfig, common_fields, get
-from . import attention_fields, mixer_names, rename, stack_experts, swapped, unstack_experts
+from ..config_fields import ConfigError, attention_fields, common_fields, get
+from ._names import mixer_names, rename, stack_experts, swapped, unstack_experts
 from .bamba import MIXERS as BAMBA_MIXERS
 from .bamba import NAMES
 
@@ -25,7 +25,7 @@ def _every(config, period_field, offset_field, period, offset, n_layer):
 
 
 def read_config(config):
-    n_layer, hidden = get(config, "num_hidden_layers"), get(config, "hidden_size")
+    n_layer, hidden = get(config, "num_hidden_layers", kind="layers"), get(config, "hidden_size")
     if config.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"field 'hidden_act' is {config['hidden_act']!r}: expected 'silu'")
     attention = _every(config, "attn_layer_period", "attn_layer_offset", 8, 4, n_layer)
@@ -36,7 +36,7 @@ def read_config(config):
     rank = config.get("mamba_dt_rank", "auto")
     eps = get(config, "rms_norm_eps", 1e-6, "positive_number")
     size = get(config, "intermediate_size")
-    return ModelConfig(
+    return dict(
         family="jamba", arch="mamba1",
         layer_types=tuple("attention" if a else "mamba1" for a in attention),
         ffn_types=tuple("moe" if m else "mlp" for m in moe),

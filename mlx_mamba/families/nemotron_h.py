@@ -4,8 +4,9 @@ attention (no positional encoding), squared-ReLU MLP or mixture of experts, in t
 "E" MoE). The experts are squared-ReLU MLPs routed by sigmoid scores plus a correction bias,
 top-k within the best groups, with a shared expert and an optional latent projection."""
 
-from ..config import ConfigError, ModelConfig, common_fields, dt_limit, get
-from . import attention_fields, layer_kinds, rename, stack_experts, swapped, unstack_experts
+from ..config_fields import (ConfigError, attention_fields, common_fields, dt_limit, get,
+                             layer_kinds)
+from ._names import rename, stack_experts, swapped, unstack_experts
 
 NAMES = [("backbone.layers.{i}.mixer.gate.e_score_correction_bias",
           "backbone.layers.{i}.mixer.score_bias"),
@@ -41,7 +42,7 @@ def read_config(config):
     moe = "moe" in kinds
     heads, head_dim = get(config, "mamba_num_heads", 128), get(config, "mamba_head_dim", 64)
     shared = get(config, "n_shared_experts", 1, "count") if moe else 0
-    return ModelConfig(
+    return dict(
         family="nemotron_h", arch="mamba2", layer_types=kinds,
         d_model=get(config, "hidden_size"), n_layer=len(kinds),
         vocab_size=get(config, "vocab_size"),

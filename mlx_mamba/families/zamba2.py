@@ -15,8 +15,8 @@ import re
 import mlx.core as mx
 
 from ..checkpoint import CheckpointError
-from ..config import ConfigError, ModelConfig, common_fields, get
-from . import join_rows, layer_kinds, rename, rope_theta, split_rows, swapped
+from ..config_fields import ConfigError, common_fields, get, layer_kinds, rope_theta
+from ._names import join_rows, rename, split_rows, swapped
 
 NAMES = [("model.embed_tokens.", "backbone.embeddings."),
          ("model.final_layernorm.", "backbone.norm_f."),
@@ -31,9 +31,31 @@ ADAPTER = re.compile(r"model\.layers\.\d+\.shared_transformer\."
                      r"\.(\d+)\.([01])\.(\w+)$")
 SHARED = re.compile(r"model\.layers\.(\d+)\.shared_transformer\.(.*)$")
 ACTIVATIONS = ("gelu", "silu")
+# Zyphra's configs written before transformers' port (their fork, transformers_version
+# 4.43.0.dev0; Zyphra/Zamba2-7B's as vendored in public benchmarks) spell these fields so, and
+# give the Mamba head size (`mamba_headdim`) instead of the head count.
+FORK_NAMES = {"state_size": "mamba_d_state", "conv_dimension": "mamba_d_conv",
+              "expansion_factor": "mamba_expand", "ffn_hidden_size": "intermediate_size",
+              "lora_rank": "adapter_rank", "use_shared_attention_lora": "use_shared_attention_adapter"}
+
+
+def _transformers_names(config):
+    renamed = dict(config)
+    for old, new in FORK_NAMES.items():
+        if old in config and new not in config:
+            renamed[new] = config[old]
+    if "mamba_headdim" in config and "n_mamba_heads" not in config:
+        width = get(renamed, "mamba_expand", 2) * get(config, "hidden_size")
+        head_dim = get(config, "mamba_headdim")
+        if width % head_dim:
+            raise ConfigError(f"field 'mamba_headdim' is {head_dim}: it must divide "
+                              f"'expansion_factor' * 'hidden_size' ({width})")
+        renamed["n_mamba_heads"] = width // head_dim
+    return renamed
 
 
 def read_config(config):
+    original, config = config, _transformers_names(config)
     hidden = get(config, "hidden_size")
     kinds = layer_kinds(config.get("layers_block_type") or config.get("layer_types"), KINDS,
                         "layers_block_type")
@@ -54,7 +76,7 @@ def read_config(config):
         raise ConfigError(f"field 'num_attention_heads' is {attention_heads}: it must divide "
                           f"2 * 'hidden_size' ({2 * hidden})")
     blocks = get(config, "num_mem_blocks", 1)
-    return ModelConfig(
+    return dict(
         family="zamba2", arch="mamba2", layer_types=kinds, d_model=hidden, n_layer=len(kinds),
         vocab_size=get(config, "vocab_size"), expand=expand, head_dim=expand * hidden // heads,
         d_state=get(config, "mamba_d_state", 64), d_conv=get(config, "mamba_d_conv", 4),
@@ -71,7 +93,7 @@ def read_config(config):
         mlp_activation=config.get("hidden_act", "gelu"),
         shared_blocks=blocks, adapter_rank=get(config, "adapter_rank", 128),
         attention_adapters=adapters, mlp_bias=get(config, "add_bias_linear", False, "bool"),
-        source_config=config, **common_fields(config))
+        source_config=original, **common_fields(config))
 
 
 def _invocations(config):

@@ -83,11 +83,12 @@ class Model(nn.Module):
     """input_ids (B, T) -> logits (B, T, V); `step` decodes one token per sequence in O(1)
     (attention layers: O(context) per token).
 
-    Token ids are not range-checked here: that would force evaluation inside a lazy graph.
-    An id outside [0, vocab_size) reads outside the embedding table (garbage or a crash); every
-    entry point that takes ids from a user (generation, the CLIs, the tuner's data, prompt cache
-    files) checks them. Check ids of your own with
-    `mlx_mamba.check_token_ids(ids, model.config.vocab_size)`.
+    Token ids are not range-checked here: that would force evaluation inside a lazy graph. An
+    id outside [0, vocab_size) never reads outside the embedding table: the lookup is clamped
+    into it and the logits at that position are NaN, so the fault shows (later positions read
+    the clamped row). Every entry point that takes ids from a user (generation, the CLIs, the
+    tuner's data, prompt cache files) checks them and says which is wrong; check ids of your own
+    with `mlx_mamba.check_token_ids(ids, model.config.vocab_size)`.
     """
 
     def __init__(self, config: ModelConfig):
@@ -195,9 +196,12 @@ class Model(nn.Module):
         c = self.config
         dtype = self._dtype()
         group, start, stop = self._stage or (None, 0, c.n_layer)
+        # The one lookup of ids (every family, quantized tables too), kept inside the table.
+        in_vocab = (input_ids >= 0) & (input_ids < c.vocab_size)
         embedded = None
-        if "embeddings" in self.backbone:
-            embedded = self.backbone.embeddings(input_ids).astype(dtype)
+        if "embeddings" in self.backbone:  # not on every pipeline rank
+            embedded = self.backbone.embeddings(mx.clip(input_ids, 0, c.vocab_size - 1))
+            embedded = embedded.astype(dtype)
             if c.embedding_multiplier != 1.0:
                 embedded = embedded * c.embedding_multiplier
         # The residual stream stays in float32 when the checkpoint says so (residual_in_fp32).
@@ -234,7 +238,9 @@ class Model(nn.Module):
         hidden = self.backbone.norm_f(residual).astype(dtype)
         logits = self.backbone.embeddings.as_linear(hidden) if c.tie_embeddings \
             else self.lm_head(hidden)
-        return logits * c.logits_multiplier if c.logits_multiplier != 1.0 else logits
+        if c.logits_multiplier != 1.0:
+            logits = logits * c.logits_multiplier
+        return mx.where(in_vocab[..., None], logits, mx.array(mx.nan, logits.dtype))
 
     def _add(self, residual, branch):
         scale = self.config.residual_multiplier

@@ -173,6 +173,9 @@ def _reference_scan(cfg, *arrays):
 # are rounded to the input's dtype); a GPU's fast exp adds a little; a wrong kernel is off by 0.1
 # or more.
 _CHECK_TOLERANCE = {mx.float32: 1e-3, mx.float16: 1e-2, mx.bfloat16: 5e-2}
+# What the check compares, in the order _launch (forward) and _kernel_vjp (backward) return them.
+_CHECKED_OUTPUTS = {"fwd": ("y", "last state"),
+                    "bwd": tuple(f"gradient of {n}" for n in ("u", "dt", "A", "B", "C", "D", "z", "dt_bias", "state"))}
 
 
 def _use_kernel(backend, kind, dtype, N, P, channels_per_group):
@@ -225,10 +228,14 @@ def _check(backend, kind, dtype, layout):
         got = _kernel_vjp(backend, cfg, arrays, cotangents)
         want = mx.vjp(functools.partial(_reference_scan, cfg), list(arrays), cotangents)[1]
     mx.eval(got, want)
-    got, want = ([x.astype(f32) for x in xs] for xs in (got, want))
-    worst = max((mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1.0)).item() for g, w in zip(got, want))
-    if not worst <= _CHECK_TOLERANCE[dtype]:  # NaN fails too
-        return f"its answer differs from the reference by {worst:.3g} (relative to the reference's scale)"
+    names = _CHECKED_OUTPUTS[kind]
+    for name, g, w in zip(names, got, want):  # each on its own: max() over errors would skip a NaN
+        g, w = g.astype(f32), w.astype(f32)
+        if not mx.isfinite(g).all().item():
+            return f"its {name} holds NaN or Inf"
+        error = (mx.abs(g - w).max() / mx.maximum(mx.abs(w).max(), 1.0)).item()
+        if not error <= _CHECK_TOLERANCE[dtype]:  # NaN fails too
+            return f"its {name} differs from the reference by {error:.3g} (relative to the reference's scale)"
     return None
 
 

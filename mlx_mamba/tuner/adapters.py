@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from ..config import is_integer
+from ..config_fields import is_integer
 from ..files import replace_atomically, save_safetensors
 from ..models.mamba1 import Mamba1
 from ..models.mamba2 import Mamba2
