@@ -67,17 +67,37 @@ def checkpoints(checkpoint, tmp_path_factory):
     return paths
 
 
-@pytest.fixture(scope="module")
-def sharded(checkpoints):
-    """The worker's results over two processes: {name: {...}}."""
+def run_worker(checkpoints, names, processes):
+    """The worker's results over `processes` processes: {name: {...}}."""
     result = launch([ROOT / "tests" / "sharded_worker.py",
-                     *(f"{name}={path}" for name, path in checkpoints.items())])
+                     *(f"{name}={checkpoints[name]}" for name in names)], processes)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
     assert len(lines) == 1, result.stdout  # rank 0 alone reports
     report = json.loads(lines[0])
-    assert report["world"] == 2
+    assert report["world"] == processes
     return report["results"]
+
+
+@pytest.fixture(scope="module")
+def sharded(checkpoints):
+    return run_worker(checkpoints, list(checkpoints), 2)
+
+
+# Four processes where the tiny sizes allow it (every head, group and hidden count divides by 4
+# or 4 by it, at least 4 layers): a B/C group and a KV head then serve two ranks each.
+FOUR = ["bamba", "granite_moe", "jamba", "zamba2"]
+
+
+def test_four_processes_give_one_process_logits_and_tokens(checkpoints):
+    results = run_worker(checkpoints, FOUR, 4)
+    for name in FOUR:
+        for way in ("shard", "sharded_load", "pipeline"):
+            outcome = results[name][way]
+            print(f"{name} {way} over 4: whole {outcome['whole']:.1e}, "
+                  f"prefill + steps {outcome['stepped']:.1e}")
+            assert outcome["whole"] <= 1e-5 and outcome["stepped"] <= 1e-5
+            assert outcome["tokens_equal"]
 
 
 # Their B/C groups (n_groups 1) are read by both ranks' heads, and Mamba-3's rotation angles by
