@@ -107,8 +107,8 @@ class Mamba3(nn.Module):
         heads, channels = [(h0, h1)], [(h0 * P, h1 * P)]
         bc = [(r * G * N + g0 * N, r * G * N + g1 * N) for r in range(R)]
         dd_dt, dd_A, trap, angles = self._sections[3:]
-        rows = (channels + shifted(channels, E) + shifted(bc, 2 * E) + shifted(bc, 2 * E + G * R * N)
-                + [(s + h0, s + h1) for s in (dd_dt, dd_A, trap)]
+        rows = (channels + shifted(channels, E) + shifted(bc, 2 * E)
+                + shifted(bc, 2 * E + G * R * N) + [(s + h0, s + h1) for s in (dd_dt, dd_A, trap)]
                 + [(angles, angles + self.num_rope_angles)])
         plan = shard_input(self, "in_proj", rows)
         local = {name: (0, heads) for name in ("dt_bias", "D", "B_bias", "C_bias", "mimo_x",
