@@ -4,7 +4,11 @@
   before) against a cold request of a prompt of the same length (another system message, so
   that no cached prefix applies);
 - throughput (generated tokens per second, all clients together) of 8 clients at once against
-  the same 8 requests one after another.
+  the same 8 requests one after another;
+- agents (mlx_mamba.server only: mlx_lm.server has neither response_format nor n): time per
+  generated token with and without a JSON-schema grammar (response_format), and one request
+  for n = 4 choices against 4 separate requests at once (of 4 prompts of the same length, so
+  that the prompt cache cannot serve the others from the first's prefill).
 
 Time to first token is the latency of a request for one token. The checkpoint is random weights
 at a model's shapes, written in the transformers layout that both servers read, with a
@@ -16,6 +20,7 @@ server runs as a subprocess on 127.0.0.1.
 
     python benchmarks/server.py                       # mamba2-130m shapes, ~2k-token turn 8
     python benchmarks/server.py --shape small         # a model small enough for a CPU
+    python benchmarks/server.py --shape small --servers mlx_mamba.server --only agents
 """
 
 import argparse
@@ -164,6 +169,50 @@ def throughput(server, words, args, at_once, offset):
     return sum(r["usage"]["completion_tokens"] for r in replies) / seconds
 
 
+# A string that outlasts the replies: the grammar masks every step, and the reply never ends
+# early (this tokenizer's EOS is outside the model's vocabulary).
+LONG_STRING = {"type": "json_schema", "json_schema": {"name": "text", "schema": {
+    "type": "object", "properties": {"text": {"type": "string", "minLength": 4000}},
+    "required": ["text"]}}}
+
+
+def decode_seconds(server, body, tokens):
+    """Seconds per generated token of `body` at temperature 1: (a request for `tokens` minus
+    one for 1 token) / (tokens - 1), both from the cached prompt: the prompt is left out."""
+    times = {}
+    server.post("/v1/chat/completions", dict(body, max_tokens=1))  # the prompt cache is warm
+    for count in (1, tokens):
+        start = time.perf_counter()
+        reply = server.post("/v1/chat/completions", dict(body, max_tokens=count, seed=0))
+        times[count] = time.perf_counter() - start
+        assert reply["usage"]["completion_tokens"] == count, reply["usage"]
+    return (times[tokens] - times[1]) / (tokens - 1)
+
+
+def agents(server, words, args):
+    """(seconds per token without, with the grammar; seconds of n=4; of 4 separate)."""
+    body = {"model": server.model, "temperature": 1.0,
+            "messages": [{"role": "user", "content": text_of(words, 0, 64)}]}
+    free = decode_seconds(server, body, args.decode_tokens)
+    constrained = decode_seconds(server, dict(body, response_format=LONG_STRING),
+                                 args.decode_tokens)
+
+    def prompt(i):
+        return f"{i}: " + text_of(words, 9000, args.choice_prompt_tokens)
+
+    request = {"model": server.model, "max_tokens": args.decode_tokens, "temperature": 1.0}
+    start = time.perf_counter()
+    reply = server.post("/v1/completions", dict(request, prompt=prompt("n"), n=4, seed=0))
+    together = time.perf_counter() - start
+    assert len(reply["choices"]) == 4
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda i: server.post("/v1/completions", dict(
+            request, prompt=prompt(i), seed=i)), range(4)))
+    separate = time.perf_counter() - start
+    return free, constrained, together, separate
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="mamba2-130m", choices=sorted(SHAPES))
@@ -174,26 +223,33 @@ def main():
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--client-prompt-tokens", type=int, default=128)
     parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--choice-prompt-tokens", type=int, default=1024,
+                        help="prompt tokens of the n = 4 comparison")
+    parser.add_argument("--only", choices=["serving", "agents"], default=None,
+                        help="run one part (default: both)")
     args = parser.parse_args()
     words = re.findall(r"\S+", TEXT.read_text())
 
-    rows = []
+    rows, agent_rows = [], []
     with tempfile.TemporaryDirectory() as scratch:
         model = str(Path(scratch) / args.shape)
         write_checkpoint(model, args.shape)
         for name in args.servers.split(","):
             server = Server(name, model)
             try:
-                prompt_tokens, cold, warm = conversation_ttft(server, words, args)
-                print(f"{name}: turn {args.turns}, {prompt_tokens} tokens: cold {cold:.3f} s, "
-                      f"warm {warm:.3f} s", file=sys.stderr)
-                sequential = throughput(server, words, args, False, 0)
-                together = throughput(server, words, args, True, args.clients)
-                print(f"{name}: {sequential:.1f} tok/s sequential, {together:.1f} concurrent",
-                      file=sys.stderr)
+                if args.only != "agents":
+                    prompt_tokens, cold, warm = conversation_ttft(server, words, args)
+                    print(f"{name}: turn {args.turns}, {prompt_tokens} tokens: cold {cold:.3f} "
+                          f"s, warm {warm:.3f} s", file=sys.stderr)
+                    sequential = throughput(server, words, args, False, 0)
+                    together = throughput(server, words, args, True, args.clients)
+                    print(f"{name}: {sequential:.1f} tok/s sequential, {together:.1f} "
+                          "concurrent", file=sys.stderr)
+                    rows.append((name, prompt_tokens, cold, warm, sequential, together))
+                if args.only != "serving" and name == "mlx_mamba.server":
+                    agent_rows.append((name, *agents(server, words, args)))
             finally:
                 server.stop()
-            rows.append((name, prompt_tokens, cold, warm, sequential, together))
 
     print(f"{platform.machine()} {platform.system()}, MLX {mx.__version__} on "
           f"{mx.default_device()}; {args.shape} shapes (random weights); turn {args.turns} of a "
@@ -207,6 +263,15 @@ def main():
     for name, prompt_tokens, cold, warm, sequential, together in rows:
         print(f"| {name} | {prompt_tokens} | {cold:.3f} | {warm:.3f} | {cold / warm:.1f}x | "
               f"{sequential:.1f} | {together:.1f} |")
+    if agent_rows:
+        print(f"\n| server | ms/token | ms/token, JSON schema | grammar cost | n=4 (s) | "
+              f"4 requests (s) | 4 requests / n=4 |  ({args.decode_tokens} tokens; n=4: "
+              f"{args.choice_prompt_tokens}-token prompt)")
+        print("|---|---|---|---|---|---|---|")
+        for name, free, constrained, together, separate in agent_rows:
+            print(f"| {name} | {free * 1e3:.2f} | {constrained * 1e3:.2f} | "
+                  f"{(constrained - free) * 1e3:+.2f} ms | {together:.2f} | {separate:.2f} | "
+                  f"{separate / together:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -86,10 +86,21 @@ def quantization(config):
     if not isinstance(block, dict) or not {"group_size", "bits"} <= set(block):
         raise ConfigError(f"field 'quantization' is {block!r}: expected {{\"group_size\", "
                           "\"bits\", \"mode\"}")
+    checked = _quantization_entry(block, "quantization")
+    for path, entry in block.items():  # mixed precision: mlx-lm's per-module entries
+        if path not in ("group_size", "bits", "mode"):
+            if not isinstance(entry, dict) or not {"group_size", "bits"} <= set(entry):
+                raise ConfigError(f"field 'quantization.{path}' is {entry!r}: expected "
+                                  "{\"group_size\", \"bits\", \"mode\"}")
+            checked[path] = _quantization_entry(entry, f"quantization.{path}")
+    return checked
+
+
+def _quantization_entry(block, where):
     try:
         return quantization_params(block["bits"], block["group_size"], block.get("mode", "affine"))
     except QuantizationError as e:
-        raise ConfigError(f"field 'quantization': {e}") from None
+        raise ConfigError(f"field {where!r}: {e}") from None
 
 
 def common_fields(config):

@@ -33,7 +33,9 @@ from .files import check_directory_path, save_safetensors
 from .loader import (STATE_SPACES_TOKENIZER, build_model, cast, find_tokenizer, load_tokenizer,
                      load_weights, resolve)
 from .quant_modes import MODES, QuantizationError, accepted, quantization_params
-from .quantize import bits_per_weight, quantize_model, unfit_layers
+from .quant_recipes import RECIPES, recipe_quantization
+from .quantize import (bits_per_weight, layer_settings, quantize_model, quantized_bits,
+                       should_quantize, unfit_layers)
 
 MAX_SHARD_BYTES = 5 << 30  # as mlx-lm: one model.safetensors up to 5 GiB, else shards + index
 DTYPES = ("float16", "bfloat16", "float32")
@@ -49,14 +51,21 @@ class ConvertError(ValueError):
 
 
 def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits=None,
-            q_group_size=None, q_mode="affine", tokenizer=None, upload_repo=None,
-            max_shard_bytes=MAX_SHARD_BYTES):
-    """Convert `hf_path` (directory or repo id) into the new directory `mlx_path`; returns it."""
+            q_group_size=None, q_mode="affine", quant_predicate=None, tokenizer=None,
+            upload_repo=None, max_shard_bytes=MAX_SHARD_BYTES):
+    """Convert `hf_path` (directory or repo id) into the new directory `mlx_path`; returns it.
+
+    quant_predicate: a mixed-precision recipe of `quant_recipes.RECIPES` (with quantize=True),
+    which sets the bits; or a function (path, module) -> bool or {"group_size", "bits", "mode"},
+    as mlx-lm's, deciding layer by layer among the quantizable layers.
+    """
     destination = Path(mlx_path).expanduser()
     check_destination(destination, "--mlx-path")
     if dtype is not None and dtype not in DTYPES:
         raise ConvertError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     quantization = quantization_params(q_bits, q_group_size, q_mode) if quantize else None
+    if quant_predicate is not None:
+        _check_predicate(quant_predicate, quantize, q_bits, q_mode)
     if upload_repo:
         _check_repo_id(upload_repo)
 
@@ -71,6 +80,8 @@ def convert(hf_path, mlx_path="mlx_model", *, dtype=None, quantize=False, q_bits
     if dtype is not None:
         weights = cast(weights, dtype)
     if quantization:
+        if quant_predicate is not None:
+            quantization = predicate_quantization(quant_predicate, model, quantization)
         weights = _quantize(model, weights, quantization)
     config = model.config
     del model  # from here on the weights dict holds the only references: shards free as written
@@ -132,9 +143,47 @@ def _quantize(model, weights, quantization):
         raise QuantizationError(f"--q-group-size {group_size}: no layer's input size is a "
                                 "multiple of it; nothing would be quantized")
     model.config.quantization = quantization
-    print(f"[INFO] Quantized ({quantization['mode']}, {quantization['bits']} bits, group "
-          f"{group_size}): {bits:.2f} bits per quantized weight")
+    mixed = len(set(quantized_bits(model).values())) > 1
+    print(f"[INFO] Quantized ({quantization['mode']}, {'mixed, default ' * mixed}"
+          f"{quantization['bits']} bits, group {group_size}): {bits:.2f} bits per quantized "
+          "weight")
     return dict(tree_flatten(model.parameters()))
+
+
+def _check_predicate(predicate, quantize, q_bits, q_mode):
+    if not quantize:
+        raise ConvertError("--quant-predicate needs -q")
+    if isinstance(predicate, str):
+        if predicate not in RECIPES:
+            raise ConvertError(f"--quant-predicate {predicate!r}: expected one of "
+                               f"{', '.join(RECIPES)}")
+        if q_bits is not None or q_mode != "affine":
+            raise ConvertError(f"--quant-predicate {predicate} sets the bits (affine mode): "
+                               "drop --q-bits and --q-mode")
+
+
+def predicate_quantization(predicate, model, quantization):
+    """The `quantization` entry, with per-module entries, that a recipe name or a predicate
+    function (path, module) -> bool or settings gives `model` (quantizable layers only)."""
+    if isinstance(predicate, str):
+        return recipe_quantization(predicate, model, quantization["group_size"])
+    mixed = dict(quantization)
+    for path, module in model.named_modules():
+        if not should_quantize(path, module, quantization["group_size"]):
+            continue
+        chosen = predicate(path, module)
+        if chosen is False:
+            raise ConvertError(f"quant_predicate: {path} left in full precision; a mixed "
+                               "quantization here gives every quantizable layer a bit width")
+        if isinstance(chosen, dict):
+            settings = quantization_params(chosen.get("bits"), chosen.get("group_size"),
+                                           chosen.get("mode", "affine"))
+            if not should_quantize(path, module, settings["group_size"]):
+                raise ConvertError(f"quant_predicate: {path}'s input size does not fit group "
+                                   f"size {settings['group_size']}")
+            if settings != layer_settings(quantization, path):
+                mixed[path] = settings
+    return mixed
 
 
 def _report_unfit(unfit, group_size):
@@ -344,6 +393,11 @@ def parser():
     p.add_argument("--q-group-size", type=int,
                    help=f"Group size, by --q-mode: {_per_mode(0)}.")
     p.add_argument("--q-mode", choices=tuple(MODES), default="affine", help="Quantization mode")
+    p.add_argument("--quant-predicate", choices=tuple(RECIPES),
+                   help="Mixed-precision recipe (with -q): mixed_L_H keeps the embedding, head, "
+                   "Mamba1's x_proj/dt_proj and, in the first and last eighth of the layers and "
+                   "every third between, the mixers' in/out projections at H bits, the rest at L "
+                   "(default: --q-bits for every layer).")
     p.add_argument("--tokenizer", help="Take the tokenizer from this directory, tokenizer.json "
                    "file or repo id (default: the source's).")
     p.add_argument("--upload-repo", help="Upload the result to this Hugging Face repo "
@@ -359,14 +413,15 @@ def main(argv=None):
     p = parser()
     args = p.parse_args(argv)
     if not args.quantize and (args.q_bits is not None or args.q_group_size is not None
-                              or args.q_mode != "affine"):
-        p.error("--q-bits, --q-group-size and --q-mode need -q")
+                              or args.q_mode != "affine" or args.quant_predicate):
+        p.error("--q-bits, --q-group-size, --q-mode and --quant-predicate need -q")
     previous = signal.signal(signal.SIGTERM, _interrupt)  # `kill` cleans up like Ctrl-C
     try:
         status = cli.run(
             lambda: convert(args.hf_path, args.mlx_path, dtype=args.dtype, quantize=args.quantize,
                             q_bits=args.q_bits, q_group_size=args.q_group_size,
-                            q_mode=args.q_mode, tokenizer=args.tokenizer,
+                            q_mode=args.q_mode, quant_predicate=args.quant_predicate,
+                            tokenizer=args.tokenizer,
                             upload_repo=args.upload_repo),
             (ConvertError, ConfigError, CheckpointError, QuantizationError, OSError),
             interrupted="no partial output was left behind")

@@ -19,6 +19,7 @@ from .checkpoint import CheckpointError
 from .config import ConfigError
 from .cache import cache_rows, merge_caches
 from .detokenizer import StreamingDetokenizer
+from .grammar import Grammar, GrammarError, from_response_format, logits_processor
 from .models.sharding import ShardingError
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
                            load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
@@ -253,8 +254,10 @@ def _processed(row, logits):
     return logits
 
 
-def generate_step(model, cache, histories, sampler, processors, max_tokens, eos):
+def generate_step(model, cache, histories, sampler, processors, max_tokens, eos,
+                  row_processors=list):
     """Decode a batch from `cache`, which holds each row's tokens (`histories`) but the last.
+    row_processors() gives each row processors of its own (they follow its tokens: a grammar).
 
     Yields, per step, a list of (row, token, logprobs (V,), finish_reason) for the rows still
     running; a row finishes at an EOS token or after max_tokens, and leaves the batch.
@@ -262,36 +265,48 @@ def generate_step(model, cache, histories, sampler, processors, max_tokens, eos)
     if max_tokens <= 0:
         return
     decoder = Decoder(model)
-    decoder.join(cache, [Row(i, list(tokens), sampler, processors, max_tokens, eos)
-                         for i, tokens in enumerate(histories)])
+    decoder.join(cache, [Row(i, list(tokens), sampler, processors + row_processors(),
+                             max_tokens, eos) for i, tokens in enumerate(histories)])
     while decoder:
         yield decoder.step()
 
 
-def _decoding(tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
-              max_tokens):
-    """(sampler, processors, eos ids) for these settings, which are checked first."""
+def _decoding(model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed,
+              logits_processors, max_tokens, response_format):
+    """(sampler, processors, eos ids, row_processors) for these settings, checked first."""
     check_settings(temp, top_p, top_k, min_p, repetition_penalty, seed)
     if not (isinstance(max_tokens, int) and max_tokens >= 0):
         raise GenerationError(f"max_tokens is {max_tokens!r}: expected an integer >= 0")
+    grammar = from_response_format(response_format)
+    if grammar is None:
+        row_processors = list
+    else:
+        logits_processor(grammar, tokenizer, model.config.vocab_size)  # fails here, not later
+
+        def row_processors():
+            return [logits_processor(grammar, tokenizer, model.config.vocab_size)]
     return (make_sampler(temp, top_p, top_k, min_p, seed),
             make_logits_processors(repetition_penalty, logits_processors),
-            eos_token_ids(tokenizer))
+            eos_token_ids(tokenizer), row_processors)
 
 
 def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p=1.0, top_k=0,
                     min_p=0.0, repetition_penalty=None, seed=None, logits_processors=None,
-                    prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE, progress=None):
+                    response_format=None, prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE,
+                    progress=None):
     """Yield a GenerationResponse per generated token; the last has `finish_reason` set.
 
     prompt: a string or token ids (a list of ints or a 1-D integer array; every id is checked
     against the vocabulary), appended to `prompt_cache` (a PromptCache, left unchanged) when
     one is given; it may then be empty. logits_processors: functions
     (tokens so far (T,), logits (1, V)) -> logits, applied after the repetition penalty.
+    response_format: OpenAI's ({"type": "json_object"}, {"type": "json_schema", "json_schema":
+    {"schema": {...}}}) or a grammar.Grammar: the text then follows it (see grammar.py).
     progress(done, total) follows the prompt's prefill.
     """
-    sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
-                                         repetition_penalty, seed, logits_processors, max_tokens)
+    sampler, processors, eos, row_processors = _decoding(
+        model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
+        max_tokens, response_format)
     if prompt_cache is not None and not isinstance(prompt_cache, PromptCache):
         raise GenerationError(f"prompt_cache has type {type(prompt_cache).__name__}: expected a "
                               "PromptCache (load_prompt_cache reads one from a file)")
@@ -304,7 +319,7 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
                               progress=progress)
     detokenizer = StreamingDetokenizer(_NO_TEXT if tokenizer is None else tokenizer)
     steps = generate_step(model, state.layers, [state.tokens], sampler, processors, max_tokens,
-                          eos)
+                          eos, row_processors)
     for n, [(_, token, logprobs, finish)] in enumerate(steps, 1):
         now = time.perf_counter()
         if n == 1:
@@ -339,14 +354,16 @@ def generate(model, tokenizer, prompt, *, verbose=False, **kwargs):
 
 def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p=1.0, top_k=0,
                    min_p=0.0, repetition_penalty=None, seed=None, verbose=False,
-                   logits_processors=None, prefill_step_size=PREFILL_STEP_SIZE):
+                   logits_processors=None, response_format=None,
+                   prefill_step_size=PREFILL_STEP_SIZE):
     """A BatchResult (`.text`, `.tokens`, `.finish_reason`) per prompt, decoded together.
 
     Prompts of different lengths are left-padded and masked, so each gets exactly the tokens it
     gets alone (with a seed, sampled ones too); finished prompts leave the batch.
     """
-    sampler, processors, eos = _decoding(tokenizer, temp, top_p, top_k, min_p,
-                                         repetition_penalty, seed, logits_processors, max_tokens)
+    sampler, processors, eos, row_processors = _decoding(
+        model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
+        max_tokens, response_format)
     if not isinstance(prompts, (list, tuple)):
         raise GenerationError(f"prompts has type {type(prompts).__name__}: expected a list of "
                               "strings or of token-id lists")
@@ -362,7 +379,8 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     cache = model.make_cache(len(rows))
     prefill(model, [r[:-1] for r in rows], cache, step_size=prefill_step_size)
     outputs, finished, first = [[] for _ in rows], ["length"] * len(rows), None
-    steps = generate_step(model, cache, rows, sampler, processors, max_tokens, eos)
+    steps = generate_step(model, cache, rows, sampler, processors, max_tokens, eos,
+                          row_processors)
     for step in steps:
         first = first or time.perf_counter()
         for row, token, _, finish in step:
@@ -415,6 +433,9 @@ def build_parser():
         help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
              "model's own (default: the model's; state-spaces originals get "
              "EleutherAI/gpt-neox-20b's from the hub)")
+    add("--json-schema", metavar="FILE", default=None,
+        help="write JSON that validates against the JSON schema in FILE, at any temperature "
+             "(needs llguidance; default: free text)")
     add("--ignore-chat-template", action="store_true",
         help="feed the prompt as is, even if the tokenizer has a chat template")
     add("--save-prompt-cache", metavar="FILE", default=None,
@@ -500,8 +521,19 @@ def _prompt_text(args):
     return text
 
 
+def _json_schema(file):
+    """The --json-schema FILE as a Grammar."""
+    with open(file, "rb") as f:
+        data = f.read()
+    try:
+        return Grammar.json_schema(data.decode("utf-8"))
+    except (GrammarError, UnicodeDecodeError) as e:
+        raise GrammarError(f"{file}: {e}") from None
+
+
 def run(args):
     check_settings(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
+    grammar = _json_schema(args.json_schema) if args.json_schema else None
     if args.save_prompt_cache:
         check_cache_file(args.save_prompt_cache)
     text = _prompt_text(args)
@@ -539,7 +571,7 @@ def run(args):
     for response in stream_generate(
             model, tokenizer, [], max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            seed=seed, prompt_cache=state):
+            seed=seed, response_format=grammar, prompt_cache=state):
         if response.generation_tokens == 1:
             # The prompt's last token goes through the first decoding step: prompt time.
             prompt_seconds += time.perf_counter() - start
@@ -558,7 +590,8 @@ def main(argv=None):
     quiet_unless_first(mx.distributed.init())
     args = build_parser().parse_args(argv)
     return cli.run(lambda: run(args), (ConfigError, CheckpointError, PromptCacheError,
-                                       SamplerError, GenerationError, OSError, ShardingError))
+                                       SamplerError, GenerationError, GrammarError, OSError,
+                                       ShardingError))
 
 
 if __name__ == "__main__":

@@ -142,9 +142,38 @@ def load_prompt_cache(file, model):
     return PromptCache(layers, tokens)
 
 
-def _write(file, layers, tokens, model, model_name, fed):
+def save_state(file, layers, fed, unfed, model, model_name="", messages=None):
+    """Write `layers`, the state after the tokens `fed`, to `file`, atomically, with `unfed`:
+    the conversation's tokens not fed yet (at most one: the file is then a prompt cache that
+    `load_prompt_cache` resumes; with none it holds the state after all its tokens), and the
+    chat `messages` they render (JSON in the metadata), for a chat session to resume."""
+    if len(unfed) > 1:
+        raise PromptCacheError(f"{len(unfed)} tokens not fed: a file keeps at most one")
+    check_cache_file(file)
+    extra = {} if messages is None else {"messages": json.dumps(messages)}
+    _write(file, layers, list(fed) + list(unfed), model, model_name,
+           "all_but_last" if unfed else "all", extra)
+
+
+def load_state(file, model):
+    """(layers, tokens fed, tokens not fed yet, chat messages or None) of a file written by
+    save_state, save_prompt_cache or a server's prefix cache."""
+    layers, tokens, fed = _read(file, model)
+    try:
+        messages = json.loads(_read_metadata(file)[1].get("messages", "null"))
+    except ValueError:
+        raise PromptCacheError(f"{file}: damaged prompt cache (its messages are not JSON)")
+    if messages is not None and not (isinstance(messages, list) and
+                                     all(isinstance(m, dict) for m in messages)):
+        raise PromptCacheError(f"{file}: damaged prompt cache (its messages are not a list)")
+    if fed == "all":
+        return layers, tokens, [], messages
+    return layers, tokens[:-1], tokens[-1:], messages
+
+
+def _write(file, layers, tokens, model, model_name, fed, extra=None):
     """Write the per-layer `layers` and `tokens` to `file`, atomically; fed: "all_but_last" (a
-    PromptCache) or "all" (a PrefixCache state)."""
+    PromptCache) or "all" (a PrefixCache state); extra: more metadata (strings)."""
     arrays = {"tokens": mx.array(tokens, dtype=mx.int32)}
     for i, layer in enumerate(layers):
         if layer is not None:
@@ -152,7 +181,7 @@ def _write(file, layers, tokens, model, model_name, fed):
     metadata = {"format": FORMAT, "version": VERSION, "model": str(model_name),
                 "config": json.dumps(state_config(model.config), sort_keys=True),
                 "config_hash": config_hash(model.config),
-                "token_count": str(len(tokens)), "fed": fed}
+                "token_count": str(len(tokens)), "fed": fed, **(extra or {})}
     replace_atomically(file, lambda f: save_safetensors(f, arrays, metadata))
 
 

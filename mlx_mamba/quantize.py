@@ -18,6 +18,9 @@ QUANTIZED_LAYERS = ("in_proj", "out_proj", "x_proj", "dt_proj", "embeddings", "l
                     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
                     "latent_in", "latent_out")
 
+QUANTIZED_TYPES = (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedExpertLinear)
+
+
 def is_quantizable(path, module):
     """Whether the layer at `path` is of a kind this package quantizes (whatever the group)."""
     return path.rsplit(".", 1)[-1] in QUANTIZED_LAYERS and hasattr(module, "to_quantized")
@@ -31,15 +34,35 @@ def should_quantize(path, module, group_size):
     return is_quantizable(path, module) and fits_group(module, group_size)
 
 
+def layer_settings(quantization, path):
+    """The {"group_size", "bits", "mode"} of layer `path`: its own entry (mlx-lm's layout for
+    mixed precision: per-module entries beside the defaults) or the defaults."""
+    own = quantization.get(path)
+    if isinstance(own, dict):
+        return {"mode": quantization.get("mode", "affine"), **own}
+    return {k: quantization[k] for k in ("group_size", "bits")} | {
+        "mode": quantization.get("mode", "affine")}
+
+
 def quantize_model(model: nn.Module, quantization: dict) -> None:
-    """Quantize `model` in place as `quantization` ({"group_size", "bits", "mode"}) says.
+    """Quantize `model` in place as `quantization` ({"group_size", "bits", "mode"}, with
+    per-module entries `{path: {"group_size", "bits", "mode"}}` for mixed precision) says.
 
     Used on a model holding real weights (convert.py) and on a fresh model before quantized
     weights are loaded into it (`load`): both pick the same layers.
     """
-    group_size = quantization["group_size"]
-    nn.quantize(model, group_size, quantization["bits"], mode=quantization.get("mode", "affine"),
-                class_predicate=lambda path, module: should_quantize(path, module, group_size))
+    def predicate(path, module):
+        settings = layer_settings(quantization, path)
+        return should_quantize(path, module, settings["group_size"]) and settings
+
+    nn.quantize(model, quantization["group_size"], quantization["bits"],
+                mode=quantization.get("mode", "affine"), class_predicate=predicate)
+
+
+def quantized_bits(model: nn.Module):
+    """{path: bits} of the model's quantized layers."""
+    return {path: module.bits for path, module in model.named_modules()
+            if isinstance(module, QUANTIZED_TYPES)}
 
 
 def unfit_layers(model: nn.Module, group_size):
@@ -52,7 +75,7 @@ def bits_per_weight(model: nn.Module):
     """Average stored bits per parameter of the quantized layers, scales and biases included."""
     stored = count = 0
     for _, module in model.named_modules():
-        if isinstance(module, (nn.QuantizedLinear, nn.QuantizedEmbedding, QuantizedExpertLinear)):
+        if isinstance(module, QUANTIZED_TYPES):
             stored += sum(v.nbytes for k, v in module.parameters().items()
                           if k in ("weight", "scales", "biases"))
             count += module.weight.size * 32 // module.bits

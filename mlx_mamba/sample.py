@@ -57,6 +57,14 @@ def apply_min_p(logits, p):
     return mx.where(logits >= threshold, logits, -mx.inf)
 
 
+def apply_token_mask(logits, words):
+    """Logits (B, V) with -inf where a token is not allowed; words (B, ceil(V / 32)) uint32: bit
+    i % 32 of word i // 32 says whether token i is allowed (llguidance's bitmask layout)."""
+    bits = (words[..., None] >> mx.arange(32, dtype=mx.uint32)) & 1  # (B, W, 32)
+    allowed = bits.reshape(words.shape[0], -1)[:, :logits.shape[-1]].astype(mx.bool_)
+    return mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
+
+
 def greedy(logits):
     return mx.argmax(logits, axis=-1)
 

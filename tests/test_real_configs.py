@@ -286,3 +286,15 @@ def test_every_field_of_every_real_config_mutated_reads_or_names_the_problem():
                 except Exception as e:  # noqa: BLE001 - the point is to catch any other kind
                     failures.append((entry["repo"], key, value, type(e).__name__, str(e)))
     assert not failures, failures[:5]
+
+
+def test_zyphras_pre_transformers_layer_letters_are_refused_by_name():
+    # Zyphra/Zamba2-1.2B at revision 4f8e85cd (and Zamba2-2.7B-instruct's first revisions) spell
+    # layers_block_type in the letters of Zyphra's own code, "m" and "g"; transformers 5.25 refuses
+    # them too. One error naming the field, never a model with guessed layer kinds.
+    # Here: Zamba2-7B's own pattern in those letters.
+    config = raw(BY_REPO["Zyphra/Zamba2-7B"])
+    letters = [{"mamba": "m", "hybrid": "g"}[kind] for kind in config["layers_block_type"]]
+    config = dict(config, layers_block_type=letters)
+    with pytest.raises(ConfigError, match="layers_block_type"):
+        ModelConfig.from_dict(config)

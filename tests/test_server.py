@@ -407,7 +407,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "x", "min_p": 2}, 400, "min_p"),
     ("/v1/completions", {"prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed"),
-    ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
+    ("/v1/completions", {"prompt": "x", "n": 4}, 400, "max-batch-size"),
     ("/v1/completions", {"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "stop": [""]}, 400, "stop"),
     ("/v1/completions", {"prompt": "x", "logprobs": 50}, 400, "logprobs"),

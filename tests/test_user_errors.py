@@ -132,8 +132,8 @@ FLAG_ERRORS = [
      "--lora-dropout with --grad-checkpoint"),
     ("lora", [], "nothing to do: pass --train, --test or both"),
     ("fuse", ["--save-path"], "argument --save-path: expected one argument"),
-    ("convert", ["--q-bits", "4"], "--q-bits, --q-group-size and --q-mode need -q"),
-    ("convert", ["--q-group-size", "0"], "--q-bits, --q-group-size and --q-mode need -q"),
+    ("convert", ["--q-bits", "4"], "--q-mode and --quant-predicate need -q"),
+    ("convert", ["--q-group-size", "0"], "--q-mode and --quant-predicate need -q"),
     ("convert", ["-q", "--q-mode", "int4"], "argument --q-mode: invalid choice: 'int4'"),
     ("convert", ["--dtype", "float64"], "argument --dtype: invalid choice: 'float64'"),
 ]

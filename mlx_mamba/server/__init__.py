@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..generate import GenerationError
 from ..prompt_cache import PREFILL_STEP_SIZE, PromptCacheError
+from ..tool_calls import FORMATS
 from .engine import Engine
 
 
@@ -63,6 +64,9 @@ def build_parser():
         help="larger request bodies are refused with 413")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward; a state is kept after each")
+    add("--tool-parser", choices=sorted(FORMATS), default=None,
+        help="the format of the model's tool calls (default: read from the chat template's "
+             "tags; hermes when it has none)")
     add("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
         help="what the server logs to stderr")
     return parser

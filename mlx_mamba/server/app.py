@@ -19,12 +19,15 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from ..generate import GenerationError, encode
+from ..grammar import GrammarError, from_response_format, logits_processor
 from ..sample import MAX_SEED, SamplerError, check_settings
+from ..tool_calls import ToolCallParser, forced_call_grammar
 from .engine import Job, Overloaded, Piece
 
 log = logging.getLogger("mlx_mamba.server")
 MAX_LOGPROBS = 20  # top alternatives a request may ask for, per token
 MAX_STOPS = 4
+MAX_CHOICES = 16  # n; also at most --max-batch-size
 
 
 class RequestError(ValueError):
@@ -55,6 +58,18 @@ class StreamOptions(Schema):
 Stop = Annotated[str, Field(min_length=1, max_length=256)]
 
 
+class JsonSchemaSpec(Schema):
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None  # accepted; the schema is always enforced
+
+
+class ResponseFormat(Schema):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class Sampling(Schema):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=0)
@@ -67,8 +82,9 @@ class Sampling(Schema):
     repetition_penalty: float | None = Field(None, gt=0, allow_inf_nan=False)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    n: int = Field(1, ge=1, le=MAX_CHOICES)
     ignore_eos: bool = False  # generate max_tokens tokens whatever comes (benchmarks)
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(Sampling):
@@ -81,14 +97,55 @@ class TextPart(Schema):
     text: str
 
 
+FunctionName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")]
+
+
+class CalledFunction(Schema):
+    name: FunctionName
+    arguments: str  # JSON, as OpenAI sends it
+
+
+class ToolCall(Schema):
+    id: str = Field(max_length=256)
+    type: Literal["function"] = "function"
+    function: CalledFunction
+
+
 class Message(Schema):
     role: str = Field(min_length=1, max_length=64)
     content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = Field(None, max_length=256)  # a tool's answer: to which call
+    name: str | None = Field(None, max_length=64)
+
+
+class Function(Schema):
+    name: FunctionName
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments
+    strict: bool | None = None  # accepted; forced calls always follow the parameters
+
+
+class Tool(Schema):
+    type: Literal["function"]
+    function: Function
+
+
+class NamedFunction(Schema):
+    name: FunctionName
+
+
+class NamedToolChoice(Schema):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatRequest(Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
     max_completion_tokens: int | None = Field(None, ge=0)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True  # accepted; a forced call is one call
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
@@ -134,7 +191,7 @@ def make_app(engine, settings):
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "active_requests": engine.active}
+        return {"status": "ok", "active_requests": engine.active, "prefills": engine.prefills}
 
     @app.get("/v1/models")
     async def models():
@@ -144,18 +201,25 @@ def make_app(engine, settings):
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
         ids = await tokenized(lambda: prompt_ids(engine, body.prompt))
-        job, queue = submit(engine, settings, body, ids, body.logprobs)
+        grammar = await run_in_threadpool(response_grammar, engine, body.response_format)
+        job, queue = submit(engine, settings, body, ids, body.logprobs, grammar)
         reply = Reply("text_completion", settings.model, body.logprobs is not None)
         return await respond(engine, request, body, job, queue, reply)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request):
-        ids = await tokenized(lambda: chat_ids(engine, body.messages))
+        tools, forced = tool_settings(body)
+        ids = await tokenized(lambda: chat_ids(engine, body.messages, tools))
         if body.max_completion_tokens is not None:
             body.max_tokens = body.max_completion_tokens
         count = (body.top_logprobs or 0) if body.logprobs else None
-        job, queue = submit(engine, settings, body, ids, count)
-        reply = Reply("chat.completion", settings.model, body.logprobs)
+        if forced is not None:
+            grammar = await run_in_threadpool(tool_grammar, engine, tools, forced)
+        else:
+            grammar = await run_in_threadpool(response_grammar, engine, body.response_format)
+        job, queue = submit(engine, settings, body, ids, count, grammar)
+        reply = Reply("chat.completion", settings.model, body.logprobs,
+                      engine.tool_format if tools else None, tools)
         return await respond(engine, request, body, job, queue, reply)
 
     return app
@@ -198,19 +262,76 @@ def check_text(text, field):
                            f"{e.start})", param=field) from None
 
 
-def chat_ids(engine, messages):
+def tool_settings(body):
+    """(the tools to render, as dicts, or None; the function a call is forced to: a name,
+    "" for any of the tools, None when nothing is forced) of a chat request."""
+    choice = body.tool_choice
+    if body.tools is None:
+        if choice not in (None, "none", "auto"):
+            raise RequestError("tool_choice forces a call, and the request has no tools",
+                               param="tool_choice")
+        return None, None
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    check_text(json.dumps(tools, ensure_ascii=False), "tools")
+    if choice == "none":
+        return None, None
+    if choice is None or choice == "auto":
+        return tools, None
+    if body.response_format is not None and body.response_format.type != "text":
+        raise RequestError("tool_choice forces a call and response_format forces its own "
+                           "format: send one of them", param="response_format")
+    if choice == "required":
+        return tools, ""
+    if choice.function.name not in {tool["function"]["name"] for tool in tools}:
+        raise RequestError(f"tool_choice names {choice.function.name!r}, which is not one of "
+                           "the tools", param="tool_choice")
+    return tools, choice.function.name
+
+
+def tool_grammar(engine, tools, name):
+    """The Grammar of one call in the model's tool format; a 400 if a function's parameters
+    are not a schema it can follow."""
+    try:
+        grammar = forced_call_grammar(engine.tool_format, tools, name or None)
+        logits_processor(grammar, engine.tokenizer, engine.model.config.vocab_size)
+        return grammar
+    except GrammarError as e:
+        raise RequestError(f"tools: {e}", param="tools") from None
+
+
+def _turn(message):
+    """A message as chat templates take it: text content; an assistant's calls with their
+    arguments as objects (templates write them as JSON)."""
+    content = message.content
+    turn = {"role": message.role, "content": content if not isinstance(content, list)
+            else "".join(part.text for part in content)}
+    turn["content"] = turn["content"] or ""
+    if message.tool_calls:
+        calls = []
+        for call in message.tool_calls:
+            try:
+                arguments = json.loads(call.function.arguments)
+            except ValueError:
+                arguments = call.function.arguments
+            calls.append({"id": call.id, "type": "function", "function": {
+                "name": call.function.name, "arguments": arguments}})
+        turn["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        if getattr(message, key) is not None:
+            turn[key] = getattr(message, key)
+    return turn
+
+
+def chat_ids(engine, messages, tools=None):
     tokenizer = engine.tokenizer
     if not getattr(tokenizer, "chat_template", None):
         raise RequestError("this model's tokenizer has no chat template: use /v1/completions",
                            param="messages")
-    conversation = [{"role": m.role, "content": m.content if not isinstance(m.content, list)
-                     else "".join(part.text for part in m.content)} for m in messages]
+    conversation = [_turn(m) for m in messages]
     for i, turn in enumerate(conversation):
-        turn["content"] = turn["content"] or ""
-        for key, text in turn.items():
-            check_text(text, f"messages.{i}.{key}")
+        check_text(json.dumps(turn, ensure_ascii=False), f"messages.{i}")
     try:
-        text = tokenizer.apply_chat_template(conversation, tokenize=False,
+        text = tokenizer.apply_chat_template(conversation, tools=tools, tokenize=False,
                                              add_generation_prompt=True)
     except (jinja2.TemplateError, ValueError, TypeError) as e:
         raise RequestError(f"the chat template refused the messages: {e}",
@@ -221,9 +342,30 @@ def chat_ids(engine, messages):
         raise RequestError(str(e), param="messages") from None
 
 
-def submit(engine, settings, body, ids, logprobs):
+def response_grammar(engine, response_format):
+    """The Grammar of a request's response_format (None for free text), checked against the
+    model's tokenizer; a 400 naming what is wrong with it."""
+    if response_format is None:
+        return None
+    spec = response_format.json_schema
+    try:
+        grammar = from_response_format({
+            "type": response_format.type,
+            "json_schema": None if spec is None else {"schema": spec.schema_ or {}}})
+        if grammar is not None:
+            logits_processor(grammar, engine.tokenizer, engine.model.config.vocab_size)
+        return grammar
+    except GrammarError as e:
+        raise RequestError(f"response_format: {e}", param="response_format") from None
+
+
+def submit(engine, settings, body, ids, logprobs, grammar=None):
     """Hand the request to the engine; (job, the asyncio queue its pieces arrive on)."""
     max_tokens = settings.max_tokens if body.max_tokens is None else body.max_tokens
+    if body.n > settings.max_batch_size:
+        raise RequestError(f"n is {body.n}; this server decodes at most "
+                           f"{settings.max_batch_size} sequences together (--max-batch-size)",
+                           param="n")
     if max_tokens > settings.max_tokens:
         raise RequestError(f"max_tokens is {max_tokens}; this server generates at most "
                            f"{settings.max_tokens} (--max-tokens)", param="max_tokens")
@@ -244,10 +386,11 @@ def submit(engine, settings, body, ids, logprobs):
     sampling = dict(temp=body.temperature, top_p=body.top_p, top_k=body.top_k,
                     min_p=body.min_p, seed=body.seed)
     job = Job(ids, sampling, body.repetition_penalty, max_tokens, body.ignore_eos, stop,
-              logprobs, deliver)
+              logprobs, deliver, grammar=grammar, n=body.n)
     if max_tokens == 0:
         job.finished = True
-        deliver(Piece("", "length"))
+        for index in range(body.n):
+            deliver(Piece("", "length", index=index))
         return job, queue
     try:
         engine.submit(job)
@@ -261,7 +404,7 @@ async def respond(engine, request, body, job, queue, reply):
         usage = body.stream_options is not None and body.stream_options.include_usage
         return EventStream(reply.stream(job, queue, usage), on_close=lambda: engine.cancel(job))
     try:
-        pieces = await collect(request, queue)
+        pieces = await collect(request, queue, job.n)
     finally:
         engine.cancel(job)  # a no-op once it is done; frees the place if the client left
     if pieces is None:
@@ -269,10 +412,10 @@ async def respond(engine, request, body, job, queue, reply):
     return reply.whole(job, pieces)
 
 
-async def collect(request, queue):
-    """Every piece of a request, or None if the client disconnects first (looked at every
-    second, whether pieces come or not)."""
-    pieces, looked = [], time.monotonic()
+async def collect(request, queue, n):
+    """Every piece of a request's n choices, or None if the client disconnects first (looked
+    at every second, whether pieces come or not)."""
+    pieces, looked, finished = [], time.monotonic(), 0
     while True:
         try:
             piece = await asyncio.wait_for(queue.get(), timeout=1.0)
@@ -286,7 +429,8 @@ async def collect(request, queue):
             raise piece
         if piece is not None:
             pieces.append(piece)
-            if piece.finish_reason:
+            finished += piece.finish_reason is not None
+            if finished == n:
                 return pieces
 
 
@@ -312,26 +456,46 @@ class Reply:
     """OpenAI's response objects for completions ("text_completion") and chat completions
     ("chat.completion"), whole or streamed."""
 
-    def __init__(self, kind, model, logprobs):
+    def __init__(self, kind, model, logprobs, tool_format=None, tools=()):
+        """tool_format: the ToolFormat of the calls to find in the text (None: plain text);
+        tools: the request's (as dicts)."""
         self.kind, self.model, self.logprobs = kind, model, logprobs
+        self.tool_format, self.tools = tool_format, tools
+        self.calls = {}  # choice -> tool calls streamed so far
         self.id = ("cmpl-" if kind == "text_completion" else "chatcmpl-") + uuid.uuid4().hex
         self.created = int(time.time())
 
     def whole(self, job, pieces):
-        text = "".join(p.text for p in pieces)
-        if self.kind == "text_completion":
-            choice = {"index": 0, "text": text}
-        else:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}}
-        choice["logprobs"] = self._logprobs(pieces, 0) if self.logprobs else None
-        choice["finish_reason"] = pieces[-1].finish_reason
+        choices = [self._choice(i, [p for p in pieces if p.index == i]) for i in range(job.n)]
         return {"id": self.id, "object": self.kind, "created": self.created,
-                "model": self.model, "choices": [choice], "usage": usage(job)}
+                "model": self.model, "choices": choices, "usage": usage(job)}
+
+    def _choice(self, index, pieces):
+        text, finish = "".join(p.text for p in pieces), pieces[-1].finish_reason
+        if self.kind == "text_completion":
+            choice = {"index": index, "text": text}
+        else:
+            choice = {"index": index, "message": {"role": "assistant", "content": text}}
+            if self.tool_format is not None:
+                parser = ToolCallParser(self.tool_format, self.tools)
+                content, calls = parser.feed(text)
+                content += parser.finish()[0]
+                if calls:
+                    choice["message"] = {"role": "assistant", "content": content or None,
+                                         "tool_calls": calls}
+                    finish = "tool_calls" if finish == "stop" else finish
+        choice["logprobs"] = self._logprobs(pieces, 0) if self.logprobs else None
+        choice["finish_reason"] = finish
+        return choice
 
     async def stream(self, job, queue, include_usage):
-        offset = 0
+        offsets, finished = [0] * job.n, 0
+        parsers = [self.tool_format and ToolCallParser(self.tool_format, self.tools)
+                   for _ in range(job.n)]
         if self.kind == "chat.completion":
-            yield self._event(self._chunk({"role": "assistant", "content": ""}, None, None))
+            for index in range(job.n):
+                yield self._event(self._chunk({"role": "assistant", "content": ""}, None, None,
+                                              index))
         while True:
             piece = await queue.get()
             if isinstance(piece, Exception):
@@ -340,11 +504,16 @@ class Reply:
                                              "type": "server_error", "param": None,
                                              "code": 500}})
                 break
-            if piece.text or piece.finish_reason or piece.logprob:
-                logprobs = self._logprobs([piece], offset) if self.logprobs else None
-                yield self._event(self._chunk(piece.text, logprobs, piece.finish_reason))
-                offset += len(piece.text)
-            if piece.finish_reason:
+            index = piece.index
+            if parsers[index]:
+                for event in self._tool_events(parsers[index], piece):
+                    yield event
+            elif piece.text or piece.finish_reason or piece.logprob:
+                logprobs = self._logprobs([piece], offsets[index]) if self.logprobs else None
+                yield self._event(self._chunk(piece.text, logprobs, piece.finish_reason, index))
+                offsets[index] += len(piece.text)
+            finished += piece.finish_reason is not None
+            if finished == job.n:
                 break
         if include_usage:
             yield self._event({"id": self.id, "object": self._chunk_kind(),
@@ -352,16 +521,35 @@ class Reply:
                                "usage": usage(job)})
         yield "data: [DONE]\n\n"
 
+    def _tool_events(self, parser, piece):
+        """The chunks of one piece when tools are on: content, then each call whole (name and
+        arguments in one delta, as a tool_calls entry with its index), then the finish."""
+        content, calls = parser.feed(piece.text)
+        finish, index = piece.finish_reason, piece.index
+        if finish:
+            content += parser.finish()[0]
+        if content or piece.logprob:
+            logprobs = self._logprobs([piece], 0) if self.logprobs else None
+            yield self._event(self._chunk(content, logprobs, None, index))
+        for call in calls:
+            number = self.calls.get(index, 0)
+            self.calls[index] = number + 1
+            yield self._event(self._chunk({"tool_calls": [dict(call, index=number)]}, None, None,
+                                          index))
+        if finish:
+            finish = "tool_calls" if finish == "stop" and parser.called else finish
+            yield self._event(self._chunk("", None, finish, index))
+
     def _chunk_kind(self):
         return "text_completion" if self.kind == "text_completion" else "chat.completion.chunk"
 
-    def _chunk(self, content, logprobs, finish_reason):
+    def _chunk(self, content, logprobs, finish_reason, index=0):
         if self.kind == "text_completion":
-            choice = {"index": 0, "text": content}
+            choice = {"index": index, "text": content}
         else:
             delta = content if isinstance(content, dict) else \
                 ({"content": content} if content else {})
-            choice = {"index": 0, "delta": delta}
+            choice = {"index": index, "delta": delta}
         choice["logprobs"] = logprobs
         choice["finish_reason"] = finish_reason
         return {"id": self.id, "object": self._chunk_kind(), "created": self.created,

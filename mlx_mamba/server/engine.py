@@ -11,8 +11,11 @@ import threading
 
 import mlx.core as mx
 
+from ..cache import cache_rows
 from ..detokenizer import StreamingDetokenizer
 from ..generate import Decoder, Row, _load, eos_token_ids
+from ..grammar import logits_processor
+from ..tool_calls import FORMATS, detect_format
 from ..prompt_cache import PrefixCache, prefill
 from ..sample import make_logits_processors, make_sampler
 
@@ -26,6 +29,7 @@ class Piece:
     text: str
     finish_reason: str | None
     logprob: tuple | None = None  # (token text, logprob, [(text, logprob) of the top ones])
+    index: int = 0  # the choice it belongs to
 
 
 @dataclasses.dataclass(eq=False)
@@ -40,12 +44,25 @@ class Job:
     stop: list  # strings that end the text (not included in it)
     logprobs: int | None  # top alternatives to report per token; None: no logprobs
     deliver: object  # deliver(Piece | Exception), called from the engine thread
+    grammar: object = None  # a grammar.Grammar that the text follows, or None
+    n: int = 1  # choices, each a row of the batch, from one prefill of the prompt
     eos: set = dataclasses.field(default_factory=set)
     cached_tokens: int = 0
-    completion_tokens: int = 0
-    finished: bool = False
+    completion_tokens: int = 0  # of every choice
+    finished: bool = False  # every choice has finished
     cancelled: bool = False
-    detokenizer: object = None
+    choices: list = dataclasses.field(default_factory=list)
+    rows: int = 0  # choices still in the decoder
+
+
+@dataclasses.dataclass(eq=False)
+class Choice:
+    """One of a job's n sequences: a row of the decoder (its key)."""
+
+    job: Job
+    index: int
+    detokenizer: object
+    finished: bool = False
     held: str = ""  # text not sent yet: it may be the start of a stop string
 
 
@@ -68,12 +85,15 @@ class Engine:
     def __init__(self, args):
         self.args = args
         self.model, self.tokenizer = _load(args)
+        self.tool_format = FORMATS[args.tool_parser] if args.tool_parser else \
+            detect_format(getattr(self.tokenizer, "chat_template", None))
         self.prefix_cache = PrefixCache(self.model, args.prompt_cache_bytes,
                                         args.prompt_cache_dir, args.model)
         self.decoder = Decoder(self.model, on_leave=self._left)
         self.lock = threading.Condition()
         self.incoming = collections.deque()
         self.active = 0  # requests submitted and not yet out of the engine
+        self.prefills = 0  # prompts prefilled (one per request, whatever its n)
         self.stopped = False
 
     def busy(self):
@@ -115,7 +135,9 @@ class Engine:
             for job in [job for job in waiting if job.cancelled]:
                 waiting.remove(job)
                 self._release(job)
-            if prefilling is None and waiting and len(self.decoder) < self.args.max_batch_size:
+            # A request joins with its n rows (n <= max_batch_size: the web side checks).
+            if prefilling is None and waiting and \
+                    len(self.decoder) + waiting[0].n <= self.args.max_batch_size:
                 prefilling = self._guarded(self._start_prefill, waiting.popleft())
             if prefilling is not None:
                 prefilling = self._guarded(self._prefill_chunk, prefilling)
@@ -140,8 +162,8 @@ class Engine:
         # At least the last prompt token is left to feed: it gives the first token's logits.
         done, cache = self.prefix_cache.longest(job.prompt, len(job.prompt) - 1)
         job.cached_tokens = done
-        job.detokenizer = StreamingDetokenizer(self.tokenizer)
         job.eos = set() if job.ignore_eos else eos_token_ids(self.tokenizer)
+        self.prefills += 1
         return Prefill(job, cache if cache is not None else self.model.make_cache(1), done)
 
     def _prefill_chunk(self, p):
@@ -156,40 +178,57 @@ class Engine:
                 self._keep(p.job.prompt[:stop], p.cache)
             if stop < end:
                 return p
-        job = p.job
-        row = Row(job, list(job.prompt), make_sampler(**job.sampling),
-                  make_logits_processors(job.repetition_penalty), job.max_tokens, job.eos)
-        self.decoder.join(p.cache, [row])
+        job, rows = p.job, []
+        for index in range(job.n):
+            processors = make_logits_processors(job.repetition_penalty)
+            if job.grammar is not None:
+                processors.append(logits_processor(job.grammar, self.tokenizer,
+                                                   self.model.config.vocab_size))
+            # Choice i draws from seed + i: the choices differ, each is reproducible alone.
+            seed = job.sampling["seed"]
+            sampling = dict(job.sampling, seed=None if seed is None else (seed + index) % 2**64)
+            choice = Choice(job, index, StreamingDetokenizer(self.tokenizer))
+            job.choices.append(choice)
+            rows.append(Row(choice, list(job.prompt), make_sampler(**sampling), processors,
+                            job.max_tokens, job.eos))
+        # The prompt's state, copied into n rows: the prompt is fed once.
+        cache = p.cache if job.n == 1 else cache_rows(p.cache, mx.zeros(job.n, mx.int32))
+        self.decoder.join(cache, rows)
+        job.rows = job.n
         return None
 
     def _decode(self):
         for row in self.decoder.rows:
-            if row.key.cancelled or row.key.finished:
+            if row.key.job.cancelled or row.key.finished:
                 self.decoder.drop(row.key)
         try:
             events = self.decoder.step()
         except Exception as e:
             log.exception("decoding failed")
-            for row in self.decoder.rows + [r for _, rows in self.decoder.joining for r in rows]:
-                row.key.deliver(e)
-                self._release(row.key)
+            failed = self.decoder.rows + [r for _, rows in self.decoder.joining for r in rows]
+            for job in {row.key.job: None for row in failed}:
+                job.deliver(e)
+                self._release(job)
             self.decoder = Decoder(self.model, on_leave=self._left)
             return
-        for job, token, logprobs, finish in events:
-            if not job.finished:
-                self._hand_out(job, token, logprobs, finish)
+        for choice, token, logprobs, finish in events:
+            if not choice.finished:
+                self._hand_out(choice, token, logprobs, finish)
 
-    def _hand_out(self, job, token, logprobs, finish):
+    def _hand_out(self, choice, token, logprobs, finish):
+        job = choice.job
         job.completion_tokens += 1
-        text = job.detokenizer.add_token(token) if finish != "stop" else ""
+        text = choice.detokenizer.add_token(token) if finish != "stop" else ""
         if finish:
-            text += job.detokenizer.finalize()
-        text, job.held, stopped = _cut_at_stop(job.held + text, job.stop, finish is not None)
+            text += choice.detokenizer.finalize()
+        text, choice.held, stopped = _cut_at_stop(choice.held + text, job.stop,
+                                                  finish is not None)
         logprob = None
         if job.logprobs is not None and not (finish == "stop" and token in job.eos):
             logprob = self._logprob(token, logprobs, job.logprobs)
-        job.finished = stopped or finish is not None
-        job.deliver(Piece(text, "stop" if stopped else finish, logprob))
+        choice.finished = stopped or finish is not None
+        job.finished = all(c.finished for c in job.choices)
+        job.deliver(Piece(text, "stop" if stopped else finish, logprob, choice.index))
 
     def _logprob(self, token, logprobs, count):
         top = mx.argpartition(-logprobs, count - 1)[:count] if count else mx.array([], mx.int32)
@@ -199,9 +238,12 @@ class Engine:
         return decode([token]), values[0], [(decode([t]), v) for t, v in ranked]
 
     def _left(self, row, cache):
-        """A row left the decoder: keep its state, free its place."""
+        """A row left the decoder: keep its state; the job's last row frees its place."""
         self._keep(row.tokens[:row.fed], cache)
-        self._release(row.key)
+        job = row.key.job
+        job.rows -= 1
+        if job.rows == 0:
+            self._release(job)
 
     def _keep(self, tokens, cache):
         try:
