@@ -20,6 +20,7 @@ from .config import ConfigError
 from .cache import cache_rows, cache_state, mark, merge_caches, rewind
 from .detokenizer import StreamingDetokenizer
 from .grammar import Grammar, GrammarError, from_response_format, logits_processor
+from .models.sharding import ShardingError
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
                            load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
 from .sample import (MAX_SEED, SamplerError, check_settings, make_logits_processors,
@@ -553,6 +554,9 @@ def build_parser():
     add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
         help="decode speculatively without a draft model: propose what followed the latest "
              "earlier match of the context's last N (or fewer) tokens (default: off)")
+    cli.add_switch(parser, "--pipeline",
+                   help="under mlx.launch with several processes: pipeline parallel (each "
+                        "process holds a range of layers) instead of tensor parallel")
     cli.add_switch(parser, "--verbose",
                    help="also print the model, the backend, the prompt as fed and, when "
                         "decoding speculatively, the acceptance rate and the model passes per "
@@ -575,14 +579,32 @@ def _load_draft(args, tokenizer):
     return draft
 
 
-def _load(args):
+def _load(args, world=None):
+    """The model and tokenizer; tensor parallel (or pipeline) over `world` when it has several
+    processes (every process fails, with its own error or one saying that another failed, or none
+    does). Without a world this process loads the whole model."""
     from .loader import load
+    from .sharded import agree, sharded_load
 
+    processes = 1 if world is None else world.size()
+    model = tokenizer = error = None
     try:
-        model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+        if processes == 1:
+            model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+        elif args.pipeline:
+            model, tokenizer = sharded_load(args.model, pipeline_group=world,
+                                            tokenizer=args.tokenizer)
+        else:
+            model, tokenizer = sharded_load(args.model, world, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
         named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
-        raise GenerationError(e if named else f"{args.model}: {e}") from None
+        error = GenerationError(e if named else f"{args.model}: {e}")
+    except (ConfigError, CheckpointError, ValueError) as e:  # ShardingError is a ValueError
+        error = e
+    if processes > 1:
+        agree(world, error)
+    elif error is not None:
+        raise error
     if tokenizer is None:
         raise GenerationError(f"{args.tokenizer or args.model}: no tokenizer that transformers "
                               "reads (tokenizer.json or tokenizer_config.json): pass --tokenizer "
@@ -650,7 +672,13 @@ def run(args):
         raise GenerationError("--prompt-lookup and --draft-model exclude each other: draft "
                               "with one")
     start = time.perf_counter()
-    model, tokenizer = _load(args)
+    world = mx.distributed.init()
+    model, tokenizer = _load(args, world)
+    seed = args.seed
+    if seed is None and world.size() > 1:
+        from .sharded import shared_seed
+
+        seed = shared_seed(world)  # every rank must draw the same tokens
     draft = _load_draft(args, tokenizer) if args.draft_model else None
     previous = load_prompt_cache(args.prompt_cache_file, model) if args.prompt_cache_file else None
     ids, fed_text = _prompt_ids(args, model, tokenizer, text)
@@ -675,7 +703,7 @@ def run(args):
     for response in stream_generate(
             model, tokenizer, [], max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            seed=args.seed, response_format=grammar, prompt_cache=state, draft_model=draft,
+            seed=seed, response_format=grammar, prompt_cache=state, draft_model=draft,
             num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup,
             prefill_step_size=args.prefill_step_size):
         if response.generation_tokens == 1:
@@ -690,10 +718,15 @@ def run(args):
 
 
 def main(argv=None):
+    """Under `mlx.launch` with several processes the model is tensor parallel over them and rank
+    0 alone prints."""
+    from .sharded import quiet_unless_first
+
+    quiet_unless_first(mx.distributed.init())
     args = build_parser().parse_args(argv)
     return cli.run(lambda: run(args), (ConfigError, CheckpointError, PromptCacheError,
                                        SamplerError, GenerationError, GrammarError, DraftError,
-                                       OSError))
+                                       OSError, ShardingError))
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from .. import ops
 from ..cache import MambaCache
 from ..ops.reference import discretize_dt
 from .conv import causal_conv1d, windows_after
+from .sharding import apply_plan, shard_input, shard_output, share
 
 
 def _without_bias(linear, x):
@@ -108,3 +109,22 @@ class Mamba1(nn.Module):
             self.dt_proj.bias, True)
         cache.remember()
         return self.out_proj(y)
+
+    def shard(self, group):
+        """Tensor parallel, in place: this rank keeps its share of the channels (in_proj's x and
+        z rows, the conv, dt_proj's rows, A_log, D, and the columns of x_proj and out_proj).
+        x_proj contracts over every channel: its partial Δ, B, C are summed over the group (one
+        sum of dt_rank + 2N per token) before the norms that follow. Returns the plan."""
+        E = self.conv1d.weight.shape[0]
+        c0, c1 = share(E, group, "Mamba1 channels (d_inner)")
+        channels = [(c0, c1)]
+        plan = shard_input(self, "in_proj", channels + [(E + c0, E + c1)])
+        plan.update(shard_input(self, "dt_proj", channels))
+        local = {f"conv1d.{name}": (0, channels) for name in ("weight", "bias")
+                 if name in self.conv1d}
+        local.update({name: (0, channels) for name in ("A_log", "D")})
+        apply_plan(self, local)
+        plan.update(local)
+        plan.update(shard_output(self, "x_proj", channels, group, "Mamba1 x_proj"))
+        plan.update(shard_output(self, "out_proj", channels, group, "Mamba1 out_proj"))
+        return plan
