@@ -9,6 +9,7 @@ from .config import ModelConfig
 from .generate import batch_generate, generate, stream_generate
 from .loader import load
 from .models import Mamba1, Mamba2, Mamba3, Model
+from .sharded import sharded_load
 from .token_ids import check_token_ids
 
 __version__ = "0.1.0"

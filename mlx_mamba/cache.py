@@ -2,7 +2,17 @@
 cache and the tuner never ask which kind of layer it belongs to:
 `batch_size`, `state` (arrays to evaluate), `keep(rows)` (drop finished batch rows),
 `merge(caches)` (one batch from the rows of several), `copy()`, `arrays()` and `restore(arrays)`
-(save to and load from a file). Layers without state (MLP, MoE) have None."""
+(save to and load from a file), `mark()` and `rewind(n)` (go back n tokens, see below).
+Layers without state (MLP, MoE) have None.
+
+Rewinding (speculative decoding): after `mark()`, a Mamba cache keeps its state after every
+token it sees (its `trail`), and the mixers run a marked cache's window token by token through
+the decode step's recurrence (projections stay parallel), so `rewind(n)` only picks a kept state:
+no recompute. n is an int or one count per batch row. A rewind starts a new trail at the state it
+leaves. The trail costs one state (SSM state + conv window, or Mamba-3's angles, state, k and v)
+per token since the mark or the last rewind. KV caches rewind by trimming, and pack their rows
+again when rows go back by different counts.
+"""
 
 import mlx.core as mx
 
@@ -14,6 +24,7 @@ class MambaCache:
     def __init__(self, conv, ssm):
         self.conv = conv
         self.ssm = ssm
+        self.trail = None  # after mark(): the state after each token since the mark
 
     @classmethod
     def zeros(cls, batch_size, conv_width, conv_channels, ssm_shape, dtype=mx.float32):
@@ -34,14 +45,27 @@ class MambaCache:
 
     def keep(self, rows):
         self.conv, self.ssm = self.conv[rows], self.ssm[rows]
+        _keep_trail(self, rows)
 
     @classmethod
     def merge(cls, caches):
-        return cls(mx.concatenate([c.conv for c in caches]),
-                   mx.concatenate([c.ssm for c in caches]))
+        return _merged_trail(cls(mx.concatenate([c.conv for c in caches]),
+                                 mx.concatenate([c.ssm for c in caches])), caches)
 
     def copy(self):
+        """The state alone: a copy is not rewindable."""
         return MambaCache(self.conv, self.ssm)
+
+    def mark(self):
+        self.trail = [self.state]
+
+    def remember(self):
+        """Called by the mixers after each token."""
+        if self.trail is not None:
+            self.trail.append(self.state)
+
+    def rewind(self, n):
+        _rewind_trail(self, n)
 
     def arrays(self):
         return {"conv": self.conv, "ssm": self.ssm}
@@ -65,6 +89,7 @@ class Mamba3Cache:
 
     def __init__(self, angle, ssm, k, v):
         self.angle, self.ssm, self.k, self.v = angle, ssm, k, v
+        self.trail = None  # after mark(): the state after each token since the mark
 
     @classmethod
     def zeros(cls, batch_size, heads, head_dim, d_state, rank, angles):
@@ -86,13 +111,18 @@ class Mamba3Cache:
 
     def keep(self, rows):
         self.state = [a[rows] for a in self.state]
+        _keep_trail(self, rows)
 
     @classmethod
     def merge(cls, caches):
-        return cls(*(mx.concatenate(arrays) for arrays in zip(*(c.state for c in caches))))
+        merged = cls(*(mx.concatenate(arrays) for arrays in zip(*(c.state for c in caches))))
+        return _merged_trail(merged, caches)
 
     def copy(self):
+        """The state alone: a copy is not rewindable."""
         return Mamba3Cache(*self.state)
+
+    mark, remember, rewind = MambaCache.mark, MambaCache.remember, MambaCache.rewind
 
     def arrays(self):
         return dict(zip(("angle", "ssm", "k", "v"), self.state))
@@ -105,6 +135,52 @@ class Mamba3Cache:
                 raise ValueError(f"{name} has shape {arrays[name].shape}, this model needs "
                                  f"{fresh.shape}")
         self.state = [arrays[name].astype(mx.float32) for name in ("angle", "ssm", "k", "v")]
+
+
+def rewind_counts(n, batch_size, limits):
+    """n (an int, or one int per row) checked against `limits` (an int or a list, per row):
+    an int when every row goes back the same count, else a list."""
+    counts = [n] * batch_size if isinstance(n, int) else \
+        (n.tolist() if isinstance(n, mx.array) else list(n))
+    limits = [limits] * batch_size if isinstance(limits, int) else limits
+    if len(counts) != batch_size or not all(isinstance(c, int) for c in counts):
+        raise ValueError(f"rewind takes an int or {batch_size} ints (one per row), not {n!r}")
+    for count, limit in zip(counts, limits):
+        if not 0 <= count <= limit:
+            raise ValueError(f"cannot rewind {count} tokens: the cache can go back 0 to {limit}")
+    return counts[0] if len(set(counts)) == 1 else counts
+
+
+def _rewind_trail(cache, n):
+    if cache.trail is None:
+        raise ValueError("this cache keeps no trail: call mark() before the tokens to rewind")
+    seen = len(cache.trail) - 1
+    counts = rewind_counts(n, cache.batch_size, seen)
+    if isinstance(counts, int):
+        cache.state = cache.trail[seen - counts]
+    else:
+        index = mx.array([seen - c for c in counts])
+        cache.state = [_per_row(mx.stack(arrays, axis=1), index)
+                       for arrays in zip(*cache.trail)]
+    cache.trail = [cache.state]
+
+
+def _per_row(stacked, index):
+    # stacked (B, T, ...), index (B,) -> (B, ...): row b's entry index[b].
+    index = index.reshape(-1, *[1] * (stacked.ndim - 1))
+    return mx.take_along_axis(stacked, index, axis=1).squeeze(1)
+
+
+def _keep_trail(cache, rows):
+    if cache.trail is not None:
+        cache.trail = [[a[rows] for a in state] for state in cache.trail]
+
+
+def _merged_trail(merged, caches):
+    """A merge of marked caches is marked afresh (at the merged state)."""
+    if all(c.trail is not None for c in caches):
+        merged.mark()
+    return merged
 
 
 class KVCache:
@@ -191,6 +267,34 @@ class KVCache:
             self.valid = self.valid[:, unused:]
             self.length -= unused
 
+    def mark(self):
+        """Nothing to do: keys and values are kept anyway."""
+
+    def rewind(self, n):
+        """Forget each row's last n keys (n an int or a count per row). Rows going back by
+        different counts are packed again: each row's kept keys end at the last position, left
+        padding (masked out in `valid`) before them, as `merge` lays rows out."""
+        counts = rewind_counts(n, self.batch_size, self.positions.tolist())
+        if isinstance(counts, int):
+            self.positions = self.positions - counts
+            self.length -= counts
+            return
+        index = mx.arange(self.length)[None]
+        kept = index < self.length - mx.array(counts)[:, None]  # (B, S)
+        if self.valid is not None:
+            kept = kept & self.valid[:, :self.length]
+        sizes = kept.astype(mx.int32).sum(axis=1)
+        length = int(sizes.max().item())
+        # Each row's kept positions in order, last: padding sorts first (its keys go below 0).
+        order = mx.argsort(mx.where(kept, index, index - self.length), axis=1)
+        order = order[:, self.length - length:]
+        self.keys, self.values = (mx.take_along_axis(a[..., :self.length, :],
+                                                     order[:, None, :, None], axis=2)
+                                  for a in (self.keys, self.values))
+        self.valid = mx.arange(length)[None] >= (length - sizes)[:, None]
+        self.positions = self.positions - mx.array(counts, mx.int32)
+        self.length = length
+
     @classmethod
     def merge(cls, caches):
         """The rows of `caches` in one cache: each is left-padded to the longest, its padding
@@ -269,6 +373,20 @@ def cache_state(cache):
     return [a for layer in cache if layer is not None for a in layer.state]
 
 
+def mark(cache):
+    """Make every layer of a model's cache rewindable from here (see the module's docstring)."""
+    for layer in cache:
+        if layer is not None:
+            layer.mark()
+
+
+def rewind(cache, n):
+    """Take every layer of a model's cache back n tokens (an int, or a count per row)."""
+    for layer in cache:
+        if layer is not None:
+            layer.rewind(n)
+
+
 def merge_caches(caches):
     """One per-layer cache list holding the rows of several (each from `model.make_cache`), in
     order: sequences of any lengths decode together as they would alone."""
@@ -309,6 +427,14 @@ class LayerCaches:
     def keep(self, rows):
         for part in self.parts.values():
             part.keep(rows)
+
+    def mark(self):
+        for part in self.parts.values():
+            part.mark()
+
+    def rewind(self, n):
+        for part in self.parts.values():
+            part.rewind(n)
 
     @classmethod
     def merge(cls, caches):

@@ -93,7 +93,7 @@ class ChatSession:
             if stopped():
                 decoder.drop("reply")
                 finish = "interrupted"
-            for _, token, _, end in decoder.step():
+            for _, token, _, end, _ in decoder.step():
                 count += 1
                 first = first or time.perf_counter()
                 piece = detokenizer.add_token(token) if end != "stop" else ""

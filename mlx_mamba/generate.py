@@ -17,13 +17,16 @@ import mlx.core as mx
 from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .cache import cache_rows, merge_caches
+from .cache import cache_rows, cache_state, mark, merge_caches, rewind
 from .detokenizer import StreamingDetokenizer
 from .grammar import Grammar, GrammarError, from_response_format, logits_processor
+from .models.sharding import ShardingError
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
                            load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
 from .sample import (MAX_SEED, SamplerError, check_settings, make_logits_processors,
                      make_sampler)
+from .speculative import (MAX_DRAFT_TOKENS, DraftError, DraftModel, DraftStats, PromptLookup,
+                          per_sampler, processed, verify)
 from .token_ids import TokenIdError, check_token_ids
 
 
@@ -42,6 +45,8 @@ class GenerationResponse:
     generation_tps: float  # tokens after the first, per second since the first
     peak_memory: float  # GB, mx.get_peak_memory(): MLX's buffers (in RAM on the CPU backend)
     finish_reason: str | None  # "stop" (EOS), "length" (max_tokens) or None while going
+    from_draft: bool = False  # a draft token the model accepted (speculative decoding)
+    draft_stats: DraftStats | None = None  # so far, when decoding speculatively
 
 
 @dataclasses.dataclass
@@ -125,12 +130,17 @@ class Decoder:
 
     While one step's tokens are handed out, the next step is already being computed; a row
     that joins gets its first token at the step after next.
+
+    With a drafter (speculative.DraftModel or PromptLookup) each step is a round: the drafter
+    proposes up to k tokens per row, one forward of the model checks them, and each row gets the
+    tokens it accepts and one more (see speculative.py); the caches rewind over the rest.
     """
 
-    def __init__(self, model, on_leave=None):
+    def __init__(self, model, on_leave=None, drafter=None):
         """on_leave(row, cache): called for each row that leaves, with its own cache (batch 1),
         which holds the state after row.tokens[:row.fed]."""
-        self.model, self.on_leave = model, on_leave
+        self.model, self.on_leave, self.drafter = model, on_leave, drafter
+        self.draft_cache = None  # the drafter's, rows as self.cache's
         self.rows, self.cache = [], None  # the rows in the batch, in cache order, and the cache
         self.joining = []  # (cache, rows) that enter at the next step
         self.dropped = set()  # keys of rows to take out without another token
@@ -152,8 +162,11 @@ class Decoder:
         self.dropped.add(key)
 
     def step(self):
-        """[(key, token, logprobs (V,), finish_reason)] for each row but dropped ones;
-        finish_reason is "stop" (an EOS token), "length" (max_tokens) or None while going."""
+        """[(key, token, logprobs (V,), finish_reason, from_draft)] for each row but dropped
+        ones (several per row with a drafter); finish_reason is "stop" (an EOS token), "length"
+        (max_tokens) or None while going."""
+        if self.drafter is not None:
+            return self._speculate()
         if self.pending is None:
             self._admit(None)
             if self.pending is None:
@@ -176,7 +189,7 @@ class Decoder:
             if row.key not in self.dropped:
                 finish = "stop" if token in row.eos else \
                     "length" if row.generated >= row.max_tokens else None
-                events.append((row.key, token, logprobs[i], finish))
+                events.append((row.key, token, logprobs[i], finish, False))
         # Rows that met their EOS were computed another step: they leave now.
         ended = [i for i, row in enumerate(self.rows) if row.tokens[-1] in row.eos and
                  row in rows]
@@ -198,11 +211,11 @@ class Decoder:
         kept = [i for i in range(len(self.rows)) if i not in set(indices)]
         self.rows = [self.rows[i] for i in kept]
         if kept:
-            for layer in self.cache:
+            for layer in self.cache + (self.draft_cache or []):
                 if layer is not None:
                     layer.keep(mx.array(kept))
         else:
-            self.cache, self.pending = None, None
+            self.cache, self.pending, self.draft_cache = None, None, None
         return kept
 
     def _admit(self, inputs):
@@ -228,7 +241,7 @@ class Decoder:
             row.fed += 1
         logits = self.model.step(inputs, self.cache).astype(mx.float32)
         if any(row.processors for row in self.rows):
-            logits = mx.concatenate([_processed(row, logits[i:i + 1])
+            logits = mx.concatenate([processed(row, row.history, logits[i:i + 1])
                                      for i, row in enumerate(self.rows)])
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = self._sample(logprobs)
@@ -236,38 +249,110 @@ class Decoder:
         self.pending = (tokens, logprobs)
 
     def _sample(self, logprobs):  # (b, V) -> (b,)
-        groups = {}
-        for i, row in enumerate(self.rows):
-            groups.setdefault(row.sampler, []).append(i)
-        if len(groups) == 1:
-            return self.rows[0].sampler(logprobs)
-        order = [i for rows in groups.values() for i in rows]
-        sampled = mx.concatenate([sampler(logprobs[mx.array(rows)])
-                                  for sampler, rows in groups.items()])
-        return sampled[mx.argsort(mx.array(order))]
+        return per_sampler(self.rows, lambda sampler, index: sampler(
+            logprobs if index is None else logprobs[index]))
 
+    def _speculate(self):
+        """One round of speculative decoding for every row (see `step`)."""
+        if self.joining:
+            caches, drafts = ([self.cache], [self.draft_cache]) if self.rows else ([], [])
+            for cache, rows in self.joining:
+                for row in rows:
+                    row.history = mx.array(row.tokens, dtype=mx.int32)
+                caches.append(cache)
+                drafts.append(self.drafter.start(rows))
+                self.rows += rows
+            self.joining = []
+            self.cache = caches[0] if len(caches) == 1 else merge_caches(caches)
+            self.draft_cache = self.drafter.merge(drafts)
+            mark(self.cache)
+        self._leave([i for i, row in enumerate(self.rows) if row.key in self.dropped])
+        self.dropped = set()
+        if not self.rows:
+            return []
+        # Always the full count (a row's draws then do not depend on its batch).
+        rows, vocab, width = self.rows, self.model.config.vocab_size, self.drafter.num_draft_tokens
+        drafts, logq, lengths = self.drafter.propose(rows, self.draft_cache, width,
+                                                     [r.history for r in rows], vocab)
+        k = drafts.shape[1]
+        inputs = mx.concatenate([mx.array([[r.tokens[-1]] for r in rows], mx.int32), drafts], 1)
+        logits = self.model(inputs, self.cache).astype(mx.float32)  # (b, k+1, V)
+        if any(row.processors for row in rows):
+            logits = mx.stack([mx.concatenate([
+                processed(row, mx.concatenate([row.history, drafts[i, :j]]), logits[i, j:j + 1])
+                for j in range(k + 1)]) for i, row in enumerate(rows)])
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
 
-def _processed(row, logits):
-    for process in row.processors:
-        logits = process(row.history, logits)
-    return logits
+        def check(sampler, index):
+            pick = (lambda a: a) if index is None else (lambda a: a[index])  # noqa: E731
+            return verify(sampler, sampler.distribution(pick(logprobs)), pick(logq),
+                          pick(drafts), pick(lengths), width)
+
+        accepted, tokens = per_sampler(rows, check)
+        accepted, tokens, drafted = accepted.tolist(), tokens.tolist(), drafts.tolist()
+        stats = self.drafter.stats
+        stats.passes += 1
+        stats.proposed += sum(lengths.tolist())
+        stats.accepted += sum(accepted)
+        events, ended, counts = [], [], []
+        for i, row in enumerate(rows):
+            new = drafted[i][:accepted[i]] + [tokens[i]]
+            for j, token in enumerate(new):
+                row.generated += 1
+                finish = "stop" if token in row.eos else \
+                    "length" if row.generated >= row.max_tokens else None
+                events.append((row.key, token, logprobs[i, j], finish, j < accepted[i]))
+                if finish:
+                    ended.append(i)
+                    new = new[:j + 1]
+                    break
+            row.tokens += new
+            row.fed = len(row.tokens) - 1
+            if row.processors:
+                row.history = mx.array(row.tokens, dtype=mx.int32)
+            counts.append(k + 1 - len(new))  # the caches hold all the tokens but the last
+        rewind(self.cache, counts)
+        self.drafter.rewind(self.draft_cache, counts)
+        mx.eval(cache_state(self.cache))
+        self._leave(ended)
+        return events
 
 
 def generate_step(model, cache, histories, sampler, processors, max_tokens, eos,
-                  row_processors=list):
+                  row_processors=list, drafter=None):
     """Decode a batch from `cache`, which holds each row's tokens (`histories`) but the last.
     row_processors() gives each row processors of its own (they follow its tokens: a grammar).
 
-    Yields, per step, a list of (row, token, logprobs (V,), finish_reason) for the rows still
-    running; a row finishes at an EOS token or after max_tokens, and leaves the batch.
+    Yields, per step, a list of (row, token, logprobs (V,), finish_reason, from_draft) for the
+    rows still running; a row finishes at an EOS token or after max_tokens, and leaves the
+    batch. drafter: decode speculatively (see speculative.py); a step then gives a row 1 to k+1
+    tokens.
     """
     if max_tokens <= 0:
         return
-    decoder = Decoder(model)
+    decoder = Decoder(model, drafter=drafter)
     decoder.join(cache, [Row(i, list(tokens), sampler, processors + row_processors(),
                              max_tokens, eos) for i, tokens in enumerate(histories)])
     while decoder:
         yield decoder.step()
+
+
+def make_drafter(draft_model=None, num_draft_tokens=3, prompt_lookup=None,
+                 prefill_step_size=PREFILL_STEP_SIZE, response_format=None):
+    """The drafter for these settings (None: plain decoding), which are checked first."""
+    if draft_model is not None and prompt_lookup is not None:
+        raise DraftError("draft_model and prompt_lookup exclude each other: draft with one")
+    if response_format is not None and (draft_model is not None or prompt_lookup is not None):
+        raise DraftError("response_format and speculative decoding exclude each other: a "
+                         "grammar follows accepted tokens only")
+    if draft_model is not None:
+        if not hasattr(draft_model, "make_cache"):
+            raise DraftError(f"draft_model has type {type(draft_model).__name__}: expected a "
+                             "model (mlx_mamba.load(path)[0])")
+        return DraftModel(draft_model, num_draft_tokens, prefill_step_size)
+    if prompt_lookup is not None:
+        return PromptLookup(prompt_lookup, num_draft_tokens)
+    return None
 
 
 def _decoding(model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed,
@@ -292,7 +377,7 @@ def _decoding(model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, s
 def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p=1.0, top_k=0,
                     min_p=0.0, repetition_penalty=None, seed=None, logits_processors=None,
                     response_format=None, prompt_cache=None, prefill_step_size=PREFILL_STEP_SIZE,
-                    progress=None):
+                    progress=None, draft_model=None, num_draft_tokens=3, prompt_lookup=None):
     """Yield a GenerationResponse per generated token; the last has `finish_reason` set.
 
     prompt: a string or token ids (a list of ints or a 1-D integer array; every id is checked
@@ -302,7 +387,12 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
     response_format: OpenAI's ({"type": "json_object"}, {"type": "json_schema", "json_schema":
     {"schema": {...}}}) or a grammar.Grammar: the text then follows it (see grammar.py).
     progress(done, total) follows the prompt's prefill.
+    draft_model (a model with the same token ids) or prompt_lookup (the longest n-gram to look
+    up in the context): decode speculatively, proposing num_draft_tokens (1 to 64) per round;
+    the text is the same (token for token at temp 0, in distribution when sampling).
     """
+    drafter = make_drafter(draft_model, num_draft_tokens, prompt_lookup, prefill_step_size,
+                           response_format)
     sampler, processors, eos, row_processors = _decoding(
         model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
         max_tokens, response_format)
@@ -318,8 +408,9 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
                               progress=progress)
     detokenizer = StreamingDetokenizer(_NO_TEXT if tokenizer is None else tokenizer)
     steps = generate_step(model, state.layers, [state.tokens], sampler, processors, max_tokens,
-                          eos, row_processors)
-    for n, [(_, token, logprobs, finish)] in enumerate(steps, 1):
+                          eos, row_processors, drafter)
+    events = (event for step in steps for event in step)
+    for n, (_, token, logprobs, finish, from_draft) in enumerate(events, 1):
         now = time.perf_counter()
         if n == 1:
             prompt_tps = len(tokens) / (now - start)
@@ -331,7 +422,8 @@ def stream_generate(model, tokenizer, prompt, *, max_tokens=256, temp=0.0, top_p
             text=text, token=token, logprobs=logprobs, prompt_tokens=len(tokens),
             prompt_tps=prompt_tps, generation_tokens=n,
             generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
-            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish)
+            peak_memory=mx.get_peak_memory() / 1e9, finish_reason=finish, from_draft=from_draft,
+            draft_stats=drafter and dataclasses.replace(drafter.stats))
 
 
 def generate(model, tokenizer, prompt, *, verbose=False, **kwargs):
@@ -347,19 +439,24 @@ def generate(model, tokenizer, prompt, *, verbose=False, **kwargs):
         print()
         if response is not None:
             print_stats(response.prompt_tokens, response.prompt_tps, response.generation_tokens,
-                        response.generation_tps, response.peak_memory)
+                        response.generation_tps, response.peak_memory,
+                        draft_stats=response.draft_stats)
     return text
 
 
 def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p=1.0, top_k=0,
                    min_p=0.0, repetition_penalty=None, seed=None, verbose=False,
                    logits_processors=None, response_format=None,
-                   prefill_step_size=PREFILL_STEP_SIZE):
-    """A BatchResult (`.text`, `.tokens`, `.finish_reason`) per prompt, decoded together.
+                   prefill_step_size=PREFILL_STEP_SIZE, draft_model=None, num_draft_tokens=3,
+                   prompt_lookup=None):
+    """A BatchResult (`.text`, `.tokens`, `.finish_reason`) per prompt, decoded together
+    (speculatively with draft_model or prompt_lookup, as in `stream_generate`).
 
     Prompts of different lengths are left-padded and masked, so each gets exactly the tokens it
     gets alone (with a seed, sampled ones too); finished prompts leave the batch.
     """
+    drafter = make_drafter(draft_model, num_draft_tokens, prompt_lookup, prefill_step_size,
+                           response_format)
     sampler, processors, eos, row_processors = _decoding(
         model, tokenizer, temp, top_p, top_k, min_p, repetition_penalty, seed, logits_processors,
         max_tokens, response_format)
@@ -379,10 +476,10 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
     prefill(model, [r[:-1] for r in rows], cache, step_size=prefill_step_size)
     outputs, finished, first = [[] for _ in rows], ["length"] * len(rows), None
     steps = generate_step(model, cache, rows, sampler, processors, max_tokens, eos,
-                          row_processors)
+                          row_processors, drafter)
     for step in steps:
         first = first or time.perf_counter()
-        for row, token, _, finish in step:
+        for row, token, _, finish, _ in step:
             if finish != "stop":
                 outputs[row].append(token)
             finished[row] = finish
@@ -391,18 +488,23 @@ def batch_generate(model, tokenizer, prompts, *, max_tokens=256, temp=0.0, top_p
         # Tokens after each row's first, over the time after the first step.
         print_stats(prompt_tokens, prompt_tokens / (first - start), generated,
                     max(generated - len(rows), 0) / (time.perf_counter() - first),
-                    mx.get_peak_memory() / 1e9)
+                    mx.get_peak_memory() / 1e9, draft_stats=drafter and drafter.stats)
     decode = (_NO_TEXT if tokenizer is None else tokenizer).decode
     return [BatchResult(decode(out), out, f) for out, f in zip(outputs, finished)]
 
 
 def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, peak_memory,
-                file=None):
+                file=None, draft_stats=None):
     where = " (MLX buffers in RAM)" if mx.default_device() == mx.cpu else ""
     print("=" * 10, file=file)
     print(f"Prompt: {prompt_tokens} tokens, {prompt_tps:.3f} tokens-per-sec", file=file)
     print(f"Generation: {generation_tokens} tokens, {generation_tps:.3f} tokens-per-sec",
           file=file)
+    if draft_stats is not None:
+        d = draft_stats
+        print(f"Speculation: {d.accepted}/{d.proposed} draft tokens accepted "
+              f"({100 * d.acceptance:.1f}%), {d.passes} model passes, "
+              f"{d.passes / max(generation_tokens, 1):.3f} per generated token", file=file)
     print(f"Peak memory: {peak_memory:.3f} GB{where}", file=file, flush=True)
 
 
@@ -444,19 +546,65 @@ def build_parser():
              "(default: start afresh)")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward")
+    add("--draft-model", default=None,
+        help="decode speculatively with this smaller model (same tokenizer) proposing tokens "
+             "(default: none); the text stays the model's")
+    add("--num-draft-tokens", type=cli.integer(1, MAX_DRAFT_TOKENS), default=3,
+        help="tokens proposed per round by --draft-model or --prompt-lookup")
+    add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
+        help="decode speculatively without a draft model: propose what followed the latest "
+             "earlier match of the context's last N (or fewer) tokens (default: off)")
+    cli.add_switch(parser, "--pipeline",
+                   help="under mlx.launch with several processes: pipeline parallel (each "
+                        "process holds a range of layers) instead of tensor parallel")
     cli.add_switch(parser, "--verbose",
-                   help="also print the model, the backend and the prompt as fed")
+                   help="also print the model, the backend, the prompt as fed and, when "
+                        "decoding speculatively, the acceptance rate and the model passes per "
+                        "generated token")
     return parser
 
 
-def _load(args):
+def _load_draft(args, tokenizer):
+    """The --draft-model, checked to share the model's token ids."""
     from .loader import load
+    from .speculative import check_same_tokenizer
 
     try:
-        model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+        draft, draft_tokenizer = load(args.draft_model)
+    except OSError as e:
+        raise GenerationError(e if args.draft_model in str(e) else f"{args.draft_model}: {e}") \
+            from None
+    if draft_tokenizer is not None:
+        check_same_tokenizer(tokenizer, draft_tokenizer)
+    return draft
+
+
+def _load(args, world=None):
+    """The model and tokenizer; tensor parallel (or pipeline) over `world` when it has several
+    processes (every process fails, with its own error or one saying that another failed, or none
+    does). Without a world this process loads the whole model."""
+    from .loader import load
+    from .sharded import agree, sharded_load
+
+    processes = 1 if world is None else world.size()
+    model = tokenizer = error = None
+    try:
+        if processes == 1:
+            model, tokenizer = load(args.model, tokenizer=args.tokenizer)
+        elif args.pipeline:
+            model, tokenizer = sharded_load(args.model, pipeline_group=world,
+                                            tokenizer=args.tokenizer)
+        else:
+            model, tokenizer = sharded_load(args.model, world, tokenizer=args.tokenizer)
     except OSError as e:  # hub errors do not always name the repo
         named = args.model in str(e) or (args.tokenizer and args.tokenizer in str(e))
-        raise GenerationError(e if named else f"{args.model}: {e}") from None
+        error = GenerationError(e if named else f"{args.model}: {e}")
+    except (ConfigError, CheckpointError, ValueError) as e:  # ShardingError is a ValueError
+        error = e
+    if processes > 1:
+        agree(world, error)
+    elif error is not None:
+        raise error
     if tokenizer is None:
         raise GenerationError(f"{args.tokenizer or args.model}: no tokenizer that transformers "
                               "reads (tokenizer.json or tokenizer_config.json): pass --tokenizer "
@@ -520,8 +668,18 @@ def run(args):
     if not text and not args.prompt_cache_file:
         raise GenerationError("the prompt is empty" + (" (nothing on stdin)" if args.prompt == "-"
                                                         else ""))
+    if args.draft_model is not None and args.prompt_lookup is not None:
+        raise GenerationError("--prompt-lookup and --draft-model exclude each other: draft "
+                              "with one")
     start = time.perf_counter()
-    model, tokenizer = _load(args)
+    world = mx.distributed.init()
+    model, tokenizer = _load(args, world)
+    seed = args.seed
+    if seed is None and world.size() > 1:
+        from .sharded import shared_seed
+
+        seed = shared_seed(world)  # every rank must draw the same tokens
+    draft = _load_draft(args, tokenizer) if args.draft_model else None
     previous = load_prompt_cache(args.prompt_cache_file, model) if args.prompt_cache_file else None
     ids, fed_text = _prompt_ids(args, model, tokenizer, text)
     if not ids and previous is None:
@@ -545,7 +703,9 @@ def run(args):
     for response in stream_generate(
             model, tokenizer, [], max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
             top_k=args.top_k, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-            seed=args.seed, response_format=grammar, prompt_cache=state):
+            seed=seed, response_format=grammar, prompt_cache=state, draft_model=draft,
+            num_draft_tokens=args.num_draft_tokens, prompt_lookup=args.prompt_lookup,
+            prefill_step_size=args.prefill_step_size):
         if response.generation_tokens == 1:
             # The prompt's last token goes through the first decoding step: prompt time.
             prompt_seconds += time.perf_counter() - start
@@ -553,13 +713,20 @@ def run(args):
     print(flush=True)
     print_stats(len(ids), len(ids) / prompt_seconds, response.generation_tokens if response else 0,
                 response.generation_tps if response else 0.0, mx.get_peak_memory() / 1e9,
-                file=sys.stderr)
+                file=sys.stderr, draft_stats=response.draft_stats if response and args.verbose
+                else None)
 
 
 def main(argv=None):
+    """Under `mlx.launch` with several processes the model is tensor parallel over them and rank
+    0 alone prints."""
+    from .sharded import quiet_unless_first
+
+    quiet_unless_first(mx.distributed.init())
     args = build_parser().parse_args(argv)
     return cli.run(lambda: run(args), (ConfigError, CheckpointError, PromptCacheError,
-                                       SamplerError, GenerationError, GrammarError, OSError))
+                                       SamplerError, GenerationError, GrammarError, DraftError,
+                                       OSError, ShardingError))
 
 
 if __name__ == "__main__":

@@ -65,12 +65,68 @@ def apply_token_mask(logits, words):
     return mx.where(allowed, logits, mx.array(-mx.inf, logits.dtype))
 
 
-def greedy(logits):
-    return mx.argmax(logits, axis=-1)
+class Sampler:
+    """logits (B, V) -> token ids (B,): greedy at temp 0, else a draw from softmax(logits / temp)
+    after the top-k, top-p and min-p filters (see `make_sampler`). Speculative decoding also asks
+    it for `distribution` (what a token is drawn from) and draws `uniform` numbers and tokens
+    (`draw`) from the same key stream."""
+
+    def __init__(self, temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None):
+        check_settings(temp, top_p, top_k, min_p, seed=seed)
+        self.temp, self.top_p, self.top_k, self.min_p = temp, top_p, top_k, min_p
+        self.key = mx.random.key(seed) if seed is not None else None
+
+    def _filtered(self, logits):
+        logits = logits.astype(mx.float32) / self.temp
+        if self.top_k:
+            logits = apply_top_k(logits, self.top_k)
+        if self.top_p < 1:
+            logits = apply_top_p(logits, self.top_p)
+        if self.min_p > 0:
+            logits = apply_min_p(logits, self.min_p)
+        return logits
+
+    def _noise(self, draw, shape):
+        """Noise of `shape` from `draw`: with a seed, one draw of the key stream shared by the
+        rows (the first axis), so a sequence gets the same draws alone or in any batch."""
+        if self.key is None:
+            return draw(shape)
+        self.key, key = mx.random.split(self.key)
+        return draw((1, *shape[1:]), key=key)
+
+    def __call__(self, logits):
+        if self.temp == 0:
+            return mx.argmax(logits, axis=-1)
+        return self.draw(self._filtered(logits))
+
+    def distribution(self, logits):
+        """(..., V) -> the log-probabilities (..., V) that a token is drawn from: one token
+        (0, else -inf) at temp 0."""
+        if self.temp == 0:
+            best = mx.argmax(logits, axis=-1, keepdims=True)
+            return mx.where(mx.arange(logits.shape[-1]) == best, 0.0, -mx.inf)
+        logits = self._filtered(logits)
+        return logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+
+    def draw(self, logprobs):
+        """(B, V) -> (B,): a token drawn from unnormalised log-probabilities."""
+        if self.temp == 0:
+            return mx.argmax(logprobs, axis=-1)
+        noise = self._noise(mx.random.gumbel, logprobs.shape)
+        return mx.argmax(logprobs + noise, axis=-1)  # Gumbel-max: a draw from softmax
+
+    def uniform(self, shape):
+        """Numbers in [0, 1) of `shape` (B, ...); zeros at temp 0, which draws nothing."""
+        if self.temp == 0:
+            return mx.zeros(shape)
+        return self._noise(lambda shape, key=None: mx.random.uniform(shape=shape, key=key), shape)
+
+
+greedy = Sampler()
 
 
 def make_sampler(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None):
-    """A sampler (B, V) -> (B,): greedy at temp 0, else a draw from softmax(logits / temp) after
+    """A Sampler (B, V) -> (B,): greedy at temp 0, else a draw from softmax(logits / temp) after
     the top-k, top-p and min-p filters.
 
     With a seed each call draws one noise vector from its own key stream and shares it across the
@@ -78,27 +134,7 @@ def make_sampler(temp=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None):
     rows draw independently from MLX's global generator.
     """
     check_settings(temp, top_p, top_k, min_p, seed=seed)
-    if temp == 0:
-        return greedy
-    key = mx.random.key(seed) if seed is not None else None
-
-    def sample(logits):
-        nonlocal key
-        logits = logits.astype(mx.float32) / temp
-        if top_k:
-            logits = apply_top_k(logits, top_k)
-        if top_p < 1:
-            logits = apply_top_p(logits, top_p)
-        if min_p > 0:
-            logits = apply_min_p(logits, min_p)
-        if key is None:
-            noise = mx.random.gumbel(logits.shape)
-        else:
-            key, draw = mx.random.split(key)
-            noise = mx.random.gumbel((1, logits.shape[-1]), key=draw)
-        return mx.argmax(logits + noise, axis=-1)  # Gumbel-max: a draw from softmax(logits)
-
-    return sample
+    return greedy if temp == 0 else Sampler(temp, top_p, top_k, min_p, seed)
 
 
 def make_repetition_penalty(penalty, context_size=None):

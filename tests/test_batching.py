@@ -99,7 +99,7 @@ def test_rows_joining_and_leaving_a_running_batch_get_their_own_tokens(model):
             decoder.join(prompt_cache(model, PROMPTS[r][:-1]), [row])
         if step == 7:
             decoder.drop(0)
-        for key, token, _, finish in decoder.step():
+        for key, token, _, finish, _ in decoder.step():
             got[key].append(token)
         if not decoder and step > 4:
             break

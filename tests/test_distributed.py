@@ -19,35 +19,43 @@ from tuning import model_with_tokenizer, write_data
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def free_port_pair():
-    """A port p with p + 1 also free on 127.0.0.1: the ring backend listens on one per rank."""
+def free_ports(count=2):
+    """A port p with p + 1, ..., p + count - 1 also free on 127.0.0.1: the ring backend listens
+    on one per rank."""
     for _ in range(50):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
+        sockets = [socket.socket() for _ in range(count)]
         try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + 1))
+            for offset, s in enumerate(sockets):
+                s.bind(("127.0.0.1", port + offset))
             return port
         except OSError:
             continue
-    pytest.fail("no two consecutive free ports on 127.0.0.1")
+        finally:
+            for s in sockets:
+                s.close()
+    pytest.fail(f"no {count} consecutive free ports on 127.0.0.1")
+
+
+def launcher():
+    """mlx.launch, installed next to the interpreter that has mlx, which may not be on PATH."""
+    beside = Path(sys.executable).parent / "mlx.launch"
+    found = str(beside) if beside.is_file() else shutil.which("mlx.launch")
+    assert found, "mlx.launch (installed with mlx) not found"
+    return found
 
 
 def test_two_processes_equal_one_process_with_the_whole_batch(checkpoint, tmp_path, capsys):
-    # mlx.launch is installed next to the interpreter that has mlx, which may not be on PATH.
-    beside = Path(sys.executable).parent / "mlx.launch"
-    launcher = str(beside) if beside.is_file() else shutil.which("mlx.launch")
-    assert launcher, "mlx.launch (installed with mlx) not found"
     model = model_with_tokenizer(checkpoint("mamba1")[0], tmp_path / "model")
     data = write_data(tmp_path / "data", train=16, valid=4, test=4, kind="prompt_completion")
     args = ["--model", model, "--train", "--data", data, "--iters", 3, "--batch-size", 4,
             "--grad-accumulation-steps", 2, "--learning-rate", 0.05, "--optimizer", "sgd",
             "--train-ssm-params", "--steps-per-eval", 3, "--val-batches", -1, "--seed", 3]
 
-    command = [launcher, "--hosts", "127.0.0.1", "-n", "2", "--starting-port",
-               str(free_port_pair()), "--", sys.executable, "-m", "mlx_mamba.lora",
+    command = [launcher(), "--hosts", "127.0.0.1", "-n", "2", "--starting-port",
+               str(free_ports()), "--", sys.executable, "-m", "mlx_mamba.lora",
                *map(str, args), "--adapter-path", str(tmp_path / "two")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))

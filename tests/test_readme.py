@@ -107,10 +107,19 @@ PAGE_COMMANDS = [(page, name, flags) for page, text in PAGES.items()
                  for name, flags in sorted(commands(text).items())]
 
 
+def package_commands():
+    """Every `python -m mlx_mamba.X` the package has: a module run as a script, or a package with
+    a __main__.py."""
+    package = ROOT / "mlx_mamba"
+    scripts = {path.stem for path in package.glob("*.py")
+               if 'if __name__ == "__main__"' in path.read_text()}
+    scripts |= {path.parent.name for path in package.glob("*/__main__.py")}
+    return {f"mlx_mamba.{name}" for name in scripts}
+
+
 def test_readme_names_every_command():
-    assert {name for name in commands(PAGES["README.md"]) if name.startswith("mlx_mamba.")} == {
-        "mlx_mamba.convert", "mlx_mamba.generate", "mlx_mamba.lora", "mlx_mamba.fuse",
-        "mlx_mamba.server"}
+    assert {name for name in commands(PAGES["README.md"]) if name.startswith("mlx_mamba.")} == (
+        package_commands())
 
 
 def usage(command, monkeypatch, capsys):

@@ -5,6 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KVCache
+from .sharding import readers_share, shard_input, shard_output, share
 
 
 class Attention(nn.Module):
@@ -27,6 +28,24 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * head_dim, output_dims or d_model, bias=bias)
+
+    def head_shares(self, group):
+        """((q0, q1), (k0, k1)): this rank's query heads and the KV heads they read."""
+        return (share(self.n_heads, group, "attention heads (num_attention_heads)"),
+                readers_share(self.n_heads, self.n_kv_heads, group,
+                              "attention KV heads (num_key_value_heads)"))
+
+    def shard(self, group):
+        """Tensor parallel, in place: this rank keeps its share of the query heads and the KV
+        heads they read (its KV cache then holds those alone); o_proj sums over the group."""
+        (q0, q1), (k0, k1) = self.head_shares(group)
+        D = self.head_dim
+        plan = shard_input(self, "q_proj", [(q0 * D, q1 * D)])
+        for name in ("k_proj", "v_proj"):
+            plan.update(shard_input(self, name, [(k0 * D, k1 * D)]))
+        plan.update(shard_output(self, "o_proj", [(q0 * D, q1 * D)], group, "attention o_proj"))
+        self.n_heads, self.n_kv_heads = q1 - q0, k1 - k0
+        return plan
 
     def make_cache(self, batch_size=1):
         return KVCache(batch_size, self.n_kv_heads, self.head_dim)

@@ -40,3 +40,11 @@ def _window_over_padding(padded, mask, history):
     positions = mx.arange(padded.shape[1])
     source = mx.where(positions < history + pads, mx.maximum(positions - pads, 0), positions)
     return mx.take_along_axis(padded, source[..., None], axis=1)
+
+
+def windows_after(window, x):
+    """window (B, K-1, C), x (B, T, C) -> the window after each of x's tokens, T arrays
+    (B, K-1, C): what a cache holds after that token."""
+    history = window.shape[1]
+    padded = mx.concatenate([window.astype(x.dtype), x], axis=1)
+    return [padded[:, t + 1:t + 1 + history] for t in range(x.shape[1])]

@@ -9,7 +9,8 @@ import mlx.nn as nn
 from .. import ops
 from ..cache import MambaCache
 from ..ops.reference import discretize_dt
-from .conv import causal_conv1d
+from .conv import causal_conv1d, windows_after
+from .sharding import apply_plan, shard_input, shard_output, share
 
 
 def _without_bias(linear, x):
@@ -68,10 +69,22 @@ class Mamba1(nn.Module):
         """mask (B, T): 0 marks left padding, which leaves the conv window and the state as they
         were, so a padded row gets exactly what it gets alone, also over a non-empty cache."""
         x, z = mx.split(self.in_proj(x), 2, axis=-1)
+        marked = cache is not None and cache.trail is not None
+        windows = windows_after(cache.conv, x) if marked else None
         x, window = causal_conv1d(x, self.conv1d.weight, self.conv1d.get("bias"),
                                   cache.conv if cache else None, mask)
         x = nn.silu(x)
         delta, B, C = self._ssm_inputs(x)
+        if marked:  # rewindable: the decode step's recurrence, keeping each token's state
+            A = -mx.exp(self.A_log.astype(mx.float32))
+            ys = []
+            for t, window in enumerate(windows):
+                y, ssm = ops.selective_scan_step(cache.ssm, x[:, t], delta[:, t], A, B[:, t],
+                                                 C[:, t], self.D, z[:, t], self.dt_proj.bias, True)
+                cache.conv, cache.ssm = window, ssm
+                cache.remember()
+                ys.append(y)
+            return self.out_proj(mx.stack(ys, axis=1))
         bias, softplus = self.dt_proj.bias, True
         if mask is not None:
             # Δ = 0 on padding: exp(0·A) = 1 keeps the state and Δ·x = 0 adds nothing to it.
@@ -94,4 +107,24 @@ class Mamba1(nn.Module):
         y, cache.ssm = ops.selective_scan_step(
             cache.ssm, x, delta, -mx.exp(self.A_log.astype(mx.float32)), B, C, self.D, z,
             self.dt_proj.bias, True)
+        cache.remember()
         return self.out_proj(y)
+
+    def shard(self, group):
+        """Tensor parallel, in place: this rank keeps its share of the channels (in_proj's x and
+        z rows, the conv, dt_proj's rows, A_log, D, and the columns of x_proj and out_proj).
+        x_proj contracts over every channel: its partial Δ, B, C are summed over the group (one
+        sum of dt_rank + 2N per token) before the norms that follow. Returns the plan."""
+        E = self.conv1d.weight.shape[0]
+        c0, c1 = share(E, group, "Mamba1 channels (d_inner)")
+        channels = [(c0, c1)]
+        plan = shard_input(self, "in_proj", channels + [(E + c0, E + c1)])
+        plan.update(shard_input(self, "dt_proj", channels))
+        local = {f"conv1d.{name}": (0, channels) for name in ("weight", "bias")
+                 if name in self.conv1d}
+        local.update({name: (0, channels) for name in ("A_log", "D")})
+        apply_plan(self, local)
+        plan.update(local)
+        plan.update(shard_output(self, "x_proj", channels, group, "Mamba1 x_proj"))
+        plan.update(shard_output(self, "out_proj", channels, group, "Mamba1 out_proj"))
+        return plan

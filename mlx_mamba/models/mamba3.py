@@ -15,6 +15,7 @@ from ..cache import Mamba3Cache
 from ..ops.mamba3 import mamba3_scan, mamba3_step, wrap, wrapped_cumsum
 from ..ops.reference import exp
 from .mamba2 import gated_rms_norm
+from .sharding import apply_plan, readers_share, shard_input, shard_output, share, shifted
 
 NORM_EPS = 1e-5  # B_norm, C_norm and the output norm
 
@@ -68,11 +69,8 @@ class Mamba3(nn.Module):
         self.A_activation = A_activation
         rotated = int(d_state * rope_fraction) // 2 * 2
         self.num_rope_angles = rotated // 2
-        H, R, bc = self.nheads, self.rank, d_state * ngroups * self.rank
-        # in_proj rows: z, x, B, C (each laid out (r, g, n)), dd_dt, dd_A, trap, angles.
-        self._sections = [d_inner, 2 * d_inner, 2 * d_inner + bc, 2 * d_inner + 2 * bc,
-                          2 * d_inner + 2 * bc + H, 2 * d_inner + 2 * bc + 2 * H,
-                          2 * d_inner + 2 * bc + 3 * H]
+        H, R = self.nheads, self.rank
+        self._sections = self._in_proj_sections()
         self.in_proj = nn.Linear(d_model, self._sections[-1] + self.num_rope_angles, bias=False)
         # A log-uniform Δ in [dt_min, dt_max], floored, as the official module initialises it.
         dt = mx.exp(mx.random.uniform(math.log(dt_min), math.log(dt_max), (H,)))
@@ -90,6 +88,39 @@ class Mamba3(nn.Module):
         if is_outproj_norm:
             self.norm = nn.RMSNorm(d_inner, eps=NORM_EPS)  # the weight of the per-head gated norm
         self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+
+    def _in_proj_sections(self):
+        # in_proj rows: z, x, B, C (each laid out (r, g, n)), dd_dt, dd_A, trap, angles.
+        E, H, bc = self.d_inner, self.nheads, self.d_state * self.ngroups * self.rank
+        return [E, 2 * E, 2 * E + bc, 2 * E + 2 * bc, 2 * E + 2 * bc + H, 2 * E + 2 * bc + 2 * H,
+                2 * E + 2 * bc + 3 * H]
+
+    def shard(self, group):
+        """Tensor parallel, in place: this rank keeps its share of the heads (their rows of
+        in_proj, dt_bias, D, the B/C biases, the MIMO projections, the norm and out_proj's
+        columns) and the B/C groups they read; the rotation angles, shared by every head, stay
+        whole. The output norm is per head: no communication but out_proj's sum. The plan."""
+        E, H, P, G, N, R = (self.d_inner, self.nheads, self.headdim, self.ngroups, self.d_state,
+                            self.rank)
+        h0, h1 = share(H, group, "Mamba-3 heads (d_inner / headdim)")
+        g0, g1 = readers_share(H, G, group, "Mamba-3 ngroups")
+        heads, channels = [(h0, h1)], [(h0 * P, h1 * P)]
+        bc = [(r * G * N + g0 * N, r * G * N + g1 * N) for r in range(R)]
+        dd_dt, dd_A, trap, angles = self._sections[3:]
+        rows = (channels + shifted(channels, E) + shifted(bc, 2 * E)
+                + shifted(bc, 2 * E + G * R * N) + [(s + h0, s + h1) for s in (dd_dt, dd_A, trap)]
+                + [(angles, angles + self.num_rope_angles)])
+        plan = shard_input(self, "in_proj", rows)
+        local = {name: (0, heads) for name in ("dt_bias", "D", "B_bias", "C_bias", "mimo_x",
+                                                   "mimo_z", "mimo_o") if name in self}
+        if "norm" in self:
+            local["norm.weight"] = (0, channels)
+        apply_plan(self, local)
+        plan.update(local)
+        plan.update(shard_output(self, "out_proj", channels, group, "Mamba-3 out_proj"))
+        self.d_inner, self.nheads, self.ngroups = (h1 - h0) * P, h1 - h0, g1 - g0
+        self._sections = self._in_proj_sections()
+        return plan
 
     def make_cache(self, batch_size=1):
         return Mamba3Cache.zeros(batch_size, self.nheads, self.headdim, self.d_state, self.rank,
@@ -166,6 +197,16 @@ class Mamba3(nn.Module):
         previous token's k and x as they were, so a padded row gets what it gets alone."""
         state = cache if cache is not None else self.make_cache(u.shape[0])
         z, x, q, k, dA, dt, trap, angle = self._prepare(u, state, mask)
+        if state.trail is not None:  # rewindable: step by step, keeping each token's state
+            ys = []
+            for t in range(u.shape[1]):
+                y, ssm = mamba3_step(state.ssm, q[:, t], k[:, t], self._values(x[:, t]),
+                                     dA[:, t], dt[:, t], trap[:, t], state.k.swapaxes(1, 2),
+                                     self._values(state.v))
+                state.state = [angle[:, t], ssm, k[:, t].swapaxes(1, 2), x[:, t]]
+                state.remember()
+                ys.append(y)
+            return self._output(mx.stack(ys, axis=1), self._values(x), z, u.dtype)
         k_prev = state.k.swapaxes(1, 2)  # (b, H, R, N)
         if mask is not None:
             # Padding carries the previous token's k and x, so the first real token's trapezoid
@@ -187,4 +228,5 @@ class Mamba3(nn.Module):
         y, ssm = mamba3_step(cache.ssm, q[:, 0], k, v, dA[:, 0], dt[:, 0], trap[:, 0],
                              cache.k.swapaxes(1, 2), self._values(cache.v))
         cache.state = [angle[:, 0], ssm, k.swapaxes(1, 2), x]
+        cache.remember()
         return self._output(y, v, z[:, 0], u.dtype)

@@ -3,6 +3,8 @@
 import mlx.core as mx
 import mlx.nn as nn
 
+from .sharding import shard_input, shard_output, share
+
 
 def relu2(x):
     return mx.square(nn.relu(x))
@@ -37,6 +39,18 @@ class MLP(nn.Module):
             gate = gate * self.gate_multiplier
         y = self.down_proj(act(gate) * up)
         return y * self.down_multiplier if self.down_multiplier != 1.0 else y
+
+    def shard(self, group):
+        """Tensor parallel, in place: gate and up keep this rank's rows of the hidden size, down
+        its columns, and sums over the group. Returns the plan."""
+        hidden = self.up_proj.weight.shape[0]
+        rows = [share(hidden, group, "MLP intermediate size")]
+        plan = {}
+        for name in ("gate_proj", "up_proj"):
+            if name in self:
+                plan.update(shard_input(self, name, rows))
+        plan.update(shard_output(self, "down_proj", rows, group, "MLP down_proj"))
+        return plan
 
     def step(self, x, cache=None):
         return self(x)

@@ -7,6 +7,7 @@ say. Pure Mamba models are the stack with Mamba mixers only; the hybrids add lay
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from ..cache import LayerCaches
 from ..config import ModelConfig
@@ -18,6 +19,7 @@ from .mlp import MLP
 from .moe import MoE
 from .parallel import ParallelMixer
 from .shared_block import InvocationAdapters, SharedBlock
+from .sharding import balanced_ranges, prefixed
 
 
 def make_layer(config: ModelConfig, kind):
@@ -95,12 +97,16 @@ class Model(nn.Module):
         self.backbone = Backbone(config)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self._stage = None  # pipeline parallel: (group, first layer, end layer)
 
     def make_cache(self, batch_size=1):
         """One cache per layer: MambaCache, KVCache, None for MLP and MoE layers, LayerCaches
         for layers with several stateful parts (Falcon-H1's parallel layer, Zamba2's hybrid)."""
         caches = []
         for i, layer in enumerate(self.backbone.layers):
+            if "mixer" not in layer:  # held by another rank of a pipeline
+                caches.append(None)
+                continue
             cache = layer.mixer.make_cache(batch_size)
             if "linear" in layer:
                 block = self.backbone.blocks[self.config.shared_block(i)[0]]
@@ -109,36 +115,105 @@ class Model(nn.Module):
             caches.append(cache)
         return caches
 
+    def shard(self, group=None):
+        """Tensor parallel over `group` (default: the world of `mx.distributed.init()`), in
+        place: every layer keeps its share of heads, channels or hidden size and sums its output
+        over the group; embeddings, norms, routers and the head stay whole, so every rank gets
+        the full logits. Returns the plan, {parameter: (axis, [(start, stop), ...])}, that says
+        which slices of each full tensor this rank holds.
+
+        A world size that does not divide what must be split raises `ShardingError` (naming the
+        field, its value and the world size); the model is then unusable."""
+        group = group or mx.distributed.init()
+        if group.size() == 1:
+            return {}
+        plan = {}
+        rows = [block.adapter_rows(group) for block in self.backbone.blocks]
+        for i, layer in enumerate(self.backbone.layers):
+            for name in ("mixer", "ffn"):
+                if name in layer:
+                    plan.update(prefixed(f"backbone.layers.{i}.{name}", layer[name].shard(group)))
+            if "adapters" in layer:
+                adapters = layer.adapters.shard(rows[self.config.shared_block(i)[0]])
+                plan.update(prefixed(f"backbone.layers.{i}.adapters", adapters))
+        for j, block in enumerate(self.backbone.blocks):
+            plan.update(prefixed(f"backbone.blocks.{j}", block.shard(group)))
+        return plan
+
+    def pipeline(self, group=None):
+        """Pipeline parallel over `group` (default: the world of `mx.distributed.init()`), in
+        place: rank r keeps the r-th of contiguous layer ranges balanced by their parameter
+        bytes (an MoE layer weighs more than a Mamba layer), and only those layers' caches; the
+        hidden state goes from rank to rank with send/recv, and the last rank's final hidden
+        state reaches every rank, which holds the head. Returns (first layer, end layer)."""
+        group = group or mx.distributed.init()
+        layers = self.backbone.layers
+        if group.size() == 1:
+            return 0, len(layers)
+        sizes = [sum(v.nbytes for _, v in tree_flatten(layer.parameters())) for layer in layers]
+        bounds = balanced_ranges(sizes, group.size(), "layers (num_hidden_layers)")
+        start, stop = bounds[group.rank()], bounds[group.rank() + 1]
+        c = self.config
+        self._stage = (group, start, stop)
+        for i in range(len(layers)):
+            if not start <= i < stop:
+                layers[i] = nn.Module()
+        hybrids = [i for i in range(start, stop) if "linear" in layers[i]]
+        used = {c.shared_block(i)[0] for i in hybrids}
+        for j in range(len(self.backbone.blocks)):
+            if j not in used:
+                self.backbone.blocks[j] = nn.Module()
+        # The first rank embeds; Zamba2's hybrid layers take the embeddings too; every rank
+        # holds the final norm and the head (the embeddings when tied).
+        if not (start == 0 or hybrids or c.tie_embeddings):
+            self.backbone.pop("embeddings")
+        return start, stop
+
     def _dtype(self):
         # The dtype the layers compute in: that of the first Mamba conv, which is never
         # quantized (a quantized embedding dequantizes to bfloat16 in the fp4/fp8 modes) nor
-        # kept in float32 like the norms.
-        for layer in self.backbone.layers:
-            mamba = layer.mixer.get("mamba", layer.mixer)  # a parallel layer's Mamba part
+        # kept in float32 like the norms. A pipeline rank asks the layers it holds.
+        mixers = [layer.mixer for layer in self.backbone.layers if "mixer" in layer]
+        for mixer in mixers:
+            mamba = mixer.get("mamba", mixer)  # a parallel layer's Mamba part
             if "conv1d" in mamba:
                 return mamba.conv1d.weight.dtype
-        # No conv (Mamba-3): the dtype of the first projection, or of an affine-quantized one's
-        # scales; with float quantization modes, what the (then quantized) embedding gives.
-        for layer in self.backbone.layers:
-            projection = layer.mixer.get("out_proj")
+        # No conv (Mamba-3, attention): the dtype of the first projection, or of an
+        # affine-quantized one's scales; with float quantization modes, what the (then
+        # quantized) embedding gives.
+        for mixer in mixers:
+            projection = mixer.get("out_proj", mixer.get("o_proj"))
             if projection is not None:
                 projection = projection.get("linear", projection)  # the layer inside a LoRA
                 dtype = projection.get("scales", projection.weight).dtype
                 if mx.issubdtype(dtype, mx.floating):
                     return dtype
+        if "embeddings" not in self.backbone:  # a pipeline rank: the untied head's
+            return self.lm_head(mx.zeros((1, self.config.d_model), mx.bfloat16)).dtype
         return self.backbone.embeddings(mx.zeros((1,), mx.int32)).dtype
 
     def _run(self, input_ids, cache, mask, step):
         c = self.config
         dtype = self._dtype()
+        group, start, stop = self._stage or (None, 0, c.n_layer)
         # The one lookup of ids (every family, quantized tables too), kept inside the table.
         in_vocab = (input_ids >= 0) & (input_ids < c.vocab_size)
-        embedded = self.backbone.embeddings(mx.clip(input_ids, 0, c.vocab_size - 1)).astype(dtype)
-        if c.embedding_multiplier != 1.0:
-            embedded = embedded * c.embedding_multiplier
+        embedded = None
+        if "embeddings" in self.backbone:  # not on every pipeline rank
+            embedded = self.backbone.embeddings(mx.clip(input_ids, 0, c.vocab_size - 1))
+            embedded = embedded.astype(dtype)
+            if c.embedding_multiplier != 1.0:
+                embedded = embedded * c.embedding_multiplier
         # The residual stream stays in float32 when the checkpoint says so (residual_in_fp32).
-        residual = embedded.astype(mx.float32) if c.residual_in_fp32 else embedded
-        for i, layer in enumerate(self.backbone.layers):
+        residual_dtype = mx.float32 if c.residual_in_fp32 else dtype
+        if start == 0:
+            residual = embedded.astype(residual_dtype)
+        else:  # from the rank before in the pipeline
+            residual = mx.distributed.recv((*input_ids.shape, c.d_model), residual_dtype,
+                                           group.rank() - 1, group=group)
+            mx.eval(residual)  # at once: see _exchanged
+        for i in range(start, stop):
+            layer = self.backbone.layers[i]
             layer_cache = cache[i] if cache is not None else None
             x = residual
             if "linear" in layer:
@@ -155,6 +230,11 @@ class Model(nn.Module):
             residual = self._add(residual, h)
             if "ffn" in layer:
                 residual = self._add(residual, layer.ffn(layer.ffn_norm(residual).astype(dtype)))
+        if group is not None:
+            if stop < c.n_layer:  # the next rank goes on
+                mx.eval(mx.distributed.send(residual, group.rank() + 1, group=group))
+                residual = mx.zeros_like(residual)
+            residual = _exchanged(residual, group)
         hidden = self.backbone.norm_f(residual).astype(dtype)
         # NaN at an id outside the vocabulary, and so in its logits (see the class docstring).
         return mx.where(in_vocab[..., None], hidden, mx.array(mx.nan, hidden.dtype))
@@ -195,6 +275,18 @@ class Model(nn.Module):
         return self.head(self._run(token_ids, cache, None, step=True))
 
 
+def _exchanged(residual, group):
+    """The last pipeline rank's final hidden state on every rank (the others give zeros), which
+    each turns into the logits: one hidden vector per token crosses the group, not a vocabulary.
+
+    Messages between ranks match in the order they are evaluated, not by call: a pipeline's
+    receives, sends and this sum therefore run at once, in call order on every rank, whatever
+    the caller evaluates later (a prefill evaluates only the caches)."""
+    residual = mx.distributed.all_sum(residual, group=group)
+    mx.eval(residual)
+    return residual
+
+
 def _check_inputs(ids, cache, mask, ndim, layers):
     """Shapes only (no evaluation): ids (B, T) or (B,), a cache of this batch, a mask like ids."""
     shape = tuple(getattr(ids, "shape", ()))
@@ -216,3 +308,7 @@ def _check_inputs(ids, cache, mask, ndim, layers):
         if layer is not None and layer.batch_size != shape[0]:
             raise ValueError(f"the cache holds {layer.batch_size} sequences, the input has "
                              f"{shape[0]}: make the cache with model.make_cache(batch_size)")
+        parts = getattr(layer, "parts", {"": layer}).values()
+        if mask is not None and any(getattr(p, "trail", None) is not None for p in parts):
+            raise ValueError("a marked (rewindable) cache takes no mask: its windows are "
+                             "unpadded")

@@ -11,6 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .mlp import ACTIVATIONS, GATED, MLP
+from .sharding import all_sum, apply_plan, columns_plan, prefixed, shard_input, share
 
 
 def _top_k(scores, k):
@@ -104,6 +105,25 @@ class MoE(nn.Module):
         self.experts = Experts(n_experts, latent or d_model, hidden, activation)
         if shared_hidden:
             self.shared_experts = MLP(d_model, shared_hidden, activation, bias)
+        self._group = None  # tensor parallel: the experts' outputs are partial sums over it
+
+    def shard(self, group):
+        """Tensor parallel, in place: every expert keeps this rank's share of its hidden size
+        (gate and up rows, down columns); routing stays whole and identical on every rank, and
+        the experts' weighted sum is summed over the group once. The shared expert is an MLP
+        split the same way. Returns the plan."""
+        hidden = self.experts.up_proj.weight.shape[1]
+        rows = [share(hidden, group, "experts' intermediate size")]
+        down = columns_plan(self.experts.down_proj, rows, group, "experts' down_proj")
+        plan = prefixed("experts.down_proj", down)
+        apply_plan(self.experts.down_proj, down)
+        for name in ("gate_proj", "up_proj"):
+            if name in self.experts:
+                plan.update(prefixed("experts", shard_input(self.experts, name, rows)))
+        if "shared_experts" in self:
+            plan.update(prefixed("shared_experts", self.shared_experts.shard(group)))
+        self._group = group
+        return plan
 
     def route(self, x):
         """x (N, D) -> expert ids (N, k), weights (N, k) in float32: the top-k scores."""
@@ -130,6 +150,7 @@ class MoE(nn.Module):
         experts, weights = self.route(flat)
         inner = self.latent_in(flat) if "latent_in" in self else flat
         y = (self.experts(inner, experts) * weights[..., None].astype(x.dtype)).sum(axis=1)
+        y = all_sum(y, self._group)
         if "latent_out" in self:
             y = self.latent_out(y)
         y = y.reshape(shape)

@@ -4,6 +4,7 @@ outputs summed, each with µP multipliers on its input and output."""
 import mlx.nn as nn
 
 from ..cache import LayerCaches
+from .sharding import prefixed
 
 
 class ParallelMixer(nn.Module):
@@ -13,6 +14,11 @@ class ParallelMixer(nn.Module):
         super().__init__()
         self.mamba, self.attention = mamba, attention
         self.ssm_in, self.ssm_out, self.attention_in, self.attention_out = multipliers
+
+    def shard(self, group):
+        """Tensor parallel, in place: both halves split (each sums its own output). The plan."""
+        return {**prefixed("mamba", self.mamba.shard(group)),
+                **prefixed("attention", self.attention.shard(group))}
 
     def make_cache(self, batch_size=1):
         return LayerCaches(mamba=self.mamba.make_cache(batch_size),

@@ -8,6 +8,7 @@ import mlx.nn as nn
 
 from .attention import Attention
 from .mlp import MLP
+from .sharding import prefixed, shard_input, share
 
 
 class LowRank(nn.Module):
@@ -34,6 +35,15 @@ class InvocationAdapters(nn.Module):
             self.v = LowRank(2 * d_model, rank, kv_dims)
         self.gate_up = LowRank(d_model, rank, 2 * mlp_size)
 
+    def shard(self, rows):
+        """Tensor parallel, in place: each adapter's up projection keeps the output rows of the
+        projection it adds to (`rows`, from `SharedBlock.adapter_rows`). Returns the plan."""
+        plan = {}
+        for name, part_rows in rows.items():
+            if name in self:
+                plan.update(prefixed(name, shard_input(self[name], "up", part_rows)))
+        return plan
+
     def attention_terms(self, x):
         return (self.q(x), self.k(x), self.v(x)) if "q" in self else None
 
@@ -55,6 +65,21 @@ class SharedBlock(nn.Module):
                                    output_dims=d_model)
         self.pre_ff_layernorm = nn.RMSNorm(d_model, eps=eps)
         self.feed_forward = MLP(d_model, mlp_size, activation, bias)
+
+    def adapter_rows(self, group):
+        """{adapter: output rows} this rank keeps of every invocation's adapters once the block
+        is sharded: those of its query and KV heads, and of the MLP's gate and up."""
+        (q0, q1), (k0, k1) = self.self_attn.head_shares(group)
+        D, hidden = self.self_attn.head_dim, self.feed_forward.up_proj.weight.shape[0]
+        f0, f1 = share(hidden, group, "MLP intermediate size")
+        kv = [(k0 * D, k1 * D)]
+        return {"q": [(q0 * D, q1 * D)], "k": kv, "v": kv,
+                "gate_up": [(f0, f1), (hidden + f0, hidden + f1)]}
+
+    def shard(self, group):
+        """Tensor parallel, in place: attention and MLP split as in any layer. The plan."""
+        return {**prefixed("self_attn", self.self_attn.shard(group)),
+                **prefixed("feed_forward", self.feed_forward.shard(group))}
 
     def __call__(self, x, adapters, cache=None, mask=None):
         h = self.input_layernorm(x)

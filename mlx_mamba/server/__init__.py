@@ -23,6 +23,7 @@ from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..generate import GenerationError
 from ..prompt_cache import PREFILL_STEP_SIZE, PromptCacheError
+from ..speculative import MAX_DRAFT_TOKENS, DraftError
 from ..tool_calls import FORMATS
 from .engine import Engine
 
@@ -64,6 +65,14 @@ def build_parser():
         help="larger request bodies are refused with 413")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward; a state is kept after each")
+    add("--draft-model", default=None,
+        help="decode speculatively with this smaller model (same tokenizer) proposing tokens "
+             "(default: none); each request still gets the text it gets without")
+    add("--num-draft-tokens", type=cli.integer(1, MAX_DRAFT_TOKENS), default=3,
+        help="tokens proposed per round by --draft-model or --prompt-lookup")
+    add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
+        help="decode speculatively without a draft model: propose what followed the latest "
+             "earlier match of the context's last N (or fewer) tokens (default: off)")
     add("--tool-parser", choices=sorted(FORMATS), default=None,
         help="the format of the model's tool calls (default: read from the chat template's "
              "tags; hermes when it has none)")
@@ -91,6 +100,8 @@ def _is_loopback(host):
 def serve(args):
     if args.api_key is not None and not args.api_key.strip():
         raise ServerError("--api-key is empty")
+    if args.draft_model is not None and args.prompt_lookup is not None:
+        raise ServerError("--prompt-lookup and --draft-model exclude each other: draft with one")
     try:
         import uvicorn
 
@@ -131,4 +142,5 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     return cli.run(lambda: serve(args), (ServerError, ConfigError, CheckpointError,
-                                         PromptCacheError, GenerationError, OSError))
+                                         PromptCacheError, GenerationError, DraftError,
+                                         OSError))

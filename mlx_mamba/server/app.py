@@ -369,6 +369,10 @@ def submit(engine, settings, body, ids, logprobs, grammar=None):
     if max_tokens > settings.max_tokens:
         raise RequestError(f"max_tokens is {max_tokens}; this server generates at most "
                            f"{settings.max_tokens} (--max-tokens)", param="max_tokens")
+    if grammar is not None and engine.drafter is not None:
+        raise RequestError("this server decodes speculatively (--draft-model or "
+                           "--prompt-lookup), which a grammar (response_format, a forced tool "
+                           "call) cannot follow", param="response_format")
     try:
         check_settings(body.temperature, body.top_p, body.top_k, body.min_p,
                        body.repetition_penalty, body.seed)

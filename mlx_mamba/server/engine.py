@@ -1,7 +1,8 @@
 """The server's engine: the thread that does all MLX work. It prefills each request's prompt
 from the longest cached prefix of its tokens (a PrefixCache), keeping the state every
 `prefill_step_size` tokens and at the end of each request, and decodes every running request in
-one Decoder, which requests join and leave between steps.
+one Decoder, which requests join and leave between steps (speculatively with --draft-model or
+--prompt-lookup: the prefix cache then still gets only states after accepted tokens).
 """
 
 import collections
@@ -13,7 +14,7 @@ import mlx.core as mx
 
 from ..cache import cache_rows
 from ..detokenizer import StreamingDetokenizer
-from ..generate import Decoder, Row, _load, eos_token_ids
+from ..generate import Decoder, Row, _load, _load_draft, eos_token_ids, make_drafter
 from ..grammar import logits_processor
 from ..tool_calls import FORMATS, detect_format
 from ..prompt_cache import PrefixCache, prefill
@@ -85,11 +86,14 @@ class Engine:
     def __init__(self, args):
         self.args = args
         self.model, self.tokenizer = _load(args)
+        draft = _load_draft(args, self.tokenizer) if args.draft_model else None
+        self.drafter = make_drafter(draft, args.num_draft_tokens, args.prompt_lookup,
+                                    args.prefill_step_size)
         self.tool_format = FORMATS[args.tool_parser] if args.tool_parser else \
             detect_format(getattr(self.tokenizer, "chat_template", None))
         self.prefix_cache = PrefixCache(self.model, args.prompt_cache_bytes,
                                         args.prompt_cache_dir, args.model)
-        self.decoder = Decoder(self.model, on_leave=self._left)
+        self.decoder = Decoder(self.model, on_leave=self._left, drafter=self.drafter)
         self.lock = threading.Condition()
         self.incoming = collections.deque()
         self.active = 0  # requests submitted and not yet out of the engine
@@ -209,9 +213,9 @@ class Engine:
             for job in {row.key.job: None for row in failed}:
                 job.deliver(e)
                 self._release(job)
-            self.decoder = Decoder(self.model, on_leave=self._left)
+            self.decoder = Decoder(self.model, on_leave=self._left, drafter=self.drafter)
             return
-        for choice, token, logprobs, finish in events:
+        for choice, token, logprobs, finish, _ in events:
             if not choice.finished:
                 self._hand_out(choice, token, logprobs, finish)
 
