@@ -17,9 +17,10 @@ from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .detokenizer import StreamingDetokenizer
-from .generate import Decoder, GenerationError, Row, _load, eos_token_ids, encode
+from .generate import (Decoder, GenerationError, Row, _load, add_sampling_arguments,
+                       eos_token_ids, encode)
 from .prompt_cache import PREFILL_STEP_SIZE, PromptCacheError, load_state, prefill, save_state
-from .sample import MAX_SEED, SamplerError, check_settings, make_logits_processors, make_sampler
+from .sample import SamplerError, check_settings, make_logits_processors, make_sampler
 
 HELP = "/reset clears the conversation, /save FILE and /load FILE keep it, /exit ends"
 
@@ -145,15 +146,7 @@ def build_parser():
              "model's own (default: the model's)")
     add("--system-prompt", default=None, help="the system message (default: none)")
     add("--max-tokens", "-m", type=cli.integer(1), default=256, help="tokens per reply at most")
-    add("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    add("--top-p", type=float, default=1.0, help="keep the most likely tokens of this mass")
-    add("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps every token")
-    add("--min-p", type=float, default=0.0,
-        help="keep tokens at least this fraction as likely as the most likely one")
-    add("--repetition-penalty", type=float, default=None,
-        help="divide the logits of tokens already seen by this (default: none)")
-    add("--seed", type=cli.integer(0, MAX_SEED), default=None,
-        help="seed of the sampling (default: unseeded)")
+    add_sampling_arguments(parser)
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward")
     return parser

@@ -22,8 +22,8 @@ from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
 from .convert import ConvertError, check_destination, predicate_quantization, save_model
-from .dynamic_quant import calibration_tokens, kl_divergence
-from .loader import cast, find_tokenizer, load_model, load_tokenizer, resolve
+from .dynamic_quant import calibration_tokens, kl_divergence, load_float_model
+from .loader import cast, load_model
 from .quant_modes import QuantizationError, quantization_params
 from .quant_recipes import RECIPES
 from .quantize import QUANTIZED_TYPES, quantize_model
@@ -80,14 +80,7 @@ def dwq(model_path, mlx_path, data=None, q_bits=3, q_group_size=64, quant_predic
     """Quantize the float model at `model_path` (bits or a recipe), distill its scales and
     biases on `data`, save it to `mlx_path`; returns (KL before, KL after) on held-out tokens."""
     check_destination(mlx_path, "--mlx-path")
-    source = resolve(model_path)
-    teacher = load_model(source)
-    if teacher.config.quantization:
-        raise ConvertError(f"{source}: already quantized; DWQ starts from a float model")
-    location = find_tokenizer(source)
-    tokenizer = load_tokenizer(location, teacher.config.eos_token_id)
-    if tokenizer is None:
-        raise DataError(f"{source}: the model has no tokenizer to read calibration text with")
+    source, teacher, location, tokenizer = load_float_model(model_path, "DWQ")
     tokens = calibration_tokens(teacher, tokenizer, data, sequence_length, num_samples)
     held_out = max(1, len(tokens) // 8)
     train, valid = (tokens[:-held_out], tokens[-held_out:]) if len(tokens) > 1 else (tokens,) * 2

@@ -141,19 +141,26 @@ def calibration_tokens(model, tokenizer, data, sequence_length, num_samples):
     return np.array(rows, np.int32)
 
 
+def load_float_model(model_path, tool):
+    """(directory, model, tokenizer location, tokenizer) of the float model that `tool` quantizes;
+    the tokenizer reads its calibration text."""
+    source = resolve(model_path)
+    model = load_model(source)
+    if model.config.quantization:
+        raise ConvertError(f"{source}: already quantized; {tool} starts from a float model")
+    location = find_tokenizer(source)
+    tokenizer = load_tokenizer(location, model.config.eos_token_id)
+    if tokenizer is None:
+        raise DataError(f"{source}: the model has no tokenizer to read calibration text with")
+    return source, model, location, tokenizer
+
+
 def dynamic_quant(model_path, mlx_path, target_bpw, data=None, sequence_length=256,
                   num_samples=4, group_size=64):
     """Quantize the float model at `model_path` to `target_bpw` and save it to `mlx_path`;
     returns the bits per weight reached."""
     check_destination(mlx_path, "--mlx-path")
-    source = resolve(model_path)
-    model = load_model(source)
-    if model.config.quantization:
-        raise ConvertError(f"{source}: already quantized; dynamic_quant starts from a float model")
-    location = find_tokenizer(source)
-    tokenizer = load_tokenizer(location, model.config.eos_token_id)
-    if tokenizer is None:
-        raise DataError(f"{source}: the model has no tokenizer to read calibration text with")
+    source, model, location, tokenizer = load_float_model(model_path, "dynamic_quant")
     tokens = calibration_tokens(model, tokenizer, data, sequence_length, num_samples)
     from tqdm import tqdm
 

@@ -511,6 +511,33 @@ def print_stats(prompt_tokens, prompt_tps, generation_tokens, generation_tps, pe
 # ---------------------------------------------------------------------------------------------
 # Command line
 
+def add_sampling_arguments(parser):
+    """mlx-lm's sampling flags, shared by the generate and chat commands."""
+    add = parser.add_argument
+    add("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
+    add("--top-p", type=float, default=1.0, help="keep the most likely tokens of this mass")
+    add("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps every token")
+    add("--min-p", type=float, default=0.0,
+        help="keep tokens at least this fraction as likely as the most likely one")
+    add("--repetition-penalty", type=float, default=None,
+        help="divide the logits of tokens already seen by this (default: none)")
+    add("--seed", type=cli.integer(0, MAX_SEED), default=None,
+        help="seed of the sampling (default: unseeded, a different draw each run)")
+
+
+def add_draft_arguments(parser):
+    """The speculative-decoding flags, shared by the generate and server commands."""
+    add = parser.add_argument
+    add("--draft-model", default=None,
+        help="decode speculatively with this smaller model (same tokenizer) proposing tokens "
+             "(default: none); the text stays the model's own")
+    add("--num-draft-tokens", type=cli.integer(1, MAX_DRAFT_TOKENS), default=3,
+        help="tokens proposed per round by --draft-model or --prompt-lookup")
+    add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
+        help="decode speculatively without a draft model: propose what followed the latest "
+             "earlier match of the context's last N (or fewer) tokens (default: off)")
+
+
 def build_parser():
     parser = cli.ArgumentParser(
         prog="python -m mlx_mamba.generate",
@@ -521,15 +548,7 @@ def build_parser():
         help="a converted, transformers or original directory, or a repo id")
     add("--prompt", "-p", required=True, help="the prompt text; '-' reads stdin")
     add("--max-tokens", "-m", type=cli.integer(0), default=256, help="tokens to generate at most")
-    add("--temp", type=float, default=0.0, help="sampling temperature; 0 is greedy")
-    add("--top-p", type=float, default=1.0, help="keep the most likely tokens of this mass")
-    add("--top-k", type=int, default=0, help="keep the k most likely tokens; 0 keeps every token")
-    add("--min-p", type=float, default=0.0,
-        help="keep tokens at least this fraction as likely as the most likely one")
-    add("--repetition-penalty", type=float, default=None,
-        help="divide the logits of tokens already seen by this (default: none)")
-    add("--seed", type=cli.integer(0, MAX_SEED), default=None,
-        help="seed of the sampling (default: unseeded, a different draw each run)")
+    add_sampling_arguments(parser)
     add("--tokenizer", default=None,
         help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
              "model's own (default: the model's; state-spaces originals get "
@@ -546,14 +565,7 @@ def build_parser():
              "(default: start afresh)")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward")
-    add("--draft-model", default=None,
-        help="decode speculatively with this smaller model (same tokenizer) proposing tokens "
-             "(default: none); the text stays the model's")
-    add("--num-draft-tokens", type=cli.integer(1, MAX_DRAFT_TOKENS), default=3,
-        help="tokens proposed per round by --draft-model or --prompt-lookup")
-    add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
-        help="decode speculatively without a draft model: propose what followed the latest "
-             "earlier match of the context's last N (or fewer) tokens (default: off)")
+    add_draft_arguments(parser)
     cli.add_switch(parser, "--pipeline",
                    help="under mlx.launch with several processes: pipeline parallel (each "
                         "process holds a range of layers) instead of tensor parallel")

@@ -21,9 +21,9 @@ import threading
 from .. import cli
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..generate import GenerationError
+from ..generate import GenerationError, add_draft_arguments
 from ..prompt_cache import PREFILL_STEP_SIZE, PromptCacheError
-from ..speculative import MAX_DRAFT_TOKENS, DraftError
+from ..speculative import DraftError
 from ..tool_calls import FORMATS
 from .engine import Engine
 
@@ -65,14 +65,7 @@ def build_parser():
         help="larger request bodies are refused with 413")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward; a state is kept after each")
-    add("--draft-model", default=None,
-        help="decode speculatively with this smaller model (same tokenizer) proposing tokens "
-             "(default: none); each request still gets the text it gets without")
-    add("--num-draft-tokens", type=cli.integer(1, MAX_DRAFT_TOKENS), default=3,
-        help="tokens proposed per round by --draft-model or --prompt-lookup")
-    add("--prompt-lookup", metavar="N", type=cli.integer(1), default=None,
-        help="decode speculatively without a draft model: propose what followed the latest "
-             "earlier match of the context's last N (or fewer) tokens (default: off)")
+    add_draft_arguments(parser)
     add("--tool-parser", choices=sorted(FORMATS), default=None,
         help="the format of the model's tool calls (default: read from the chat template's "
              "tags; hermes when it has none)")
