@@ -42,20 +42,8 @@ from mlx_mamba.tuner.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "tinyshakespeare-excerpt.txt"
-
-
-class CharTokenizer:
-    eos_token_id = None
-
-    def __init__(self, text):
-        self.chars = sorted(set(text))
-        self.ids = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, text):
-        return [self.ids[c] for c in text]
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
+sys.path.insert(0, str(ROOT / "examples"))
+from common import CharTokenizer  # noqa: E402  (examples/common.py: the character tokenizer)
 
 
 def config(d_model, layers, vocab):

@@ -121,3 +121,19 @@ def save_loss_curve(losses, path, title, extra=None):
     fig.savefig(path, dpi=100)
     plt.close(fig)
     print(f"loss curve: {path}")
+
+
+class CharTokenizer:
+    """One id per distinct character, with the interface `generate` expects."""
+
+    eos_token_id = None  # plain text has no end-of-sequence character
+
+    def __init__(self, text):
+        self.chars = sorted(set(text))
+        self.ids = {c: i for i, c in enumerate(self.chars)}
+
+    def encode(self, text):
+        return [self.ids[c] for c in text]
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)

@@ -22,27 +22,11 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from common import count_parameters, parser, save_loss_curve, train
+from common import CharTokenizer, count_parameters, parser, save_loss_curve, train
 from mlx_mamba import Model, ModelConfig, generate
 
 DEFAULT_DATA = (Path(__file__).resolve().parents[1] / "tests" / "data"
                 / "tinyshakespeare-excerpt.txt")
-
-
-class CharTokenizer:
-    """One id per distinct character, with the interface `generate` expects."""
-
-    eos_token_id = None  # plain text has no end-of-sequence character
-
-    def __init__(self, text):
-        self.chars = sorted(set(text))
-        self.ids = {c: i for i, c in enumerate(self.chars)}
-
-    def encode(self, text):
-        return [self.ids[c] for c in text]
-
-    def decode(self, ids):
-        return "".join(self.chars[i] for i in ids)
 
 
 def main():
