@@ -4,13 +4,16 @@ and cache memory per 1,000 tokens of context. Reads only the config (from the hu
 config.json / params.json are fetched); nothing is allocated (see `sizes`)."""
 
 import sys
+from collections import Counter
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from . import cli, sizes
 from .config import ConfigError, load_config, read_config
 from .families import config_format
 from .loader import resolve
+from .quantize import bits_per_weight, quantized_bits
 
 CONFIG_FILES = ["config.json", "params.json"]
 # One character per layer: its mixer, then (separately) its feed-forward. Mamba2 beside
@@ -72,9 +75,7 @@ def describe(config, raw):
     lines.append(f"quantized (group size {GROUP_SIZE}, bfloat16 scales and biases): "
                  + ", ".join(quantized))
     if c.quantization:  # a converted model: what its files hold
-        q = c.quantization
-        lines.append(f"as converted ({q['mode']} {q['bits']}-bit, group size {q['group_size']}): "
-                     f"{_bytes(sizes.weight_bytes(c, mx.bfloat16, q))}")
+        lines += converted(c)
     per_token, state = sizes.cache_bytes(c, mx.bfloat16)
     attention = sum(c.layer_type(i) in ("attention", "parallel", "hybrid")
                     for i in range(c.n_layer))
@@ -83,6 +84,28 @@ def describe(config, raw):
                  "KV cache: none (no attention layers)")
     lines.append(f"SSM state: {_bytes(state)} per sequence, constant: it does not grow with the "
                  "context (float32 state, bfloat16 conv window)")
+    return lines
+
+
+def converted(config):
+    """The lines on a converted model's quantization: its size and, when the layers differ in
+    bits (mixed precision: per-module entries in `quantization`), which layers have which."""
+    q = config.quantization
+    model = sizes.lazy_model(config, mx.bfloat16)
+    size = _bytes(sum(v.nbytes for _, v in tree_flatten(model.parameters())))
+    bits = quantized_bits(model)
+    widths = sorted(set(bits.values()))
+    if len(widths) <= 1:
+        return [f"as converted ({q['mode']} {q['bits']}-bit, group size {q['group_size']}): {size}"]
+    lines = [f"as converted ({q['mode']}, mixed {'/'.join(map(str, widths))}-bit, default "
+             f"{q['bits']}-bit, group size {q['group_size']}): {size}, "
+             f"{bits_per_weight(model):.2f} bits per quantized weight (scales and biases "
+             "included)"]
+    for width in widths:
+        names = Counter(path.rsplit(".", 1)[-1] for path, b in bits.items() if b == width)
+        lines.append(f"  {width}-bit: {sum(names.values())} layers ("
+                     + ", ".join(f"{name} x{n}" if n > 1 else name
+                                 for name, n in sorted(names.items())) + ")")
     return lines
 
 

@@ -41,10 +41,19 @@ def parameter_count(config):
     return {"vocab_size": embedding, "n_layer": layers}
 
 
+def widest_bits(quantization):
+    """The most bits any layer of a model quantized as `quantization` says has (16 unquantized):
+    a mixed-precision model's per-module entries may exceed its default."""
+    if not quantization:
+        return 16
+    return max([quantization["bits"]] + [entry["bits"] for entry in quantization.values()
+                                          if isinstance(entry, dict)])
+
+
 def check_memory(config):
     """Refuse a config whose model no machine could hold."""
     counts = parameter_count(config)
-    bits = (config.quantization or {}).get("bits", 16)
+    bits = widest_bits(config.quantization)
     need = sum(counts.values()) * bits / 8
     if need > MAX_WEIGHT_BYTES:
         field = max(counts, key=counts.get)

@@ -12,6 +12,7 @@ from mlx_mamba import info, sizes
 from mlx_mamba.checkpoint import keeps_float32
 from mlx_mamba.config import load_config
 from mlx_mamba.quantize import QUANTIZED_LAYERS
+from quant_models import deep  # noqa: F401 (a fixture)
 
 REAL = Path(__file__).parent / "data" / "real_configs"
 NEMOTRON = REAL / "nvidia--Nemotron-H-8B-Base-8K"
@@ -147,3 +148,44 @@ def test_the_documented_flags_and_python_are_real():
     assert set(re.findall(r"`(--[a-z-]+)", text)) <= parser_flags
     for block in re.findall(r"```python\n(.*?)```", text, re.S):
         exec(block, {})
+
+
+def test_a_mixed_precision_model_shows_its_bits(capsys, deep, tmp_path):
+    from safetensors.numpy import load_file
+
+    from mlx_mamba.convert import convert
+
+    out = tmp_path / "mixed"
+    convert(deep["mamba2_deep"], out, quantize=True, quant_predicate="mixed_3_6")
+    quantization = json.loads((out / "config.json").read_text())["quantization"]
+    tensors = {k: v for file in out.glob("*.safetensors") for k, v in load_file(file).items()}
+    layers = [name[:-len(".scales")] for name in tensors if name.endswith(".scales")]
+    high = [path for path, entry in quantization.items() if isinstance(entry, dict)]
+    assert high and all(quantization[path]["bits"] == 6 for path in high)
+    # Stored bits per parameter of the quantized layers, from the files: packed words, and scales
+    # and biases in bfloat16 (info's figures are for bfloat16; this checkpoint's are float32),
+    # over (scales x group size) parameters.
+    stored = sum(tensors[f"{layer}.weight"].nbytes + 2 * tensors[f"{layer}.scales"].size
+                 + 2 * tensors[f"{layer}.biases"].size for layer in layers)
+    count = sum(tensors[f"{layer}.scales"].size for layer in layers) * quantization["group_size"]
+    status, lines, _ = run(capsys, out)
+    assert status == 0
+    assert line(lines, "as converted").startswith(
+        f"as converted (affine, mixed 3/6-bit, default 3-bit, group size 64): ")
+    assert f", {8 * stored / count:.2f} bits per quantized weight" in line(lines, "as converted")
+    assert line(lines, "  6-bit:").startswith(f"  6-bit: {len(high)} layers (embeddings, ")
+    assert line(lines, "  3-bit:").startswith(f"  3-bit: {len(layers) - len(high)} layers (")
+
+
+def test_the_size_check_counts_a_mixed_models_widest_bits():
+    from mlx_mamba import ModelConfig
+    from mlx_mamba.config import ConfigError
+
+    # 8.2e12 parameters: 2.0 TB at 2 bits fits under the 4.4 TB bound, 8.2 TB at 8 bits does not.
+    config = {"model_type": "mamba2", "hidden_size": 4096, "num_hidden_layers": 1,
+              "vocab_size": 2 * 10**9, "tie_word_embeddings": True,
+              "quantization": {"group_size": 64, "bits": 2, "mode": "affine"}}
+    ModelConfig.from_dict(config)
+    config["quantization"]["backbone.embeddings"] = {"group_size": 64, "bits": 8}
+    with pytest.raises(ConfigError, match="at 8 bits"):
+        ModelConfig.from_dict(config)
