@@ -104,12 +104,17 @@ def assign_bits(sensitivity, sizes, target_bpw):
         choice[path], spent = higher, spent + cost
 
 
-def dynamic_quantization(model, tokens, target_bpw, group_size=64, progress=None):
+def dynamic_quantization(model, tokens, target_bpw, group_size=64, progress=None,
+                         sensitivity=None):
     """The `quantization` entry (defaults plus per-module entries, mlx-lm's layout) that meets
-    `target_bpw` with the least measured damage, and the bits per weight it gives."""
+    `target_bpw` with the least measured damage, and the bits per weight it gives.
+
+    sensitivity: `layer_sensitivity(model, tokens, group_size)` when already measured (one table
+    serves every budget); `tokens` are then not used."""
     layers = candidate_layers(model, group_size)
     scale_bits = 8 * next(iter(layers.values())).weight.dtype.size
-    sensitivity = layer_sensitivity(model, tokens, group_size, progress=progress)
+    if sensitivity is None:
+        sensitivity = layer_sensitivity(model, tokens, group_size, progress=progress)
     sizes = {p: (m.weight.size, {b: stored_bits(m, b, group_size, scale_bits) for b in BITS})
              for p, m in layers.items()}
     choice = assign_bits(sensitivity, sizes, target_bpw)

@@ -61,6 +61,17 @@ def test_meets_the_budget(deep, target):
     assert len(set(quantized_bits(model).values())) > 1
 
 
+def test_one_measured_table_serves_every_budget(deep):
+    model = load_model(deep["mamba2_deep"])
+    table = layer_sensitivity(model, TOKENS)
+    for target in (3.5, 4.5):
+        measured = dynamic_quantization(model, TOKENS, target)
+        # No tokens: had they been used, the model would fail on them.
+        assert dynamic_quantization(model, None, target, sensitivity=table) == measured
+    quantization, _ = dynamic_quantization(model, None, 3.5, sensitivity=table)
+    assert quantization != dynamic_quantization(model, None, 4.5, sensitivity=table)[0]
+
+
 @pytest.fixture(scope="module")
 def with_tokenizer(deep):
     write_tokenizer(deep["mamba2_deep"])
