@@ -149,16 +149,17 @@ def train_until_flat(model, train_batches, valid, *, learning_rate, warmup, eval
                 curve=curve)
 
 
-def reference_model(name="mamba2", **options):
-    """The directory of reference model `name`, trained and saved unless already cached."""
-    directory = CACHE / name
+def reference_model(name="mamba2", cache=CACHE, **options):
+    """The directory of reference model `name` under `cache`, trained and saved unless already
+    there."""
+    directory = Path(cache) / name
     if (directory / "config.json").is_file():
         return directory
     o = dict(batch_size=8, length=128, learning_rate=3e-3, warmup=20, eval_every=25, patience=4,
              min_improvement=0.005, max_iters=3000, max_minutes=35.0, valid_batches=8)
     o.update(options)
     train_text, valid_text, _ = splits()
-    scratch = CACHE / f".{name}.tokenizer"
+    scratch = Path(cache) / f".{name}.tokenizer"
     scratch.mkdir(parents=True, exist_ok=True)
     tokenizer = write_tokenizer(scratch, train_text)
     train_tokens = np.array(tokenizer.encode(train_text).ids, np.int32)
