@@ -279,7 +279,7 @@ def main():
     p.add_argument("--calibration-samples", type=int, default=2,
                    help="sequences of training text that measure dynamic_quant's sensitivities")
     p.add_argument("--dwq-iters", type=int, default=20)
-    p.add_argument("--dwq-learning-rate", type=float, default=1e-3)
+    p.add_argument("--dwq-learning-rate", type=float, default=2e-4)
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--output", type=Path, help="also write the rows here as JSON")
     p.add_argument("--skip-mlx-lm", action="store_true")
