@@ -67,9 +67,9 @@ def checkpoints(checkpoint, tmp_path_factory):
     return paths
 
 
-def run_worker(checkpoints, names, processes):
+def run_worker(checkpoints, names, processes, *flags):
     """The worker's results over `processes` processes: {name: {...}}."""
-    result = launch([ROOT / "tests" / "sharded_worker.py",
+    result = launch([ROOT / "tests" / "sharded_worker.py", *flags,
                      *(f"{name}={checkpoints[name]}" for name in names)], processes)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -81,7 +81,7 @@ def run_worker(checkpoints, names, processes):
 
 @pytest.fixture(scope="module")
 def sharded(checkpoints):
-    return run_worker(checkpoints, list(checkpoints), 2)
+    return run_worker(checkpoints, list(checkpoints), 2, "--batches")
 
 
 # Four processes where the tiny sizes allow it (every head, group and hidden count divides by 4
@@ -115,6 +115,8 @@ def test_two_processes_give_one_process_logits_and_tokens(sharded, name):
         assert result[way]["whole"] <= 1e-5 and result[way]["stepped"] <= 1e-5
         assert result[way]["tokens_equal"]
     assert result["ranks_agree"] == 0.0
+    for way, batches in result["batches"].items():  # batch_generate, left-padded and sampled
+        assert batches == {"batch_equals_alone": True, "batch_equals_one_process": True}, way
     half = result["pipeline_bfloat16"]
     assert half["dtype"] == "mlx.core.bfloat16" and half["error"] <= 1e-5, half
     assert result["same_weights"]  # sharded_load reads what shard keeps, bit for bit
