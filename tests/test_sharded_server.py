@@ -8,6 +8,7 @@ import concurrent.futures
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -182,8 +183,53 @@ def test_n_choices_each_equal_one_process(server, one_process):
 
 
 def test_a_signal_to_rank_0_stops_every_process(server):
-    signum = signal.SIGTERM if "--pipeline" not in server.launch.args else signal.SIGINT
+    # Ctrl-C (SIGINT, which the other ranks ignore: rank 0 stops them) or SIGTERM.
+    signum = signal.SIGINT if "--pipeline" not in server.launch.args else signal.SIGTERM
     os.kill(server.ranks[0], signum)
     assert server.launch.wait(60) == 0, server.output()
     assert not any(Path(f"/proc/{pid}").exists() for pid in server.ranks.values())
     assert "exited with code" not in server.output() and "Traceback" not in server.output()
+
+
+def test_a_process_that_dies_stops_the_others(model_dir, one_process, tmp_path):
+    server = ShardedServer(model_dir, FLAGS, tmp_path / "log")
+    assert complete(server.client(), "Hi", 4, temperature=0).choices[0].text == \
+        expected(one_process, "Hi", 4)
+    os.kill(server.ranks[1], signal.SIGKILL)
+    try:
+        server.launch.wait(60)
+    finally:
+        if server.launch.poll() is None:
+            server.kill()
+    output = server.output()
+    assert not any(Path(f"/proc/{pid}").exists() for pid in server.ranks.values()), output
+    assert "Node with rank 1 exited with code -9" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt-cache-dir", "states"], "error: --prompt-cache-dir keeps the states of one "
+                                       "process: a model sharded over several keeps them in "
+                                       "memory only"),
+    (["--port", "TAKEN"], "error: cannot listen on 127.0.0.1:"),
+])
+def test_a_bad_setting_stops_every_process_with_one_error(model_dir, flags, message):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    flags = [str(taken.getsockname()[1]) if flag == "TAKEN" else flag for flag in flags]
+    command = [launcher(), "--backend", "ring", "--hosts", "127.0.0.1", "-n", "2",
+               "--starting-port", str(free_ports(2)), "--", sys.executable, "-m",
+               "mlx_mamba.server", "--model", str(model_dir), *flags]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env,
+                                timeout=START_SECONDS)
+    finally:
+        taken.close()
+    output = result.stdout + result.stderr
+    errors = [line for line in output.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(message), output
+    # mlx.launch itself exits 0 here; it reports each process's exit code.
+    codes = re.findall(r"Node with rank (\d+) exited with code (-?\d+)", output)
+    assert sorted(int(rank) for rank, _ in codes) == [0, 1] and "Traceback" not in output

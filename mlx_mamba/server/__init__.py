@@ -147,7 +147,11 @@ def serve(args):
           file=sys.stderr, flush=True)
     try:
         engine.run()
-    finally:  # the engine fails when another rank is gone: the web side stops too
+    except RuntimeError as e:  # sharded: the group's connection, when another rank is gone
+        if world.size() == 1:
+            raise
+        raise ServerError(f"another process stopped: {e}") from None
+    finally:  # the web side stops too
         server.should_exit = True
         web.join()
     if not server.started:
