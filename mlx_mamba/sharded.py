@@ -176,15 +176,26 @@ def shared_seed(world):
     return mx.distributed.all_sum(mx.array(seed, mx.int32), group=world).item()
 
 
+FRAME = 256  # bytes of a broadcast that one sum carries (with the length in the first 4)
+
+
 def broadcast(world, data=None):
-    """Rank 0's bytes `data` on every rank (the others pass None): its length, then the bytes,
-    each summed over the group with zeros from the other ranks."""
+    """Rank 0's bytes `data` on every rank (the others pass None), summed over the group with
+    zeros from the other ranks: one sum of a frame holding the length and the first bytes, and
+    a second for the rest of a longer message."""
     first = world.rank() == 0
-    size = mx.distributed.all_sum(mx.array(len(data) if first else 0), group=world).item()
-    if size == 0:
-        return b""
-    buffer = mx.array(np.frombuffer(data, np.uint8)) if first else mx.zeros(size, mx.uint8)
-    return bytes(np.array(mx.distributed.all_sum(buffer, group=world)))
+    frame = np.zeros(FRAME, np.uint8)
+    if first:
+        head = len(data).to_bytes(4, "little") + data[:FRAME - 4]
+        frame[:len(head)] = np.frombuffer(head, np.uint8)
+    frame = np.array(mx.distributed.all_sum(mx.array(frame), group=world))
+    size = int.from_bytes(frame[:4].tobytes(), "little")
+    received = frame[4:4 + size].tobytes()
+    if size > FRAME - 4:
+        rest = np.frombuffer(data[FRAME - 4:], np.uint8) if first else \
+            np.zeros(size - (FRAME - 4), np.uint8)
+        received += np.array(mx.distributed.all_sum(mx.array(rest), group=world)).tobytes()
+    return received
 
 
 def quiet_unless_first(world):

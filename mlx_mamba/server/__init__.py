@@ -17,6 +17,7 @@ follow its engine turn by turn (see engine.py).
 
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import sys
@@ -133,7 +134,8 @@ def serve(args):
                                            timeout_graceful_shutdown=2))
     # The web stack runs in a thread of its own; this thread, which loaded the model, runs the
     # engine, and takes the signals for both (uvicorn shuts down, then the engine stops).
-    web = threading.Thread(target=_serve_web, args=(server, sock, engine), name="web")
+    web = threading.Thread(target=_serve_web, args=(server, sock, engine, world.size() > 1),
+                           name="web")
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, server.handle_exit)
     web.start()
@@ -169,11 +171,26 @@ def _follow(args, world):
         raise ServerError(f"rank 0 stopped: {e}") from None
 
 
-def _serve_web(server, sock, engine):
+STOP_SECONDS = 10  # sharded: how long the engine may take to stop the other processes
+
+
+def _serve_web(server, sock, engine, sharded):
     try:
         server.run(sockets=[sock])
     finally:
         engine.stop()
+        if sharded:
+            # A message to a process that is gone can wait forever (MLX's ring backend); the
+            # process must end all the same, or mlx.launch waits for it.
+            watchdog = threading.Timer(STOP_SECONDS, _abandon)
+            watchdog.daemon = True
+            watchdog.start()
+
+
+def _abandon():
+    print("error: another process stopped: the engine's last message to it never completed",
+          file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def main(argv=None):
