@@ -1,0 +1,120 @@
+"""The lm-evaluation-harness model: any family, quantized or not, registered as "mlx_mamba".
+
+    lm_eval.simple_evaluate(model=MambaLM("mamba2-model"), tasks=[...])
+
+Tokenization follows lm-eval's Hugging Face model: text is encoded without special tokens; a
+(context, continuation) pair moves the context's trailing spaces to the continuation, encodes
+context + continuation whole and splits it after the context's own tokens (so the boundary is
+tokenized as in running text); an empty context is the prefix token (BOS, else EOS).
+loglikelihood scores through `scoring.continuation_logprobs` (shared contexts prefilled once);
+loglikelihood_rolling cuts a text into lm-eval's rolling windows of `max_length` tokens and
+sums them; generate_until decodes with `stream_generate` until a stop string, EOS or the token
+limit. Needs the `eval` extra (pip install "mlx-mamba[eval]").
+"""
+
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from .generate import stream_generate
+from .scoring import ScoringError, continuation_logprobs
+
+DEFAULT_MAX_TOKENS = 256  # generated tokens when a task names no max_gen_toks (lm-eval's default)
+
+
+@register_model("mlx_mamba")
+class MambaLM(TemplateLM):
+    """model: a loaded model with its `tokenizer`, or a path or repo id to load (with
+    `tokenizer`: another tokenizer's directory or repo id, as `load` takes).
+    max_length: the tokens the model reads before each scored token (lm-eval's window);
+    max_tokens: generated tokens per request (None: each task's own, else 256);
+    reuse_context: prefill a context shared by several requests once."""
+
+    def __init__(self, model, tokenizer=None, *, batch_size=8, max_length=2048, max_tokens=None,
+                 reuse_context=True, seed=None):
+        super().__init__()
+        if isinstance(model, str):
+            from .loader import load
+
+            model, tokenizer = load(model, tokenizer=tokenizer)
+        if tokenizer is None:
+            raise ScoringError("the model has no tokenizer: pass one (--tokenizer)")
+        if tokenizer.eos_token_id is None and tokenizer.bos_token_id is None:
+            raise ScoringError("the tokenizer has neither a BOS nor an EOS token, one of which "
+                               "stands for an empty context")
+        self.model, self.tokenizer = model, tokenizer
+        self.batch_size, self.max_length = int(batch_size), int(max_length)
+        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self.reuse_context, self.seed = reuse_context, seed
+
+    @property
+    def eot_token_id(self):
+        return self.tokenizer.eos_token_id
+
+    @property
+    def prefix_token_id(self):
+        bos = self.tokenizer.bos_token_id
+        return bos if bos is not None else self.eot_token_id
+
+    @property
+    def tokenizer_name(self):
+        return self.tokenizer.name_or_path.replace("/", "__")
+
+    def tok_encode(self, string, add_special_tokens=None, **kwargs):
+        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+
+    def tok_decode(self, tokens):
+        return self.tokenizer.decode(tokens)
+
+    def apply_chat_template(self, chat_history, add_generation_prompt=True):
+        return self.tokenizer.apply_chat_template(
+            chat_history, tokenize=False, add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm=False, **kwargs):
+        # requests: [((context, continuation), context ids, continuation ids)]
+        with tqdm(total=len(requests), desc="Scoring", disable=disable_tqdm) as bar:
+            return continuation_logprobs(
+                self.model, [(c, t) for _, c, t in requests], batch_size=self.batch_size,
+                max_length=self.max_length, reuse=self.reuse_context, progress=bar.update)
+
+    def loglikelihood_rolling(self, requests, disable_tqdm=False):
+        windows, owners = [], []  # each window's (context ids, continuation ids); its text
+        for n, request in enumerate(requests):
+            tokens = self.tok_encode(request.args[0])
+            for window in get_rolling_token_windows(tokens, self.prefix_token_id,
+                                                    self.max_length, context_len=1):
+                windows.append(make_disjoint_window(window))
+                owners.append(n)
+        scores = self._loglikelihood_tokens([(None, c, t) for c, t in windows],
+                                            disable_tqdm=disable_tqdm)
+        totals = [0.0] * len(requests)
+        for n, (logprob, _) in zip(owners, scores):
+            totals[n] += logprob
+        return totals
+
+    def generate_until(self, requests, disable_tqdm=False):
+        return [self._generate(*request.args)
+                for request in tqdm(requests, desc="Generating", disable=disable_tqdm)]
+
+    def _generate(self, context, settings):
+        """The text generated after `context` up to the first of settings["until"] (a string or
+        a list), EOS, or max_gen_toks tokens; sampled at settings["temperature"] when
+        settings["do_sample"], else greedy. Like lm-eval's model, the context keeps its last
+        max_length - max_tokens tokens."""
+        until = settings.get("until") or []
+        until = [until] if isinstance(until, str) else list(until)
+        max_tokens = self.max_tokens or settings.get("max_gen_toks", DEFAULT_MAX_TOKENS)
+        temp = float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
+        ids = self.tok_encode(context)[-max(1, self.max_length - max_tokens):]
+        if not ids:
+            ids = [self.prefix_token_id]
+        text = ""
+        for response in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
+                                        temp=temp, seed=self.seed if temp else None):
+            text += response.text
+            stops = [text.find(s) for s in until if s and s in text]
+            if stops:
+                return text[:min(stops)]
+        return text
