@@ -29,11 +29,15 @@ class MambaLM(TemplateLM):
     `tokenizer`: another tokenizer's directory or repo id, as `load` takes).
     max_length: the tokens the model reads before each scored token (lm-eval's window);
     max_tokens: generated tokens per request (None: each task's own, else 256);
-    reuse_context: prefill a context shared by several requests once."""
+    reuse_context: prefill a context shared by several requests once.
+    lm-eval makes it by name as well: simple_evaluate(model="mlx_mamba", model_args={"model":
+    path, ...}), passing `max_batch_size` and `device`, which MLX has no use for."""
 
     def __init__(self, model, tokenizer=None, *, batch_size=8, max_length=2048, max_tokens=None,
-                 reuse_context=True, seed=None):
+                 reuse_context=True, seed=None, max_batch_size=None, device=None):
         super().__init__()
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ScoringError(f"batch size {batch_size!r}: expected a positive integer")
         if isinstance(model, str):
             from .loader import load
 
@@ -44,8 +48,7 @@ class MambaLM(TemplateLM):
             raise ScoringError("the tokenizer has neither a BOS nor an EOS token, one of which "
                                "stands for an empty context")
         self.model, self.tokenizer = model, tokenizer
-        self.batch_size, self.max_length = int(batch_size), int(max_length)
-        self.max_tokens = None if max_tokens is None else int(max_tokens)
+        self.batch_size, self.max_length, self.max_tokens = batch_size, max_length, max_tokens
         self.reuse_context, self.seed = reuse_context, seed
 
     @property

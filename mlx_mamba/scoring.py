@@ -21,7 +21,7 @@ import numpy as np
 
 from .cache import cache_rows, cache_state
 from .prompt_cache import prefill
-from .token_ids import check_token_ids
+from .token_ids import TokenIdError, check_token_ids
 
 LOGITS_BYTES = 1 << 28  # float32 logits held at once: continuations are fed in chunks under this
 
@@ -35,7 +35,7 @@ def _split(context, continuation, max_length, vocab_size, index):
     try:
         context = check_token_ids(context, vocab_size)
         continuation = check_token_ids(continuation, vocab_size)
-    except ValueError as e:
+    except TokenIdError as e:
         raise ScoringError(f"request {index}: {e}") from None
     if not context or not continuation:
         raise ScoringError(f"request {index}: the context and the continuation need a token each "

@@ -206,7 +206,7 @@ def test_generate_until_stops_at_the_stop_strings(loaded, flavour):
 def test_local_task_through_lm_eval(loaded, monkeypatch):
     """tiny_choice's accuracy is the share of questions whose right choice has the highest
     log-likelihood by hand; reuse changes nothing."""
-    _, model, tokenizer = loaded("granite_dense")
+    directory, model, tokenizer = loaded("granite_dense")
     monkeypatch.chdir(TASKS)  # the task's data_files are relative to the working directory
     docs = [json.loads(line) for line in (TASKS / "tiny_choice.jsonl").read_text().splitlines()]
     right = 0
@@ -220,6 +220,11 @@ def test_local_task_through_lm_eval(loaded, monkeypatch):
             model=MambaLM(model, tokenizer, reuse_context=reuse), tasks=["tiny_choice"],
             task_manager=manager, num_fewshot=0, log_samples=False)
         assert results["results"]["tiny_choice"]["acc,none"] == pytest.approx(right / len(docs))
+    # By its registered name, as lm-eval's own command line makes it.
+    results = lm_eval.simple_evaluate(
+        model="mlx_mamba", model_args={"model": str(directory)}, batch_size=2,
+        tasks=["tiny_choice"], task_manager=manager, num_fewshot=0, log_samples=False)
+    assert results["results"]["tiny_choice"]["acc,none"] == pytest.approx(right / len(docs))
 
 
 def run(*args, cwd=TASKS):
