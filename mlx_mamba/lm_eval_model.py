@@ -8,8 +8,8 @@ context + continuation whole and splits it after the context's own tokens (so th
 tokenized as in running text); an empty context is the prefix token (BOS, else EOS).
 loglikelihood scores through `scoring.continuation_logprobs` (shared contexts prefilled once);
 loglikelihood_rolling cuts a text into lm-eval's rolling windows of `max_length` tokens and
-sums them; generate_until decodes with `stream_generate` until a stop string, EOS or the token
-limit. Needs the `eval` extra (pip install "mlx-mamba[eval]").
+sums them; generate_until decodes requests together (generate.Decoder) until a stop string,
+EOS or the token limit. Needs the `eval` extra (pip install "mlx-mamba[eval]").
 """
 
 from lm_eval.api.model import TemplateLM
@@ -17,7 +17,10 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from .generate import stream_generate
+from .detokenizer import StreamingDetokenizer
+from .generate import Decoder, Row, eos_token_ids
+from .prompt_cache import prefill
+from .sample import make_sampler
 from .scoring import ScoringError, continuation_logprobs
 
 DEFAULT_MAX_TOKENS = 256  # generated tokens when a task names no max_gen_toks (lm-eval's default)
@@ -50,6 +53,7 @@ class MambaLM(TemplateLM):
         self.model, self.tokenizer = model, tokenizer
         self.batch_size, self.max_length, self.max_tokens = batch_size, max_length, max_tokens
         self.reuse_context, self.seed = reuse_context, seed
+        self._samplers = {}  # temperature -> sampler, shared by the rows that use it
 
     @property
     def eot_token_id(self):
@@ -98,26 +102,47 @@ class MambaLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm=False):
-        return [self._generate(*request.args)
-                for request in tqdm(requests, desc="Generating", disable=disable_tqdm)]
+        """Each request's text up to the first of its `until` strings (a string or a list), EOS,
+        or max_gen_toks tokens; sampled at its temperature when it asks for do_sample, else
+        greedy. Up to batch_size requests decode together (mlx_mamba.generate.Decoder: each
+        gets the tokens it gets alone); a request leaves at its stop string and the next joins.
+        Like lm-eval's model, a context keeps its last max_length - max_tokens tokens."""
+        waiting = [self._row(n, *request.args) for n, request in enumerate(requests)][::-1]
+        texts, stops, detokenizers = [""] * len(requests), {}, {}
+        decoder = Decoder(self.model)
+        with tqdm(total=len(requests), desc="Generating", disable=disable_tqdm) as bar:
+            while waiting or len(decoder):
+                joining = [waiting.pop() for _ in range(min(len(waiting),
+                                                            self.batch_size - len(decoder)))]
+                if joining:
+                    rows = [row for row, _ in joining]
+                    cache = self.model.make_cache(len(rows))
+                    prefill(self.model, [row.tokens[:-1] for row in rows], cache)
+                    decoder.join(cache, rows)
+                    for row, until in joining:
+                        stops[row.key] = until
+                        detokenizers[row.key] = StreamingDetokenizer(self.tokenizer)
+                for n, token, _, finish, _ in decoder.step():
+                    detokenizer = detokenizers[n]
+                    texts[n] += detokenizer.add_token(token) if finish != "stop" else ""
+                    texts[n] += detokenizer.finalize() if finish else ""
+                    found = [texts[n].find(s) for s in stops[n] if s and s in texts[n]]
+                    if found:
+                        texts[n] = texts[n][:min(found)]
+                        if not finish:
+                            decoder.drop(n)
+                    if found or finish:
+                        bar.update(1)
+        return texts
 
-    def _generate(self, context, settings):
-        """The text generated after `context` up to the first of settings["until"] (a string or
-        a list), EOS, or max_gen_toks tokens; sampled at settings["temperature"] when
-        settings["do_sample"], else greedy. Like lm-eval's model, the context keeps its last
-        max_length - max_tokens tokens."""
+    def _row(self, n, context, settings):
+        """(request n's decoder Row, its stop strings)."""
         until = settings.get("until") or []
-        until = [until] if isinstance(until, str) else list(until)
         max_tokens = self.max_tokens or settings.get("max_gen_toks", DEFAULT_MAX_TOKENS)
         temp = float(settings.get("temperature", 0.0)) if settings.get("do_sample") else 0.0
+        if temp not in self._samplers:
+            self._samplers[temp] = make_sampler(temp, seed=self.seed if temp else None)
         ids = self.tok_encode(context)[-max(1, self.max_length - max_tokens):]
-        if not ids:
-            ids = [self.prefix_token_id]
-        text = ""
-        for response in stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens,
-                                        temp=temp, seed=self.seed if temp else None):
-            text += response.text
-            stops = [text.find(s) for s in until if s and s in text]
-            if stops:
-                return text[:min(stops)]
-        return text
+        row = Row(n, ids or [self.prefix_token_id], self._samplers[temp], [], max_tokens,
+                  eos_token_ids(self.tokenizer))
+        return row, [until] if isinstance(until, str) else list(until)

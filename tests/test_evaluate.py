@@ -183,7 +183,9 @@ def test_loglikelihood_rolling(loaded, flavour):
 
 
 @pytest.mark.parametrize("flavour", FAMILIES)
-def test_generate_until_stops_at_the_stop_strings(loaded, flavour):
+@pytest.mark.parametrize("batch_size", [1, 2, 8])
+def test_generate_until_stops_at_the_stop_strings(loaded, flavour, batch_size):
+    # batch 2: the third request joins while another is decoding.
     _, model, tokenizer = loaded(flavour)
     context = "First Citizen: Before we proceed"
     ids = tokenizer.encode(context, add_special_tokens=False)
@@ -191,7 +193,7 @@ def test_generate_until_stops_at_the_stop_strings(loaded, flavour):
     assert len(full) >= 3
     stop = full[len(full) // 2:len(full) // 2 + 2]  # a string it meets halfway
     cut = full[:full.index(stop)]
-    lm = MambaLM(model, tokenizer)
+    lm = MambaLM(model, tokenizer, batch_size=batch_size)
     got = lm.generate_until(instances("generate_until", [
         (context, {"until": [stop, "never there"], "max_gen_toks": 16, "do_sample": False}),
         (context, {"until": ["never there"], "max_gen_toks": 16}),
