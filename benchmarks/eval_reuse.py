@@ -14,7 +14,6 @@ narrowed as in benchmarks/hybrid.py, each cut to --layers layers, random weights
 """
 
 import argparse
-import dataclasses
 import platform
 
 import mlx.core as mx
@@ -85,7 +84,7 @@ def main():
     for name in args.models:
         model = make_model(name, args.layers)
 
-        def score(reuse):
+        def score(reuse, model=model):
             return continuation_logprobs(model, requests, batch_size=args.batch_size,
                                          reuse=reuse)
 

@@ -62,7 +62,9 @@ def by_hand(model, context, continuation):
 def encode_pair(tokenizer, context, continuation):
     # lm-eval's convention, written out: trailing spaces go to the continuation; the whole text
     # is encoded and split after the context's tokens; an empty context is BOS, else EOS.
-    encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
+    def encode(text):
+        return tokenizer.encode(text, add_special_tokens=False)
+
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None \
             else tokenizer.eos_token_id
