@@ -21,7 +21,8 @@ import threading
 from .. import cli
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..generate import GenerationError, add_draft_arguments
+from ..cli_model import add_draft_arguments
+from ..decoder import GenerationError
 from ..prompt_cache import PREFILL_STEP_SIZE, PromptCacheError
 from ..speculative import DraftError
 from ..tool_calls import FORMATS

@@ -13,8 +13,9 @@ import threading
 import mlx.core as mx
 
 from ..cache import cache_rows
+from ..cli_model import load_draft, load_model
+from ..decoder import Decoder, Row, eos_token_ids, make_drafter
 from ..detokenizer import StreamingDetokenizer
-from ..generate import Decoder, Row, _load, _load_draft, eos_token_ids, make_drafter
 from ..grammar import logits_processor
 from ..tool_calls import FORMATS, detect_format
 from ..prompt_cache import PrefixCache, prefill
@@ -85,8 +86,8 @@ class Engine:
 
     def __init__(self, args):
         self.args = args
-        self.model, self.tokenizer = _load(args)
-        draft = _load_draft(args, self.tokenizer) if args.draft_model else None
+        self.model, self.tokenizer = load_model(args)
+        draft = load_draft(args, self.tokenizer) if args.draft_model else None
         self.drafter = make_drafter(draft, args.num_draft_tokens, args.prompt_lookup,
                                     args.prefill_step_size)
         self.tool_format = FORMATS[args.tool_parser] if args.tool_parser else \
