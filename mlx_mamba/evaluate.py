@@ -18,7 +18,8 @@ import mlx.core as mx
 from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .generate import GenerationError
+from .decoder import GenerationError
+from .sample import MAX_SEED
 from .scoring import ScoringError
 
 INSTALL = 'pip install "mlx-mamba[eval]"'
@@ -45,7 +46,7 @@ def parser():
     p.add_argument("--max-tokens", type=cli.integer(1),
                    help="Generated tokens per request (default: each task's own, else 256)")
     p.add_argument("--output-dir", default=".", help="Where the results JSON is written")
-    p.add_argument("--seed", type=cli.integer(0), default=123,
+    p.add_argument("--seed", type=cli.integer(0, MAX_SEED), default=123,
                    help="Seed of the few-shot choice and of any sampling")
     cli.add_switch(p, "--apply-chat-template",
                    "Put the prompts through the tokenizer's chat template")

@@ -17,8 +17,8 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
+from .decoder import Decoder, Row, eos_token_ids
 from .detokenizer import StreamingDetokenizer
-from .generate import Decoder, Row, eos_token_ids
 from .prompt_cache import prefill
 from .sample import make_sampler
 from .scoring import ScoringError, continuation_logprobs
