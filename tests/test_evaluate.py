@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 
@@ -22,6 +23,7 @@ from lm_eval.tasks import TaskManager
 from mlx_mamba import scoring
 from mlx_mamba.generate import generate
 from mlx_mamba.lm_eval_model import MambaLM
+from mlx_mamba.convert import convert
 from mlx_mamba.loader import load
 
 TASKS = Path(__file__).resolve().parent / "data" / "evaluate"
@@ -30,13 +32,18 @@ FAMILIES = ["mamba2", "granite_dense"]  # a pure Mamba2, a hybrid with attention
 
 @pytest.fixture(scope="module")
 def loaded(checkpoint, tmp_path_factory):
-    """flavour -> (model directory with a tokenizer, model, tokenizer)."""
+    """flavour -> (model directory with a tokenizer, model, tokenizer); "FLAVOUR-4bit": the
+    flavour converted to 4 bits."""
     made = {}
 
     def make(flavour):
         if flavour not in made:
-            directory = model_with_tokenizer(checkpoint(flavour)[0],
-                                             tmp_path_factory.mktemp(flavour) / "model")
+            name, _, quantized = flavour.partition("-")
+            directory = model_with_tokenizer(checkpoint(name)[0],
+                                             tmp_path_factory.mktemp(name) / "model")
+            if quantized:
+                directory = convert(directory, directory.parent / flavour, quantize=True,
+                                    q_bits=4, q_group_size=32)
             made[flavour] = (directory, *load(directory))
         return made[flavour]
 
@@ -86,10 +93,12 @@ PAIRS = [("First Citizen: Before we proceed", c) for c in (" any further", " no"
         [("", "You are all resolved"), ("A", " citizen"), ("A", " word")]
 
 
-@pytest.mark.parametrize("flavour", FAMILIES)
+@pytest.mark.parametrize("flavour", [*FAMILIES, "granite_dense-4bit"])
 @pytest.mark.parametrize("reuse, batch_size", [(True, 8), (True, 2), (False, 3)])
 def test_loglikelihood_equals_the_models_own(loaded, flavour, reuse, batch_size):
     _, model, tokenizer = loaded(flavour)
+    if flavour.endswith("4bit"):
+        assert isinstance(model.backbone.layers[0].mixer.in_proj, nn.QuantizedLinear)
     expected = [by_hand(model, *encode_pair(tokenizer, c, t)) for c, t in PAIRS]
     lm = MambaLM(model, tokenizer, batch_size=batch_size, reuse_context=reuse)
     got = lm.loglikelihood(instances("loglikelihood", PAIRS), disable_tqdm=True)
