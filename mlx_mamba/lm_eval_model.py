@@ -104,7 +104,7 @@ class MambaLM(TemplateLM):
     def generate_until(self, requests, disable_tqdm=False):
         """Each request's text up to the first of its `until` strings (a string or a list), EOS,
         or max_gen_toks tokens; sampled at its temperature when it asks for do_sample, else
-        greedy. Up to batch_size requests decode together (mlx_mamba.generate.Decoder: each
+        greedy. Up to batch_size requests decode together (decoder.Decoder: each
         gets the tokens it gets alone); a request leaves at its stop string and the next joins.
         Like lm-eval's model, a context keeps its last max_length - max_tokens tokens."""
         waiting = [self._row(n, *request.args) for n, request in enumerate(requests)][::-1]
