@@ -141,6 +141,17 @@ def test_each_rank_holds_its_shard(sharded, name):
     assert pipeline < b["full"]
 
 
+def test_experts_and_shared_expert_share_one_all_sum():
+    """The routed experts' and the shared expert's partial sums go through one all_sum, and the
+    biases every rank adds (latent_out, the shared expert's down_proj) are counted once."""
+    result = launch([ROOT / "tests" / "moe_worker.py"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(report)
+    assert report["world"] == 2 and report["all_sums"] == 1
+    assert report["error"] < 1e-5
+
+
 @pytest.mark.parametrize("sizes, parts, bounds", [
     ([1, 1, 1, 1], 2, [0, 2, 4]),
     ([1, 1, 10, 1, 1, 1, 1, 1, 1, 1, 1], 2, [0, 3, 11]),  # bytes, not layer counts
