@@ -23,7 +23,8 @@ from .detokenizer import StreamingDetokenizer
 from .grammar import Grammar, GrammarError, from_response_format, logits_processor
 from .models.sharding import ShardingError
 from .prompt_cache import (PREFILL_STEP_SIZE, PromptCache, PromptCacheError, check_cache_file,
-                           load_prompt_cache, make_prompt_cache, prefill, save_prompt_cache)
+                           load_prompt_cache, make_prompt_cache, prefill, rank_file,
+                           save_prompt_cache)
 from .sample import SamplerError, check_settings, make_logits_processors, make_sampler
 from .speculative import DraftError, DraftStats
 from .token_ids import TokenIdError, check_token_ids
@@ -269,10 +270,11 @@ def build_parser():
     add("--ignore-chat-template", action="store_true",
         help="feed the prompt as is, even if the tokenizer has a chat template")
     add("--save-prompt-cache", metavar="FILE", default=None,
-        help="save the state after the prompt to FILE (safetensors) (default: not saved)")
+        help="save the state after the prompt to FILE (safetensors); sharded, each process "
+             "saves its part to NAME.rank{r}-of-{n}.safetensors (default: not saved)")
     add("--prompt-cache-file", metavar="FILE", default=None,
-        help="continue from a saved prompt cache; --prompt is appended as is "
-             "(default: start afresh)")
+        help="continue from a saved prompt cache; --prompt is appended as is; sharded, each "
+             "process reads its part as saved (default: start afresh)")
     add("--prefill-step-size", type=cli.integer(1), default=PREFILL_STEP_SIZE,
         help="prompt tokens per parallel forward")
     add_draft_arguments(parser)
@@ -354,7 +356,9 @@ def run(args):
 
         seed = shared_seed(world)  # every rank must draw the same tokens
     draft = load_draft(args, tokenizer) if args.draft_model else None
-    previous = load_prompt_cache(args.prompt_cache_file, model) if args.prompt_cache_file else None
+    # Sharded, each process keeps its part of the state in a file of its own.
+    previous = load_prompt_cache(rank_file(args.prompt_cache_file, world), model) \
+        if args.prompt_cache_file else None
     ids, fed_text = _prompt_ids(args, model, tokenizer, text)
     if not ids and previous is None:
         raise GenerationError("the prompt encodes to no tokens")
@@ -368,9 +372,9 @@ def run(args):
                               progress=_progress_bar(len(ids), args.prefill_step_size))
     prompt_seconds = time.perf_counter() - start
     if args.save_prompt_cache:
-        save_prompt_cache(args.save_prompt_cache, state, model, args.model)
-        print(f"Saved the prompt cache ({len(state.tokens)} tokens) to {args.save_prompt_cache}",
-              file=sys.stderr)
+        file = rank_file(args.save_prompt_cache, world)
+        save_prompt_cache(file, state, model, args.model)
+        print(f"Saved the prompt cache ({len(state.tokens)} tokens) to {file}", file=sys.stderr)
 
     response = None
     start = time.perf_counter()
