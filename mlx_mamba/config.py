@@ -186,7 +186,11 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, config):
         """Parse any supported flavour; unknown or contradictory fields raise ConfigError."""
-        return cls(**families.read_fields(config))
+        parsed = cls(**families.read_fields(config))
+        if parsed.quantization and families.names_modules(parsed):  # to this package's paths
+            parsed.quantization = families.quantization_paths(
+                parsed.quantization, families.to_model_names, parsed)
+        return parsed
 
     def to_dict(self):
         """The config.json of this model as convert.py writes it (see `families.write_config`)."""

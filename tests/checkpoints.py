@@ -31,6 +31,13 @@ HYBRIDS = {
     "granite_dense": ("GraniteMoeHybridForCausalLM", dict(GRANITE, num_local_experts=0)),
     "granite_moe": ("GraniteMoeHybridForCausalLM",
                     dict(GRANITE, num_local_experts=4, num_experts_per_tok=2)),
+    # What mlx-lm 0.32's Granite reads as transformers does: one Mamba group (it gets more
+    # groups wrong), 64 wide (it quantizes the router at group size 64), a dense MLP as wide as
+    # `intermediate_size` (its dense MLP's width), as on the hub; see test_mlx_lm_granite.py.
+    **{f"granite_{kind}_hub": ("GraniteMoeHybridForCausalLM", dict(
+        GRANITE, hidden_size=64, mamba_d_head=32, mamba_n_groups=1, **experts))
+       for kind, experts in (("dense", dict(num_local_experts=0, intermediate_size=20)),
+                             ("moe", dict(num_local_experts=4, num_experts_per_tok=2)))},
     "granite_rope": ("GraniteMoeHybridForCausalLM",
                      dict(GRANITE, num_local_experts=0, position_embedding_type="rope")),
     # time_step_limit starts at time_step_min: where transformers' clamp and NVIDIA's agree.

@@ -149,8 +149,10 @@ def transformers_layers(entry):
 
 
 def our_layers(config):
-    # Parameters as trained: a converted checkpoint's quantization is left out.
-    model = sizes.lazy_model(dataclasses.replace(config, quantization=None))
+    # Parameters as trained, under transformers' names: a converted checkpoint's quantization
+    # (and with it mlx-lm's layout, for Granite) is left out.
+    config = dataclasses.replace(config, quantization=None)
+    model = sizes.lazy_model(config)
     weights = dict(tree_flatten(model.parameters()))
     from mlx_mamba.families import to_checkpoint_names
 

@@ -9,8 +9,12 @@ attention, MLP or MoE), `.ffn_norm` and `.ffn` (the feed-forward after the mixer
 - `to_model_names(weights, config)` where its checkpoints name tensors otherwise, and for a hybrid
   `to_checkpoint_names(weights, config)`, its inverse, so converted models keep its names;
 - for a pure flavour that converted models are written in, `write_config(config) -> dict`
-  (a hybrid's converted config is its own config.json, kept as `source_config`).
+  (a hybrid's converted config is its own config.json, kept as `source_config`);
+- `MLX_LM_LAYOUT = True` where its quantized checkpoints are written in mlx-lm's layout, so that
+  the per-module quantization entries of its config name mlx-lm's module paths.
 """
+
+import mlx.core as mx
 
 from ..config_fields import ConfigError
 from . import (bamba, falcon_h1, granitemoehybrid, jamba, mamba, mamba2, mistral, nemotron_h,
@@ -61,8 +65,32 @@ def write_config(config):
     else:
         written = TRANSFORMERS[config.model_type].write_config(config)
     if config.quantization is not None:
-        written["quantization"] = config.quantization
+        written["quantization"] = (quantization_paths(config.quantization, to_checkpoint_names,
+                                                      config) if names_modules(config)
+                                   else config.quantization)
     return written
+
+
+def names_modules(config):
+    """Whether the config's per-module quantization entries name the checkpoint's modules
+    (mlx-lm's paths, for a family whose quantized files are in mlx-lm's layout) rather than this
+    package's."""
+    return bool(config.family) and getattr(TRANSFORMERS[config.family], "MLX_LM_LAYOUT", False)
+
+
+def quantization_paths(quantization, rename, config):
+    """`quantization` with its per-module entries (mlx-lm's mixed precision) under the module
+    paths that `rename` (`to_model_names` or `to_checkpoint_names`) gives: a hybrid's checkpoint
+    names its modules as its tensors. A packed module's entry goes to both halves, and back."""
+    renamed = {}
+    for path, entry in quantization.items():
+        if not isinstance(entry, dict):  # the defaults
+            renamed[path] = entry
+            continue
+        # A placeholder tensor, never evaluated; two rows so that a packed one splits.
+        for name in rename({f"{path}.weight": mx.zeros((2, 2))}, config):
+            renamed[name.removesuffix(".weight")] = entry
+    return renamed
 
 
 def to_model_names(weights, config):

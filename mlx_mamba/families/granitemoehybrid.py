@@ -4,6 +4,8 @@ mixture of experts (`block_sparse_moe`) added to it; attention without positions
 `position_embedding_type` is "rope"; µP-style multipliers on the embedding, the residual
 branches, the attention scores and the logits."""
 
+import mlx.core as mx
+
 from ..config_fields import ConfigError, get, layer_kinds, rope_theta
 from ._names import join_rows, mixer_names, rename, split_rows, swapped
 from .bamba import KINDS, mamba2_fields
@@ -17,8 +19,15 @@ COMMON = [("model.embed_tokens.", "backbone.embeddings."),
 # A dense model's shared MLP is the whole feed-forward; an MoE model's is its shared expert.
 DENSE = COMMON + [("model.layers.{i}.shared_mlp.", "backbone.layers.{i}.ffn.")]
 MOE = COMMON + [("model.layers.{i}.shared_mlp.", "backbone.layers.{i}.ffn.shared_experts."),
-                ("model.layers.{i}.block_sparse_moe.router.layer.", "backbone.layers.{i}.ffn.router."),
-                ("model.layers.{i}.block_sparse_moe.", "backbone.layers.{i}.ffn.experts.")]
+                ("model.layers.{i}.block_sparse_moe.router.layer.", "backbone.layers.{i}.ffn.router.")]
+EXPERTS = [("model.layers.{i}.block_sparse_moe.", "backbone.layers.{i}.ffn.experts.")]
+# mlx-lm's layout (its model's names, which its quantized files and mlx-community's hold): a
+# dense model's MLP split into `mlp.{gate,up,down}_proj`, the experts `switch_mlp.*_proj`; the
+# MoE shared expert stays packed, as in transformers.
+MLX_LM_DENSE = COMMON + [("model.layers.{i}.mlp.", "backbone.layers.{i}.ffn.")]
+MLX_LM_EXPERTS = [("model.layers.{i}.block_sparse_moe.switch_mlp.",
+                   "backbone.layers.{i}.ffn.experts.")]
+MLX_LM_LAYOUT = True  # for quantized checkpoints (see `to_checkpoint_names`)
 MIXERS = {"mamba2": "model.layers.{i}.mamba.", "attention": "model.layers.{i}.self_attn."}
 # The packed projections: rows [gate; up] in `input_linear`, `output_linear` is down.
 PACKED, PARTS = "input_linear", ("gate_proj", "up_proj")
@@ -51,16 +60,45 @@ def read_config(config):
         logits_multiplier=1 / get(config, "logits_scaling", 1.0, "positive_number"), **fields)
 
 
-def _names(config):
-    return MOE if config.n_experts else DENSE
+def _names(config, mlx_lm):
+    if not config.n_experts:
+        return MLX_LM_DENSE if mlx_lm else DENSE
+    return MOE + (MLX_LM_EXPERTS if mlx_lm else EXPERTS)
 
 
 def to_model_names(weights, config):
-    weights = split_rows(rename(weights, _names(config)), PACKED, PARTS)
-    return {name.replace(".output_linear.", ".down_proj."): v for name, v in weights.items()}
+    """Either layout, transformers' or mlx-lm's, float or quantized."""
+    weights = rename(weights, _names(config, True)[len(COMMON):] + _names(config, False))
+    weights = split_rows(weights, PACKED, PARTS)
+    weights = {name.replace(".output_linear.", ".down_proj."): v for name, v in weights.items()}
+    return dequantize_router(weights, config)
+
+
+def dequantize_router(weights, config):
+    """mlx-lm quantizes the router (8 bits); this package keeps it in full precision, since the
+    routing takes it in float32 (a small error there switches experts)."""
+    if not config.quantization:  # then scales are unexpected tensors, and named so
+        return weights
+    for name in [n for n in weights if n.endswith(".router.scales")]:
+        path = name[: -len(".scales")]
+        settings = config.quantization.get(path, config.quantization)
+        weights[f"{path}.weight"] = mx.dequantize(
+            weights[f"{path}.weight"], weights.pop(name), weights.pop(f"{path}.biases", None),
+            settings["group_size"], settings["bits"], mode=settings.get("mode", "affine"))
+    return weights
 
 
 def to_checkpoint_names(weights, config):
-    weights = {name.replace(".down_proj.", ".output_linear."): v for name, v in weights.items()}
-    weights = mixer_names(join_rows(weights, PARTS, PACKED), config, MIXERS)
-    return rename(weights, swapped(_names(config)))
+    """transformers' layout for a float model; mlx-lm's for a quantized one, which transformers
+    cannot read anyway and which mlx-lm's sanitize reads only in its own layout (it splits the
+    packed MLP weight, not its scales and biases)."""
+    mlx_lm = bool(config.quantization)
+
+    def packs(name):  # whether the layout packs this tensor's MLP
+        return not mlx_lm or ".shared_experts." in name
+
+    kept = {n: v for n, v in weights.items() if not packs(n)}
+    packed = {n.replace(".down_proj.", ".output_linear."): v for n, v in weights.items()
+              if packs(n)}
+    weights = mixer_names({**kept, **join_rows(packed, PARTS, PACKED)}, config, MIXERS)
+    return rename(weights, swapped(_names(config, mlx_lm)))
