@@ -19,7 +19,8 @@ COMMON = [("model.embed_tokens.", "backbone.embeddings."),
 # A dense model's shared MLP is the whole feed-forward; an MoE model's is its shared expert.
 DENSE = COMMON + [("model.layers.{i}.shared_mlp.", "backbone.layers.{i}.ffn.")]
 MOE = COMMON + [("model.layers.{i}.shared_mlp.", "backbone.layers.{i}.ffn.shared_experts."),
-                ("model.layers.{i}.block_sparse_moe.router.layer.", "backbone.layers.{i}.ffn.router.")]
+                ("model.layers.{i}.block_sparse_moe.router.layer.",
+                 "backbone.layers.{i}.ffn.router.")]
 EXPERTS = [("model.layers.{i}.block_sparse_moe.", "backbone.layers.{i}.ffn.experts.")]
 # mlx-lm's layout (its model's names, which its quantized files and mlx-community's hold): a
 # dense model's MLP split into `mlp.{gate,up,down}_proj`, the experts `switch_mlp.*_proj`; the
@@ -68,15 +69,17 @@ def _names(config, mlx_lm):
 
 def to_model_names(weights, config):
     """Either layout, transformers' or mlx-lm's, float or quantized."""
-    weights = rename(weights, _names(config, True)[len(COMMON):] + _names(config, False))
+    # mlx-lm's prefixes first: the first that matches wins, and `switch_mlp.` is inside
+    # transformers' `block_sparse_moe.`.
+    weights = rename(weights, _names(config, mlx_lm=True) + _names(config, mlx_lm=False))
     weights = split_rows(weights, PACKED, PARTS)
     weights = {name.replace(".output_linear.", ".down_proj."): v for name, v in weights.items()}
     return dequantize_router(weights, config)
 
 
 def dequantize_router(weights, config):
-    """mlx-lm quantizes the router (8 bits); this package keeps it in full precision, since the
-    routing takes it in float32 (a small error there switches experts)."""
+    """The router of an mlx-lm quantization (8 bits) in full precision, as this package keeps it
+    (see quantize.py) and routes with it; mlx-lm too computes with the dequantized weights."""
     if not config.quantization:  # then scales are unexpected tensors, and named so
         return weights
     for name in [n for n in weights if n.endswith(".router.scales")]:
