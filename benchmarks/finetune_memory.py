@@ -16,6 +16,7 @@ memory against length.
 """
 
 import argparse
+import json
 import math
 import platform
 import time
@@ -133,7 +134,14 @@ def main():
     parser.add_argument("--goal-length", type=int, default=2048,
                         help="the length (one of --lengths) at which the goals are checked")
     parser.add_argument("--plot", default="finetune_memory.png")
+    parser.add_argument("--save", help="write the measurements to this JSON file")
+    parser.add_argument("--replot", nargs="+", metavar="JSON",
+                        help="measure nothing: plot the curves of runs saved with --save")
     args = parser.parse_args()
+    if args.replot:
+        runs = [json.loads(open(path).read()) for path in args.replot]
+        curves = {tuple(key.split()): points for run in runs for key, points in run.items()}
+        return plot(curves, args)
     print(f"{platform.platform()}, MLX {mx.__version__}, device {mx.default_device()}; "
           f"d_model {args.d_model}, {args.layers} layers, vocabulary {VOCAB}, batch "
           f"{args.batch_size}, float32, random weights, one Adam step after a warm-up one\n")
@@ -176,6 +184,9 @@ def main():
             print(f"  {arch} {kind} {side}: {longest(points, args.budget_gb)} tokens")
         if args.goal_length in args.lengths:
             goals(curves, speeds, args)
+    if args.save:
+        with open(args.save, "w") as file:
+            json.dump({" ".join(key): points for key, points in curves.items()}, file)
     plot(curves, args)
 
 
