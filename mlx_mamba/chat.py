@@ -16,9 +16,10 @@ import mlx.core as mx
 from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
+from .cli_model import add_sampling_arguments, load_model
+from .decoder import Decoder, GenerationError, Row, eos_token_ids
 from .detokenizer import StreamingDetokenizer
-from .generate import (Decoder, GenerationError, Row, _load, add_sampling_arguments,
-                       eos_token_ids, encode)
+from .generate import encode
 from .prompt_cache import PREFILL_STEP_SIZE, PromptCacheError, load_state, prefill, save_state
 from .sample import SamplerError, check_settings, make_logits_processors, make_sampler
 
@@ -197,7 +198,7 @@ def _command(session, line, model_name):
 
 def run(args):
     check_settings(args.temp, args.top_p, args.top_k, args.min_p, args.repetition_penalty)
-    model, tokenizer = _load(args)
+    model, tokenizer = load_model(args)
     session = ChatSession(model, tokenizer, system_prompt=args.system_prompt,
                           max_tokens=args.max_tokens, temp=args.temp, top_p=args.top_p,
                           top_k=args.top_k, min_p=args.min_p,

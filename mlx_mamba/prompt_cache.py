@@ -8,7 +8,8 @@ longest one that a new prompt starts with.
 Files are safetensors: per layer `layers.{i}.{name}` for each array of its cache (`conv` and `ssm`
 for Mamba layers; `keys`, `values`, `positions` and `valid` for attention layers), the token ids
 as `tokens`, and metadata naming the model and its configuration and saying whether the state
-is after all the tokens (`fed` "all") or all but the last ("all_but_last").
+is after all the tokens (`fed` "all") or all but the last ("all_but_last"). The state of a
+sharded model is one file per process (`rank_file`), each recording the part it holds (`part`).
 """
 
 import collections
@@ -182,6 +183,8 @@ def _write(file, layers, tokens, model, model_name, fed, extra=None):
                 "config": json.dumps(state_config(model.config), sort_keys=True),
                 "config_hash": config_hash(model.config),
                 "token_count": str(len(tokens)), "fed": fed, **(extra or {})}
+    if model.part:
+        metadata["part"] = model.part
     replace_atomically(file, lambda f: save_safetensors(f, arrays, metadata))
 
 
@@ -205,6 +208,19 @@ def _check_model(file, metadata, model):
     if metadata.get("config_hash") != config_hash(model.config):
         raise PromptCacheError(f"{file}: made by a model of another configuration "
                                f"({_differences(metadata.get('config'), model.config)})")
+    if metadata.get("part", "") != model.part:
+        raise PromptCacheError(f"{file}: holds the state of "
+                               f"{metadata.get('part') or 'a whole model'}, not of this process's "
+                               f"model ({model.part or 'whole'})")
+
+
+def rank_file(file, group):
+    """The file of this process's part of a sharded model's state: `name.rank{r}-of-{n}.ext`
+    (`file` itself for a group of one)."""
+    file = Path(file)
+    if group is None or group.size() == 1:
+        return file
+    return file.with_name(f"{file.stem}.rank{group.rank()}-of-{group.size()}{file.suffix}")
 
 
 def _read(file, model):
@@ -255,8 +271,12 @@ class PrefixCache:
     another model is refused (PromptCacheError).
     """
 
-    def __init__(self, model, max_bytes, directory=None, model_name=""):
+    def __init__(self, model, max_bytes, directory=None, model_name="", group=None):
+        """group: the processes of a sharded model (each holding its part of every state); a
+        state's size is then the largest part over the group, so that every process keeps and
+        evicts the same states."""
         self.model, self.max_bytes, self.model_name = model, max_bytes, model_name
+        self.group = group
         self.directory = Path(directory) if directory is not None else None
         self.entries = collections.OrderedDict()  # prefix hash -> _Entry, least recent first
         self.lengths = collections.Counter()  # prefix length -> entries of that length
@@ -277,7 +297,10 @@ class PrefixCache:
         layers = [None if layer is None else layer.copy() for layer in layers]
         arrays = cache_state(layers)
         mx.eval(arrays)  # also lets go of whatever the arrays were computed from
-        entry = _Entry(np.asarray(tokens, np.int64), layers, sum(a.nbytes for a in arrays))
+        nbytes = sum(a.nbytes for a in arrays)
+        if self.group is not None:
+            nbytes = mx.distributed.all_max(mx.array(nbytes, mx.int64), group=self.group).item()
+        entry = _Entry(np.asarray(tokens, np.int64), layers, nbytes)
         if entry.nbytes > self.max_bytes:
             return
         self._insert(key, entry)
@@ -288,15 +311,7 @@ class PrefixCache:
     def longest(self, tokens, limit=None):
         """(n, per-layer caches after tokens[:n]) for the longest kept prefix with
         n <= limit (default len(tokens)), or (0, None). The caches are the caller's to update."""
-        limit = len(tokens) if limit is None else min(limit, len(tokens))
-        data = np.asarray(tokens[:limit], np.int64)
-        hasher, hashed, best = hashlib.blake2b(digest_size=16), 0, None
-        for length in sorted(n for n in self.lengths if n <= limit):
-            hasher.update(data[hashed:length].tobytes())
-            hashed = length
-            entry = self.entries.get(hasher.copy().hexdigest())
-            if entry is not None and np.array_equal(entry.tokens, data[:length]):
-                best = hasher.copy().hexdigest()
+        best = self._longest_key(tokens, limit)
         if best is None:
             return 0, None
         self.entries.move_to_end(best)
@@ -306,6 +321,23 @@ class PrefixCache:
                 os.utime(self._file(best))
         return len(entry.tokens), [None if layer is None else layer.copy()
                                    for layer in entry.layers]
+
+    def longest_length(self, tokens, limit=None):
+        """The n that `longest` would give, without taking out the state."""
+        best = self._longest_key(tokens, limit)
+        return 0 if best is None else len(self.entries[best].tokens)
+
+    def _longest_key(self, tokens, limit):
+        limit = len(tokens) if limit is None else min(limit, len(tokens))
+        data = np.asarray(tokens[:limit], np.int64)
+        hasher, hashed, best = hashlib.blake2b(digest_size=16), 0, None
+        for length in sorted(n for n in self.lengths if n <= limit):
+            hasher.update(data[hashed:length].tobytes())
+            hashed = length
+            entry = self.entries.get(hasher.copy().hexdigest())
+            if entry is not None and np.array_equal(entry.tokens, data[:length]):
+                best = hasher.copy().hexdigest()
+        return best
 
     def _insert(self, key, entry):
         self.entries[key] = entry

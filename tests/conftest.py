@@ -11,6 +11,8 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="mlx-mamba-tests-hub-")
 atexit.register(shutil.rmtree, os.environ["HF_HUB_CACHE"], True)
+# lm-eval's tasks read their data through `datasets`, whose cache goes there too.
+os.environ["HF_DATASETS_CACHE"] = os.path.join(os.environ["HF_HUB_CACHE"], "datasets")
 # The kernel tests judge the kernels themselves: the first-use check would quietly replace a
 # broken kernel by the reference path (tests/test_kernel_fallback.py turns it back on).
 os.environ["MLX_MAMBA_KERNEL_CHECK"] = "0"

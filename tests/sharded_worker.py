@@ -1,9 +1,11 @@
 """Run by tests/test_sharding.py under `mlx.launch`: for each checkpoint named on the command line,
 the logits (a left-padded batch, whole and then prefill + decode steps) and the greedy tokens of
 the model on one process, sharded in place with `model.shard`, and loaded with `sharded_load`;
-the bytes of the weights each rank holds. Rank 0 prints one JSON line.
+the bytes of the weights each rank holds; `batch_generate`'s seeded sampled tokens for prompts
+of different lengths (left-padded), together and alone. Rank 0 prints one JSON line.
 
-python sharded_worker.py NAME=DIR ... -> {"world": N, "results": {NAME: {...}}}
+python sharded_worker.py [--batches] NAME=DIR ... -> {"world": N, "results": {NAME: {...}}}
+(the batch_generate checks with --batches)
 """
 
 import json
@@ -41,6 +43,23 @@ def outputs(model):
     return as64(whole), as64(mx.concatenate(parts, axis=1)), tokens
 
 
+PROMPTS = [[5, 17, 42, 8, 99, 3, 11], [7, 9], [60, 2, 33, 4]]
+
+
+def batch_tokens(model):
+    """Sampled tokens of PROMPTS decoded together, and of each alone (with the same seed)."""
+    settings = dict(max_tokens=5, temp=0.8, seed=9)
+    together = [r.tokens for r in mlx_mamba.batch_generate(model, None, PROMPTS, **settings)]
+    alone = [mlx_mamba.batch_generate(model, None, [p], **settings)[0].tokens for p in PROMPTS]
+    return together, alone
+
+
+def compare_batches(model, reference):
+    together, alone = batch_tokens(model)
+    return {"batch_equals_alone": together == alone, "batch_equals_one_process":
+            together == reference}
+
+
 def weight_bytes(model):
     return sum(value.nbytes for _, value in tree_flatten(model.parameters()))
 
@@ -52,13 +71,14 @@ def compare(sharded, reference):
             "tokens_equal": tokens == reference[2]}
 
 
-def main(specs):
+def main(specs, batches):
     world = mx.distributed.init()
     results = {}
     for spec in specs:
         name, directory = spec.split("=", 1)
         model, _ = mlx_mamba.load(directory)
         reference = outputs(model)
+        batch_reference = batch_tokens(model)[0] if batches else None
         full = {name: value.nbytes for name, value in tree_flatten(model.parameters())}
         plan = model.shard(world)
         result = {"shard": compare(model, reference)}
@@ -73,6 +93,8 @@ def main(specs):
         loaded, _ = mlx_mamba.sharded_load(directory)
         result["peak"] = mx.get_peak_memory() - before
         result["sharded_load"] = compare(loaded, reference)
+        if batches:
+            result["batches"] = {"tensor": compare_batches(loaded, batch_reference)}
         result["same_weights"] = all(
             np.array_equal(np.array(value), np.array(dict(tree_flatten(loaded.parameters()))[k]))
             for k, value in tree_flatten(model_again(directory, world).parameters()))
@@ -86,6 +108,8 @@ def main(specs):
                            "read_twice": every_rank - sharded, "largest": max(full.values())}
         loaded, _ = mlx_mamba.sharded_load(directory, pipeline_group=world)
         result["pipeline"] = compare(loaded, reference)
+        if batches:
+            result["batches"]["pipeline"] = compare_batches(loaded, batch_reference)
         result["pipeline_bytes"] = weight_bytes(loaded)
         # In bfloat16: a pipeline rank computes in the checkpoint's dtype, not the placeholders'.
         half, _ = mlx_mamba.load(directory, dtype=mx.bfloat16)
@@ -107,4 +131,4 @@ def model_again(directory, world):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main([arg for arg in sys.argv[1:] if arg != "--batches"], "--batches" in sys.argv[1:])

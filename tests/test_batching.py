@@ -10,7 +10,8 @@ import mlx_mamba
 from comparing import IdTokenizer, relative_error
 from mlx_mamba.cache import KVCache, cache_rows, merge_caches
 from mlx_mamba.config import ModelConfig
-from mlx_mamba.generate import Decoder, Row, stream_generate
+from mlx_mamba.decoder import Decoder, Row
+from mlx_mamba.generate import stream_generate
 from mlx_mamba.prompt_cache import prefill
 from mlx_mamba.sample import greedy, make_logits_processors, make_sampler
 

@@ -67,9 +67,9 @@ def checkpoints(checkpoint, tmp_path_factory):
     return paths
 
 
-def run_worker(checkpoints, names, processes):
+def run_worker(checkpoints, names, processes, *flags):
     """The worker's results over `processes` processes: {name: {...}}."""
-    result = launch([ROOT / "tests" / "sharded_worker.py",
+    result = launch([ROOT / "tests" / "sharded_worker.py", *flags,
                      *(f"{name}={checkpoints[name]}" for name in names)], processes)
     assert result.returncode == 0, result.stdout + result.stderr
     lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
@@ -81,7 +81,7 @@ def run_worker(checkpoints, names, processes):
 
 @pytest.fixture(scope="module")
 def sharded(checkpoints):
-    return run_worker(checkpoints, list(checkpoints), 2)
+    return run_worker(checkpoints, list(checkpoints), 2, "--batches")
 
 
 # Four processes where the tiny sizes allow it (every head, group and hidden count divides by 4
@@ -115,6 +115,8 @@ def test_two_processes_give_one_process_logits_and_tokens(sharded, name):
         assert result[way]["whole"] <= 1e-5 and result[way]["stepped"] <= 1e-5
         assert result[way]["tokens_equal"]
     assert result["ranks_agree"] == 0.0
+    for way, batches in result["batches"].items():  # batch_generate, left-padded and sampled
+        assert batches == {"batch_equals_alone": True, "batch_equals_one_process": True}, way
     half = result["pipeline_bfloat16"]
     assert half["dtype"] == "mlx.core.bfloat16" and half["error"] <= 1e-5, half
     assert result["same_weights"]  # sharded_load reads what shard keeps, bit for bit
@@ -137,6 +139,17 @@ def test_each_rank_holds_its_shard(sharded, name):
     pipeline = sharded[name]["pipeline_bytes"]
     print(f"    pipeline: held {pipeline} bytes")
     assert pipeline < b["full"]
+
+
+def test_experts_and_shared_expert_share_one_all_sum():
+    """The routed experts' and the shared expert's partial sums go through one all_sum, and the
+    biases every rank adds (latent_out, the shared expert's down_proj) are counted once."""
+    result = launch([ROOT / "tests" / "moe_worker.py"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    print(report)
+    assert report["world"] == 2 and report["all_sums"] == 1
+    assert report["error"] < 1e-5
 
 
 @pytest.mark.parametrize("sizes, parts, bounds", [
@@ -193,3 +206,72 @@ def test_a_world_size_that_does_not_fit_fails_every_process_at_once(
     codes = re.findall(r"Node with rank (\d+) exited with code (-?\d+)", output)
     assert sorted(int(rank) for rank, _ in codes) == list(range(processes))
     assert all(int(code) != 0 for _, code in codes)
+
+
+@pytest.mark.parametrize("how", [[], ["--pipeline"]])
+def test_generate_command_saves_and_continues_a_sharded_prompt_cache(checkpoint, tmp_path, capsys,
+                                                                     how):
+    """Each process saves its part of the state (Jamba's: Mamba states and KV caches) and reads
+    it back; the continued, sampled text equals one process's doing the same."""
+    model = model_with_tokenizer(checkpoint("jamba")[0], tmp_path / "jamba")
+    texts = {}
+    for where in ("two", "one"):
+        (tmp_path / where).mkdir()
+        cache = tmp_path / where / "cache.safetensors"
+        save = ["--model", model, "--prompt", "To be, or not", "--max-tokens", 4,
+                "--save-prompt-cache", cache]
+        resume = ["--model", model, "--prompt", " to be", "--max-tokens", 12, "--temp", 0.8,
+                  "--seed", 5, "--prompt-cache-file", cache]
+        if where == "two":
+            outputs = [launch(["-m", "mlx_mamba.generate", *args, *how]) for args in (save, resume)]
+            for result in outputs:
+                assert result.returncode == 0, result.stdout + result.stderr
+            texts[where] = [result.stdout for result in outputs]
+        else:
+            texts[where] = []
+            for args in (save, resume):
+                assert generate_main(list(map(str, args))) == 0
+                texts[where].append(capsys.readouterr().out)
+    assert all(text.strip() for text in texts["one"]) and texts["two"] == texts["one"]
+    assert sorted(f.name for f in (tmp_path / "two").iterdir()) == \
+        ["cache.rank0-of-2.safetensors", "cache.rank1-of-2.safetensors"]
+    # A part is not the whole state: one process refuses it.
+    part = tmp_path / "two" / "cache.rank0-of-2.safetensors"
+    assert generate_main(["--model", str(model), "--prompt", "x", "--prompt-cache-file",
+                          str(part)]) == 1
+    kind = "pipeline" if how else "tensor"
+    assert f"holds the state of rank 0 of 2, {kind} parallel, not of this process's model " \
+           "(whole)" in capsys.readouterr().err
+
+
+def test_pipeline_ranks_download_only_the_files_of_their_layers(checkpoint, tmp_path):
+    """A hub repo in several files: each rank fetches the config, the tokenizer and the index
+    first, then only the files that hold its tensors (huggingface_hub answered locally)."""
+    _, transformers_model = checkpoint("jamba")
+    repo = tmp_path / "repo"
+    transformers_model.save_pretrained(repo, max_shard_size="20KB")
+    write_tokenizer(repo)
+    index = json.loads((repo / "model.safetensors.index.json").read_text())["weight_map"]
+    tied = json.loads((repo / "config.json").read_text()).get("tie_word_embeddings", False)
+    result = launch([ROOT / "tests" / "pipeline_hub_worker.py", repo])
+    assert result.returncode == 0, result.stdout + result.stderr
+    reports = sorted((json.loads(line) for line in result.stdout.splitlines()
+                      if line.startswith("{")), key=lambda report: report["rank"])
+    assert [report["rank"] for report in reports] == [0, 1]
+    for report in reports:
+        start, stop = report["layers"]
+        print(f"rank {report['rank']}: layers {start}-{stop - 1}, error {report['error']:.1e}, "
+              f"fetched {report['calls']}")
+        assert report["error"] <= 1e-5
+        first, weights = report["calls"]
+        assert {"config.json", "model.safetensors.index.json", "tokenizer.json"} <= set(first)
+        assert not [name for name in first if name.endswith(".safetensors")]
+
+        def held(name):  # by layer number, independently of the loader's renaming
+            layer = re.search(r"\blayers\.(\d+)\.", name)
+            if layer:
+                return start <= int(layer.group(1)) < stop
+            return "embed_tokens" not in name or start == 0 or tied
+
+        wanted = {file for name, file in index.items() if held(name)}
+        assert set(weights) == wanted and wanted < set(index.values())

@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 
-from .sharding import shard_input, shard_output, share
+from .sharding import apply_plan, columns_plan, prefixed, shard_input, shard_output, share
 
 
 def relu2(x):
@@ -40,16 +40,22 @@ class MLP(nn.Module):
         y = self.down_proj(act(gate) * up)
         return y * self.down_multiplier if self.down_multiplier != 1.0 else y
 
-    def shard(self, group):
+    def shard(self, group, summed=True):
         """Tensor parallel, in place: gate and up keep this rank's rows of the hidden size, down
-        its columns, and sums over the group. Returns the plan."""
+        its columns, and sums over the group; with summed=False the output is this rank's
+        partial sum (bias included), which the caller sums with its own. Returns the plan."""
         hidden = self.up_proj.weight.shape[0]
         rows = [share(hidden, group, "MLP intermediate size")]
         plan = {}
         for name in ("gate_proj", "up_proj"):
             if name in self:
                 plan.update(shard_input(self, name, rows))
-        plan.update(shard_output(self, "down_proj", rows, group, "MLP down_proj"))
+        if summed:
+            plan.update(shard_output(self, "down_proj", rows, group, "MLP down_proj"))
+        else:
+            down = columns_plan(self.down_proj, rows, group, "MLP down_proj")
+            apply_plan(self.down_proj, down)
+            plan.update(prefixed("down_proj", down))
         return plan
 
     def step(self, x, cache=None):

@@ -98,6 +98,9 @@ class Model(nn.Module):
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self._stage = None  # pipeline parallel: (group, first layer, end layer)
+        # Which part of the model this process holds ("" for all of it): a sharded rank's
+        # caches hold only its part of the state.
+        self.part = ""
 
     def make_cache(self, batch_size=1):
         """One cache per layer: MambaCache, KVCache, None for MLP and MoE layers, LayerCaches
@@ -127,6 +130,7 @@ class Model(nn.Module):
         group = group or mx.distributed.init()
         if group.size() == 1:
             return {}
+        self.part = f"rank {group.rank()} of {group.size()}, tensor parallel"
         plan = {}
         rows = [block.adapter_rows(group) for block in self.backbone.blocks]
         for i, layer in enumerate(self.backbone.layers):
@@ -155,6 +159,7 @@ class Model(nn.Module):
         start, stop = bounds[group.rank()], bounds[group.rank() + 1]
         c = self.config
         self._stage = (group, start, stop)
+        self.part = f"rank {group.rank()} of {group.size()}, pipeline parallel"
         for i in range(len(layers)):
             if not start <= i < stop:
                 layers[i] = nn.Module()

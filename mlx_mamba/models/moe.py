@@ -120,8 +120,8 @@ class MoE(nn.Module):
         for name in ("gate_proj", "up_proj"):
             if name in self.experts:
                 plan.update(prefixed("experts", shard_input(self.experts, name, rows)))
-        if "shared_experts" in self:
-            plan.update(prefixed("shared_experts", self.shared_experts.shard(group)))
+        if "shared_experts" in self:  # its partial sum joins the experts' in one all_sum
+            plan.update(prefixed("shared_experts", self.shared_experts.shard(group, False)))
         self._group = group
         return plan
 
@@ -150,12 +150,22 @@ class MoE(nn.Module):
         experts, weights = self.route(flat)
         inner = self.latent_in(flat) if "latent_in" in self else flat
         y = (self.experts(inner, experts) * weights[..., None].astype(x.dtype)).sum(axis=1)
-        y = all_sum(y, self._group)
+        # Tensor parallel, y is this rank's partial sum: everything up to the one all_sum is
+        # linear in it (latent_out included), so a single sum serves the experts and the shared
+        # expert; the biases that every rank added are then taken out but once.
         if "latent_out" in self:
             y = self.latent_out(y)
         y = y.reshape(shape)
         if "shared_experts" in self:
             y = y + self.shared_experts(x)
+        if self._group is None:
+            return y
+        y = all_sum(y, self._group)
+        excess = self._group.size() - 1  # copies of the replicated biases in the sum
+        if "latent_out" in self and "bias" in self.latent_out:
+            y = y - excess * self.latent_out.bias
+        if "shared_experts" in self and "bias" in self.shared_experts.down_proj:
+            y = y - excess * self.shared_experts.down_proj.bias
         return y
 
     def step(self, x, cache=None):
