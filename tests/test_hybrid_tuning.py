@@ -23,6 +23,7 @@ from mlx_mamba.checkpoint import read_weights
 from mlx_mamba.families import to_model_names
 from mlx_mamba.convert import convert
 from mlx_mamba.models.moe import ExpertLinear, QuantizedExpertLinear
+from mlx_mamba.ops import causal_attention
 from mlx_mamba.tuner import (AdapterError, Batch, LoRALinear, apply_adapters, checkpoint_layers,
                              load_adapters, loss_terms, save_adapters, train)
 from comparing import assert_close, relative_error
@@ -50,7 +51,10 @@ def kind_of(name):
 
 
 @pytest.mark.parametrize("flavour", list(HYBRIDS))
-def test_gradients_match_torch_autograd_through_transformers(checkpoint, flavour, tmp_path):
+def test_gradients_match_torch_autograd_through_transformers(checkpoint, flavour, tmp_path,
+                                                             monkeypatch):
+    # Blocks of 8: the 21 tokens go through the blockwise attention of training, across blocks.
+    monkeypatch.setattr(causal_attention, "BLOCK", 8)
     directory, reference = checkpoint(flavour)
     model, _ = mlx_mamba.load(directory)
     rng = np.random.default_rng(0)

@@ -18,6 +18,7 @@ from corpus import shakespeare_lines
 from mlx_mamba import lora
 from mlx_mamba.config import ModelConfig
 from mlx_mamba.models import Model
+from mlx_mamba.ops import causal_attention
 from mlx_mamba.ops import mamba3 as mamba3_scan
 from mlx_mamba.ops import reference
 from mlx_mamba.tuner import (Batch, apply_adapters, checkpoint_layers, loss_terms, losses,
@@ -39,6 +40,7 @@ def small_pieces(monkeypatch):
     monkeypatch.setattr(reference, "SCAN_SEGMENT", 4)
     monkeypatch.setattr(reference, "SSD_SEGMENT", 8)
     monkeypatch.setattr(mamba3_scan, "SEGMENT_ROWS", 8)
+    monkeypatch.setattr(causal_attention, "BLOCK", 8)
 
 
 def plain_loss_terms(model, batch):
@@ -93,13 +95,60 @@ def test_chunked_loss_and_segmented_scans_equal_the_plain_computation(
         assert error < 1e-5, f"{name}: relative error {error:.1e}"
 
 
+def plain_attention(q, k, v, scale, valid):
+    """softmax over whole (B, H, T, T) scores, grouped heads repeated, padded keys masked."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = mx.repeat(k, groups, axis=1), mx.repeat(v, groups, axis=1)
+    query, key = mx.arange(q.shape[2])[:, None], mx.arange(q.shape[2])[None]
+    allowed = key <= query
+    if valid is not None:
+        allowed = (allowed & valid[:, None, None, :]) | (key == query)
+    scores = mx.where(allowed, (q * scale) @ k.swapaxes(-1, -2), -mx.inf)
+    return mx.softmax(scores, axis=-1) @ v
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["", "left_padded"])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (6, 2)])
+@pytest.mark.parametrize("length", [5, 8, 32, 37])
+def test_blockwise_attention_equals_plain_attention(monkeypatch, length, heads, kv_heads, padded):
+    """Outputs and the gradients of q, k and v, at lengths within one block of 8, a whole number
+    of blocks and not; grouped-query heads; padded keys (the second row's first third)."""
+    monkeypatch.setattr(causal_attention, "BLOCK", 8)
+    mx.random.seed(length)
+    q = mx.random.normal((2, heads, length, 16))
+    k, v = (mx.random.normal((2, kv_heads, length, 16)) for _ in range(2))
+    valid = mx.array(np.arange(length)[None] >= np.array([[0], [length // 3]])) if padded \
+        else None
+    weights = mx.random.normal(q.shape)  # the cotangent of the output
+
+    def loss(attention):
+        return lambda q, k, v: (attention(q, k, v, 0.3, valid) * weights).sum()
+
+    expected = plain_attention(q, k, v, 0.3, valid)
+    assert relative_error(causal_attention.causal_attention(q, k, v, 0.3, valid), expected) < 1e-5
+    grads = mx.grad(loss(causal_attention.causal_attention), argnums=(0, 1, 2))(q, k, v)
+    expected_grads = mx.grad(loss(plain_attention), argnums=(0, 1, 2))(q, k, v)
+    for name, ours, theirs in zip("qkv", grads, expected_grads):
+        error = relative_error(ours, theirs)
+        assert error < 1e-5, f"d{name}: relative error {error:.1e}"
+
+
 def small_model(kind):
     """Two layers at d_model 64 over a 4096-token vocabulary: states and vocabulary large next to
-    d_model, as in real checkpoints."""
-    mixer = dict(mamba1=dict(d_state=16, dt_rank=4),
-                 mamba2=dict(d_state=64, head_dim=16, n_groups=1, chunk_size=64))[kind]
-    config = ModelConfig(arch=kind, d_model=64, n_layer=2, vocab_size=4096, expand=2,
-                         tie_embeddings=False, **mixer)
+    d_model, as in real checkpoints. "hybrid": Granite 4.0-H's pattern, a Mamba2 layer and an
+    attention layer (4 heads, 2 KV heads), each followed by an MLP."""
+    if kind == "hybrid":
+        config = ModelConfig.from_dict(dict(
+            model_type="granitemoehybrid", hidden_size=64, num_hidden_layers=2,
+            layer_types=["mamba", "attention"], num_attention_heads=4, num_key_value_heads=2,
+            mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=64,
+            mamba_chunk_size=64, shared_intermediate_size=128, vocab_size=4096,
+            tie_word_embeddings=False))
+    else:
+        mixer = dict(mamba1=dict(d_state=16, dt_rank=4),
+                     mamba2=dict(d_state=64, head_dim=16, n_groups=1, chunk_size=64))[kind]
+        config = ModelConfig(arch=kind, d_model=64, n_layer=2, vocab_size=4096, expand=2,
+                             tie_embeddings=False, **mixer)
     mx.random.seed(0)
     model = Model(config)
     mx.eval(model.parameters())
@@ -120,11 +169,11 @@ def step_peak_memory(model, length, batch_size=1):
     return mx.get_peak_memory()
 
 
-@pytest.mark.parametrize("kind", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("kind", ["mamba1", "mamba2", "hybrid"])
 def test_training_memory_grows_with_d_model_not_states_or_vocabulary(kind, monkeypatch):
     """Per token and layer, a step keeps a few dozen activations of width d_model or d_inner; the
-    plain computation kept (d_inner x d_state) states per Mamba1 token and (vocabulary) logits,
-    their softmax and gradient per token."""
+    plain computation kept (d_inner x d_state) states per Mamba1 token, (vocabulary) logits,
+    their softmax and gradient per token, and (heads x length) attention scores per token."""
     # Loss chunks of 64 tokens, so that both lengths span several: a chunk's logits are a
     # constant, not a growth per token (at the default, 2048 tokens of this vocabulary).
     monkeypatch.setattr(losses, "CHUNK_LOGITS", 64 * 4096)

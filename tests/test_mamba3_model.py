@@ -1,6 +1,6 @@
 """Mamba-3 language models: a state-spaces original directory (ssm_cfg.layer "Mamba3") loads and
 matches a float64 loop; it converts (quantized too), generates, batches, resumes a prompt cache,
-trains LoRA adapters and fuses them."""
+trains LoRA adapters (with gradient checkpointing too) and fuses them."""
 
 import json
 
@@ -19,7 +19,10 @@ from mlx_mamba.config import ConfigError, ModelConfig
 from mlx_mamba.convert import convert
 from mlx_mamba.generate import batch_generate, stream_generate
 from mlx_mamba.prompt_cache import load_prompt_cache, make_prompt_cache, save_prompt_cache
-from mlx_mamba.tuner import LoRALinear, apply_adapters
+from mlx_mamba.ops import mamba3 as mamba3_scan
+from mlx_mamba.tuner import LoRALinear, apply_adapters, checkpoint_layers, loss_terms, losses
+from test_long_sequences import loss_and_gradients, plain_loss_terms
+from test_tuner import perturb_trainable, random_batch
 from tuning import write_tokenizer
 
 VOCAB, PADDED_VOCAB, D_MODEL, LAYERS = 100, 104, 32, 2
@@ -182,6 +185,29 @@ def test_lora_on_the_projections_trains_and_fuses(originals, flavour):
     fuse.fuse_adapters(model)
     assert not any(isinstance(m, LoRALinear) for _, m in model.named_modules())
     assert relative_error(model(ids), np.array(before, np.float64)) < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("flavour", list(SSM_CFGS))
+def test_grad_checkpoint_gives_the_loss_and_gradients_without_it(originals, monkeypatch, flavour,
+                                                                  kind):
+    """--grad-checkpoint (each layer recomputed in the backward pass) with the chunked loss and
+    the segmented scan: the loss and every gradient of whole logits without checkpointing."""
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 5 * PADDED_VOCAB)  # 5 tokens a chunk
+    monkeypatch.setattr(mamba3_scan, "SEGMENT_ROWS", 8)  # across segments, not a whole number
+    model, _ = mlx_mamba.load(originals[flavour][0])
+    apply_adapters(model, {"fine_tune_type": kind, "num_layers": -1, "train_ssm_params": True,
+                           "lora_parameters": {"rank": 4, "scale": 2.0}})
+    perturb_trainable(model)
+    batch = random_batch()
+    expected_loss, expected = loss_and_gradients(model, batch, plain_loss_terms)
+    checkpoint_layers(model)
+    loss, grads = loss_and_gradients(model, batch, loss_terms)
+    assert relative_error(loss, expected_loss) < 1e-6
+    assert sorted(grads) == sorted(expected) and any("mixer" in name for name in grads)
+    for name, value in expected.items():
+        error = relative_error(grads[name], np.array(value))
+        assert error < 1e-5, f"{name}: relative error {error:.1e}"
 
 
 @pytest.mark.parametrize("change, field", [

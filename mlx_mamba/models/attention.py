@@ -5,6 +5,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from ..cache import KVCache
+from ..ops import causal_attention
 from .sharding import readers_share, shard_input, shard_output, share
 
 
@@ -79,8 +80,14 @@ class Attention(nn.Module):
             k, v, valid = cache.update(k, v, mask)
         else:
             valid = None if mask is None else mask.astype(mx.bool_)
-        y = mx.fast.scaled_dot_product_attention(
-            q, k, v, scale=self.scale, mask=_attention_mask(length, past, valid))
+        if cache is None and length > causal_attention.BLOCK:
+            # A whole sequence (training, scoring): blockwise, never (heads, T, T) scores, in the
+            # forward or the backward pass. With a cache (prefill in steps, decoding) the scores
+            # are (heads, step, cached keys): MLX's fused attention.
+            y = causal_attention.causal_attention(q, k, v, self.scale, valid)
+        else:
+            y = mx.fast.scaled_dot_product_attention(
+                q, k, v, scale=self.scale, mask=_attention_mask(length, past, valid))
         return self.o_proj(y.transpose(0, 2, 1, 3).reshape(batch, length, -1))
 
     def step(self, x, cache, extra=None):

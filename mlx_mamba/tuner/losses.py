@@ -14,8 +14,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from ..ops.recompute import after
 
-# Logits per chunk: 2^23 float32 values are 32 MB (167 tokens of a 50,280-token vocabulary).
-CHUNK_LOGITS = 2**23
+# Logits per chunk: 2^21 float32 values are 8 MB (41 tokens of a 50,280-token vocabulary). A
+# chunk's backward pass holds about eight arrays of that size (logits, softmax, their gradients).
+CHUNK_LOGITS = 2**21
 
 
 def weighted_cross_entropy(head, layer, hidden, targets, weights, vocab_size):
