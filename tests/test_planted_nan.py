@@ -82,17 +82,17 @@ def test_real_size_test_fails_on_the_planted_nan(planted):
 
 
 TUNING = {  # gradients of a pure and of a hybrid model against torch autograd, through the kernels
-    "pure": lambda checkpoint, tmp_path: test_tuner.test_loss_and_gradients_match_torch_autograd(checkpoint, "mamba2"),
-    "hybrid": lambda checkpoint, tmp_path: test_hybrid_tuning.test_gradients_match_torch_autograd_through_transformers(
-        checkpoint, "bamba", tmp_path),
+    "pure": lambda checkpoint, tmp_path, monkeypatch: test_tuner.test_loss_and_gradients_match_torch_autograd(checkpoint, "mamba2"),
+    "hybrid": lambda checkpoint, tmp_path, monkeypatch: test_hybrid_tuning.test_gradients_match_torch_autograd_through_transformers(
+        checkpoint, "bamba", tmp_path, monkeypatch),
 }
 
 
 @pytest.mark.parametrize("model", TUNING)
-def test_tuning_test_fails_on_the_planted_nan(planted, checkpoint, tmp_path, model):
+def test_tuning_test_fails_on_the_planted_nan(planted, checkpoint, tmp_path, monkeypatch, model):
     planted(PLANTED_NAN)
     with pytest.raises(AssertionError, match=r"A_log: \d+ NaN"):
-        TUNING[model](checkpoint, tmp_path)
+        TUNING[model](checkpoint, tmp_path, monkeypatch)
 
 
 def test_parity_test_fails_on_a_planted_nan(planted, checkpoint, tokenizer_file):
