@@ -16,7 +16,8 @@ import mlx.core as mx
 
 from . import cli
 from .checkpoint import CheckpointError
-from .cli_model import add_draft_arguments, add_sampling_arguments, load_draft, load_model
+from .cli_model import (add_draft_arguments, add_model_arguments, add_sampling_arguments,
+                        load_draft, load_model)
 from .config import ConfigError
 from .decoder import GenerationError, eos_token_ids, generate_step, make_drafter
 from .detokenizer import StreamingDetokenizer
@@ -255,15 +256,10 @@ def build_parser():
         description="Generate text with a Mamba or Mamba2 model. Streams the text to stdout; "
                     "speeds and peak memory go to stderr.")
     add = parser.add_argument
-    add("--model", required=True,
-        help="a converted, transformers or original directory, or a repo id")
+    add_model_arguments(parser)
     add("--prompt", "-p", required=True, help="the prompt text; '-' reads stdin")
     add("--max-tokens", "-m", type=cli.integer(0), default=256, help="tokens to generate at most")
     add_sampling_arguments(parser)
-    add("--tokenizer", default=None,
-        help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
-             "model's own (default: the model's; state-spaces originals get "
-             "EleutherAI/gpt-neox-20b's from the hub)")
     add("--json-schema", metavar="FILE", default=None,
         help="write JSON that validates against the JSON schema in FILE, at any temperature "
              "(needs llguidance; default: free text)")

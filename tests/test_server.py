@@ -163,6 +163,18 @@ def complete(client, prompt, max_tokens, **kwargs):
                                      **openai_arguments(kwargs))
 
 
+def complete_together(client, requests):
+    """The texts of (prompt, max_tokens, settings) completions sent at once, and each one's
+    settings under generate()'s names (temp for temperature)."""
+    def run(request):
+        prompt, max_tokens, settings = request
+        return complete(client, prompt, max_tokens, **settings).choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        texts = list(pool.map(run, requests))
+    return texts, [dict(settings, temp=settings["temperature"]) for _, _, settings in requests]
+
+
 def chat(client, messages, max_tokens, **kwargs):
     return client.chat.completions.create(model="m", messages=messages, max_tokens=max_tokens,
                                           **openai_arguments(kwargs))
@@ -322,17 +334,10 @@ def test_concurrent_requests_get_the_texts_they_get_alone(servers, loaded, kind)
                  dict(temperature=0.8, seed=11)),
                 ("Middle-sized prompt here", 22, dict(temperature=0, repetition_penalty=1.4)),
                 ([7, 9, 11], 8, dict(temperature=0.7, top_p=0.9, seed=3))]
-
-    def run(request):
-        prompt, max_tokens, settings = request
-        return complete(client, prompt, max_tokens, **settings).choices[0].text
-
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        texts = list(pool.map(run, requests))
-    for (prompt, max_tokens, settings), text in zip(requests, texts):
-        settings = dict(settings)
-        settings["temp"] = settings.pop("temperature")
-        assert text == expected(loaded, kind, prompt, max_tokens, **settings)
+    texts, settings = complete_together(client, requests)
+    for (prompt, max_tokens, _), text, setting in zip(requests, texts, settings):
+        setting.pop("temperature")
+        assert text == expected(loaded, kind, prompt, max_tokens, **setting)
 
 
 def open_stream(server, max_tokens=100000):

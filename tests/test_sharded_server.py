@@ -5,7 +5,6 @@ token (greedy, seeded, concurrent requests of different lengths, n choices), the
 conversation comes from the prefix cache; Ctrl-C on rank 0, or a process that dies, stops every
 process, and a bad setting stops every process with one error line."""
 
-import concurrent.futures
 import os
 import re
 import signal
@@ -20,7 +19,7 @@ import pytest
 import mlx_mamba
 from server_fixtures import write_tokenizer
 from test_distributed import free_ports, launcher
-from test_server import START_SECONDS, chat, complete, rendered
+from test_server import START_SECONDS, chat, complete, complete_together, rendered
 
 ROOT = Path(__file__).resolve().parents[1]
 FLAGS = ["--max-batch-size", "3", "--prefill-step-size", "16", "--log-level", "warning"]
@@ -146,17 +145,10 @@ def test_concurrent_requests_get_the_texts_they_get_alone(server, one_process):
                  dict(temperature=0.8, seed=11)),
                 ("Middle-sized prompt here", 18, dict(temperature=0, repetition_penalty=1.4)),
                 ([7, 9, 11], 8, dict(temperature=0.7, top_p=0.9, seed=3))]
-
-    def run(request):
-        prompt, max_tokens, settings = request
-        return complete(client, prompt, max_tokens, **settings).choices[0].text
-
-    with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        texts = list(pool.map(run, requests))
-    for (prompt, max_tokens, settings), text in zip(requests, texts):
-        settings = dict(settings)
-        settings["temp"] = settings.pop("temperature")
-        assert text == expected(one_process, prompt, max_tokens, **settings)
+    texts, settings = complete_together(client, requests)
+    for (prompt, max_tokens, _), text, setting in zip(requests, texts, settings):
+        setting.pop("temperature")
+        assert text == expected(one_process, prompt, max_tokens, **setting)
 
 
 def test_the_next_turn_comes_from_the_prefix_cache(server, one_process):

@@ -368,13 +368,12 @@ def test_server_requests_get_their_solo_text(drafting, checkpoint, tmp_path):
     greedy and seeded, get the text each gets alone from `generate` with the same drafting; a
     conversation's next turn resumes from the prefix cache (which must hold only accepted
     states for the text to match) and gets the cold run's text. Bad flag pairs: one error line."""
-    import concurrent.futures
     import shutil
     import subprocess
     import sys
 
     from server_fixtures import write_tokenizer
-    from test_server import ROOT, Server, complete
+    from test_server import ROOT, Server, complete, complete_together
 
     directories = {}
     for flavour in ("nemotron_h", "mamba2"):
@@ -399,15 +398,9 @@ def test_server_requests_get_their_solo_text(drafting, checkpoint, tmp_path):
                      dict(temperature=0.8, seed=11)),
                     ("Middle-sized prompt here", 16, dict(temperature=0, repetition_penalty=1.4)),
                     ([7, 9, 11, 7, 9], 8, dict(temperature=0.7, top_p=0.9, seed=3))]
-
-        def run(request):
-            prompt, max_tokens, settings = request
-            return complete(client, prompt, max_tokens, **settings).choices[0].text
-
-        with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-            texts = list(pool.map(run, requests))
-        for (prompt, max_tokens, settings), text in zip(requests, texts):
-            settings = dict(settings, temp=settings.pop("temperature"))
+        texts, settings = complete_together(client, requests)
+        for (prompt, max_tokens, _), text, settings in zip(requests, texts, settings):
+            settings.pop("temperature")
             alone = mlx_mamba.generate(model, tokenizer, prompt, max_tokens=max_tokens,
                                        **settings, **drafted)
             assert text == alone, (prompt, settings)
