@@ -45,15 +45,16 @@ def out_of_memory_advice(what):
             "--grad-checkpoint, a shorter --max-seq-length or a smaller --batch-size") from None
 
 
-def loss_terms(model, batch):
+def loss_terms(model, batch, differentiable=True):
     """(sum of the weighted token losses, number of weighted tokens) of one batch.
 
     The logits are computed from the hidden states a chunk of tokens at a time (`losses`): the
-    (B, T, V) logits are never held whole."""
+    (B, T, V) logits are never held whole. differentiable=False: the loss alone (evaluation)."""
     hidden = model.hidden_states(mx.array(batch.inputs))  # (B, T, D)
     weights = mx.array(batch.weights)
     total = weighted_cross_entropy(model.head, model.head_layer(), hidden,
-                                   mx.array(batch.targets), weights, model.config.vocab_size)
+                                   mx.array(batch.targets), weights, model.config.vocab_size,
+                                   differentiable)
     return total, weights.sum()
 
 
@@ -85,7 +86,7 @@ def evaluate(model, batches, world=None):
     for batch in batches:
         tokens += float(batch.weights.sum())
         with out_of_memory_advice(f"evaluating a batch of {_size(batch)} tokens"):
-            total = total + loss_terms(model, shard(batch, world))[0]
+            total = total + loss_terms(model, shard(batch, world), differentiable=False)[0]
             mx.eval(total)
     model.train(was_training)
     return (_sum_over_ranks(total, world) / tokens).item()
