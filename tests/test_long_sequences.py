@@ -133,8 +133,11 @@ def test_blockwise_attention_equals_plain_attention(monkeypatch, length, heads, 
         assert error < 1e-5, f"d{name}: relative error {error:.1e}"
 
 
+VOCAB = 16384  # a token's logits (64 KB in float32) exceed the bound per token alone
+
+
 def small_model(kind):
-    """Two layers at d_model 64 over a 4096-token vocabulary: states and vocabulary large next to
+    """Two layers at d_model 64 over a 16384-token vocabulary: states and vocabulary large next to
     d_model, as in real checkpoints. "hybrid": Granite 4.0-H's pattern, a Mamba2 layer and an
     attention layer (4 heads, 2 KV heads), each followed by an MLP."""
     if kind == "hybrid":
@@ -142,12 +145,12 @@ def small_model(kind):
             model_type="granitemoehybrid", hidden_size=64, num_hidden_layers=2,
             layer_types=["mamba", "attention"], num_attention_heads=4, num_key_value_heads=2,
             mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1, mamba_d_state=64,
-            mamba_chunk_size=64, shared_intermediate_size=128, vocab_size=4096,
+            mamba_chunk_size=64, shared_intermediate_size=128, vocab_size=VOCAB,
             tie_word_embeddings=False))
     else:
         mixer = dict(mamba1=dict(d_state=16, dt_rank=4),
                      mamba2=dict(d_state=64, head_dim=16, n_groups=1, chunk_size=64))[kind]
-        config = ModelConfig(arch=kind, d_model=64, n_layer=2, vocab_size=4096, expand=2,
+        config = ModelConfig(arch=kind, d_model=64, n_layer=2, vocab_size=VOCAB, expand=2,
                              tie_embeddings=False, **mixer)
     mx.random.seed(0)
     model = Model(config)
@@ -176,7 +179,7 @@ def test_training_memory_grows_with_d_model_not_states_or_vocabulary(kind, monke
     their softmax and gradient per token, and (heads x length) attention scores per token."""
     # Loss chunks of 64 tokens, so that both lengths span several: a chunk's logits are a
     # constant, not a growth per token (at the default, 2048 tokens of this vocabulary).
-    monkeypatch.setattr(losses, "CHUNK_LOGITS", 64 * 4096)
+    monkeypatch.setattr(losses, "CHUNK_LOGITS", 64 * VOCAB)
     model = small_model(kind)
     short, long = 256, 1024
     growth = (step_peak_memory(model, long) - step_peak_memory(model, short)) / (long - short)

@@ -66,7 +66,8 @@ def weighted_cross_entropy(head, layer, hidden, targets, weights, vocab_size, di
                 # softmax, and for their running sum, which frees them.
                 d_chunk = mx.depends([d_chunk], d_parameters)[0]
             d_hidden.append(d_chunk)
-            previous = d_chunk
+            # The next chunk also waits for this one's loss: its logits are then freed too.
+            previous = mx.depends([d_chunk], [total])[0]
         layer.update(tree_unflatten(list(zip(names, parameters))))
         # The gradients are the backward pass's saved values, not results to differentiate.
         return total, mx.concatenate(d_hidden), *(d_parameters or ())
