@@ -35,16 +35,16 @@ from mlx_mamba.config import ModelConfig
 from mlx_mamba.models import Model
 from mlx_mamba.tuner import Batch, apply_adapters, loss_terms
 
-VOCAB = 50280
+VOCAB = 50280  # GPT-NeoX-20B's: the state-spaces models'
 LORA = {"rank": 8, "scale": 20.0, "dropout": 0.0}
 
 
-def granite_config(d_model, layers):
+def granite_config(d_model, layers, vocab):
     """A transformers config of Granite 4.0-H's dense layers at `d_model`: an attention layer
     every fourth (heads of 64, a third as many KV heads), Mamba2 layers between (heads of 64,
     128 states), each followed by a gated MLP. The dense MLP is `intermediate_size` wide in
     mlx-lm and `shared_intermediate_size` in transformers' layout: both the same here."""
-    return dict(model_type="granitemoehybrid", vocab_size=VOCAB, hidden_size=d_model,
+    return dict(model_type="granitemoehybrid", vocab_size=vocab, hidden_size=d_model,
                 num_hidden_layers=layers, max_position_embeddings=131072,
                 layer_types=["attention" if i % 4 == 3 else "mamba" for i in range(layers)],
                 num_attention_heads=d_model // 64, num_key_value_heads=max(1, d_model // 192),
@@ -57,24 +57,25 @@ def granite_config(d_model, layers):
                 position_embedding_type="nope", tie_word_embeddings=True)
 
 
-def ours(arch, d_model, layers):
+def ours(arch, d_model, layers, vocab):
     if arch == "hybrid":
-        return Model(ModelConfig.from_dict(granite_config(d_model, layers)))
+        return Model(ModelConfig.from_dict(granite_config(d_model, layers, vocab)))
     fields = dict(mamba1=dict(d_state=16, dt_rank=math.ceil(d_model / 16)),
                   mamba2=dict(d_state=128, head_dim=64, chunk_size=256))[arch]
-    return Model(ModelConfig(arch=arch, d_model=d_model, n_layer=layers, vocab_size=VOCAB,
+    return Model(ModelConfig(arch=arch, d_model=d_model, n_layer=layers, vocab_size=vocab,
                              **fields))
 
 
-def theirs(arch, d_model, layers):
+def theirs(arch, d_model, layers, vocab):
     if arch == "hybrid":
-        return lm_granite.Model(lm_granite.ModelArgs.from_dict(granite_config(d_model, layers)))
+        return lm_granite.Model(lm_granite.ModelArgs.from_dict(granite_config(d_model, layers,
+                                                                              vocab)))
     if arch == "mamba1":
         return lm_mamba.Model(lm_mamba.ModelArgs(
-            "mamba", VOCAB, d_model, 2 * d_model, 16, layers, 4, False, True,
+            "mamba", vocab, d_model, 2 * d_model, 16, layers, 4, False, True,
             math.ceil(d_model / 16)))
     return lm_mamba2.Model(lm_mamba2.ModelArgs(
-        "mamba2", 2 * d_model // 64, 64, VOCAB, d_model, 2 * d_model, 128, layers, 1e-5, 4, 1,
+        "mamba2", 2 * d_model // 64, 64, vocab, d_model, 2 * d_model, 128, layers, 1e-5, 4, 1,
         False, True, True, (0.0, float("inf")), 256))
 
 
@@ -130,6 +131,8 @@ def main():
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--d-model", type=int, default=768, help="130m: 768")
     parser.add_argument("--layers", type=int, default=4, help="130m: 24")
+    parser.add_argument("--vocab-size", type=int, default=VOCAB,
+                        help="a small one leaves the layers' share of the time")
     parser.add_argument("--budget-gb", type=float, default=8.0)
     parser.add_argument("--goal-length", type=int, default=2048,
                         help="the length (one of --lengths) at which the goals are checked")
@@ -143,7 +146,7 @@ def main():
         curves = {tuple(key.split()): points for run in runs for key, points in run.items()}
         return plot(curves, args)
     print(f"{platform.platform()}, MLX {mx.__version__}, device {mx.default_device()}; "
-          f"d_model {args.d_model}, {args.layers} layers, vocabulary {VOCAB}, batch "
+          f"d_model {args.d_model}, {args.layers} layers, vocabulary {args.vocab_size}, batch "
           f"{args.batch_size}, float32, random weights, one Adam step after a warm-up one\n")
     print("| model | tuning | tokens | mlx-mamba GB | mlx-lm GB | ratio | mlx-mamba tok/s | "
           "mlx-lm tok/s |")
@@ -165,11 +168,12 @@ def main():
                         layer.unfreeze()
 
             for length in args.lengths:
-                tokens = rng.integers(0, VOCAB, (args.batch_size, length + 1)).astype(np.int32)
-                ours_gb, ours_tps = measure(lambda: ours(arch, args.d_model, args.layers),
-                                            adapt_ours, our_step, tokens)
-                theirs_gb, theirs_tps = measure(lambda: theirs(arch, args.d_model, args.layers),
-                                                adapt_theirs, their_step, tokens)
+                shape = (arch, args.d_model, args.layers, args.vocab_size)
+                tokens = rng.integers(0, args.vocab_size, (args.batch_size, length + 1))
+                tokens = tokens.astype(np.int32)
+                ours_gb, ours_tps = measure(lambda: ours(*shape), adapt_ours, our_step, tokens)
+                theirs_gb, theirs_tps = measure(lambda: theirs(*shape), adapt_theirs, their_step,
+                                                tokens)
                 for side, gb, tps in (("mlx-mamba", ours_gb, ours_tps),
                                       ("mlx-lm", theirs_gb, theirs_tps)):
                     curves.setdefault((arch, kind, side), []).append((length, gb))
@@ -224,7 +228,7 @@ def plot(curves, args):
     axes.set_xlabel(f"sequence length (batch {args.batch_size})")
     axes.set_ylabel("peak memory of a training step (GB)")
     axes.set_title(f"Fine-tuning memory, d_model {args.d_model}, {args.layers} layers, "
-                   f"vocabulary {VOCAB}")
+                   f"vocabulary {args.vocab_size}")
     axes.legend(fontsize=8)
     axes.grid(True, alpha=0.3)
     figure.tight_layout()

@@ -276,7 +276,7 @@ def main():
                    help="where the reference models are (trained there when absent)")
     p.add_argument("--sequence-length", type=int, default=128)
     p.add_argument("--num-samples", type=int, default=16)
-    p.add_argument("--calibration-samples", type=int, default=2,
+    p.add_argument("--calibration-samples", type=int, default=8,
                    help="sequences of training text that measure dynamic_quant's sensitivities")
     p.add_argument("--dwq-iters", type=int, default=20)
     p.add_argument("--dwq-learning-rate", type=float, default=2e-4)
