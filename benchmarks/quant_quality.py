@@ -12,8 +12,11 @@ Columns: bits per weight (stored bits of the quantized layers, bfloat16 scales a
 included, per parameter: the same measure for every row); weight bytes (the written
 *.safetensors files); perplexity on the last 10% of tinyshakespeare (unseen by tokenizer and
 model) by our code and by mlx-lm's `eval_ppl`, each with its increase over the float model
-measured by the same code (ours loads mlx-lm's files only where their layer names are ours);
-decode speed (tokens per second after the first, greedy, best of three, by the generate of
+measured by the same code (ours loads mlx-lm's files only where their layer names are ours),
+ours with the paired standard error of that increase (over the sequences' mean losses: below
+it, two methods are not told apart); the mean KL divergence of the next-token distributions from
+the float model's on the same held-out tokens (our code: how far quantization moved the model,
+which, unlike the perplexity, cannot improve by chance); decode speed (tokens per second after the first, greedy, best of three, by the generate of
 the tool that wrote the file). Calibration (dynamic_quant, DWQ) uses training text only, the same for both tools.
 
     python benchmarks/quant_quality.py --models mamba2 hybrid
@@ -40,10 +43,10 @@ from reference_models import CACHE, CONFIGS, held_out_tokens, reference_model, s
 from mlx_mamba import load
 from mlx_mamba.convert import convert, save_model
 from mlx_mamba.dwq import distill
-from mlx_mamba.dynamic_quant import dynamic_quantization, layer_sensitivity
 from mlx_mamba.generate import stream_generate
+from mlx_mamba.dynamic_quant import dynamic_quantization, kl_divergence, layer_sensitivity
 from mlx_mamba.loader import cast, load_model
-from mlx_mamba.perplexity import evaluate_perplexity, make_sequences
+from mlx_mamba.perplexity import make_sequences, perplexity_of, token_losses
 from mlx_mamba.quant_recipes import RECIPES
 from mlx_mamba.quantize import bits_per_weight, quantize_model
 
@@ -66,9 +69,27 @@ class Bench:
         self.source, self.sequences, self.decode_tokens = source, sequences, decode_tokens
         self.rows, self.base = [], {}
 
-    def ours_ppl(self, directory):
+    def ours_measures(self, directory):
+        """Perplexity, the per-sequence mean losses and the held-out logits, by our code."""
         model = load_model(directory)
-        return evaluate_perplexity(model, self.sequences.ravel(), self.sequences.shape[1])[0]
+        losses = token_losses(model, self.sequences)
+        logits = [model(mx.array(self.sequences[i:i + 8, :-1])).astype(mx.float32)
+                  for i in range(0, len(self.sequences), 8)]
+        mx.eval(logits)
+        return perplexity_of(losses)[0], losses.mean(axis=1), logits
+
+    def fidelity(self, row, losses, logits):
+        """The paired standard error of the perplexity's increase over the float model (its
+        per-sequence mean losses' differences), and the mean KL divergence of the next-token
+        distributions from the float model's: how far quantization moved the model, which the
+        perplexity of a small held-out text resolves only to that error."""
+        if row["method"] == "bfloat16":
+            self.base_losses, self.base_logits = losses, logits
+            return
+        difference = losses - self.base_losses
+        row["ppl_ours_se"] = float(difference.std(ddof=1) / np.sqrt(len(difference)))
+        row["kl"] = float(np.mean([kl_divergence(a, b).item()
+                                   for a, b in zip(self.base_logits, logits)]))
 
     def mlx_lm_ppl(self, model):
         from mlx_lm.perplexity import eval_ppl
@@ -98,7 +119,8 @@ class Bench:
 
         row = dict(method=method, tool=tool, bpw=bpw, bytes=weight_bytes(directory))
         try:
-            row["ppl_ours"] = self.ours_ppl(directory)
+            row["ppl_ours"], losses, logits = self.ours_measures(directory)
+            self.fidelity(row, losses, logits)
             row["bpw"] = row["bpw"] or bits_per_weight(load_model(directory))
             if tool == "ours":
                 row["decode"] = self.ours_decode(directory)
@@ -128,29 +150,31 @@ class Bench:
         print(format_row(row, self.base), flush=True)
 
 
-def _increase(value, base):
+def _increase(value, base, error=None):
     if value is None or not base:
         return ""
-    return f"{value:.3f} ({100 * (value / base - 1):+.2f}%)"
+    spread = f" ± {100 * error:.2f}" if error is not None else ""
+    return f"{value:.3f} ({100 * (value / base - 1):+.2f}%{spread})"
 
 
 def format_row(row, base):
     if "refused" in row:
-        return f"| {row['method']} | {row['tool']} | refused: {row['refused']} | | | | |"
+        return f"| {row['method']} | {row['tool']} | refused: {row['refused']} | | | | | |"
     decode = f"{row['decode']:.0f}" if row.get("decode") else ""
     if row.get("decode_mlx_lm"):
         decode += f" (mlx-lm {row['decode_mlx_lm']:.0f})"
     notes = "; ".join(row[k] for k in ("ours_error", "mlx_lm_error") if k in row)
     bpw = f"{row['bpw']:.2f}" if row.get("bpw") else ""
-    return (f"| {row['method']} | {row['tool']} | {bpw} | {row['bytes']:,} | "
-            f"{_increase(row.get('ppl_ours'), base.get('ppl_ours')) or 'n/a'} | "
-            f"{_increase(row.get('ppl_mlx_lm'), base.get('ppl_mlx_lm')) or 'n/a'} | {decode} |"
-            + (f" {notes}" if notes else ""))
+    ours = _increase(row.get("ppl_ours"), base.get("ppl_ours"), row.get("ppl_ours_se"))
+    theirs = _increase(row.get("ppl_mlx_lm"), base.get("ppl_mlx_lm"))
+    kl = f"{1000 * row['kl']:.2f}" if "kl" in row else ""
+    return (f"| {row['method']} | {row['tool']} | {bpw} | {row['bytes']:,} | {ours or 'n/a'} | "
+            f"{theirs or 'n/a'} | {kl} | {decode} |" + (f" {notes}" if notes else ""))
 
 
-HEADER = ("| method | written by | bits/weight | weight bytes | perplexity, our code | "
-          "perplexity, mlx-lm's eval_ppl | decode tokens/s |\n| --- | --- | --- | --- | --- | "
-          "--- | --- |")
+HEADER = ("| method | written by | bits/weight | weight bytes | perplexity, our code (± paired "
+          "standard error) | perplexity, mlx-lm's eval_ppl | KL from bfloat16 (x 1e-3), our code "
+          "| decode tokens/s |\n| --- | --- | --- | --- | --- | --- | --- | --- |")
 
 
 def mlx_lm_target(model, target, group_size):
