@@ -16,7 +16,7 @@ import mlx.core as mx
 from . import cli
 from .checkpoint import CheckpointError
 from .config import ConfigError
-from .cli_model import add_model_arguments, add_sampling_arguments, load_model
+from .cli_model import add_sampling_arguments, load_model
 from .decoder import Decoder, GenerationError, Row, eos_token_ids
 from .detokenizer import StreamingDetokenizer
 from .generate import encode
@@ -140,7 +140,7 @@ def build_parser():
                     "turns, so each turn costs only its new tokens. " + HELP + "; Ctrl-C stops "
                     "a reply.")
     add = parser.add_argument
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     add("--system-prompt", default=None, help="the system message (default: none)")
     add("--max-tokens", "-m", type=cli.integer(1), default=256, help="tokens per reply at most")
     add_sampling_arguments(parser)

@@ -95,6 +95,18 @@ def boolean(text):
     raise argparse.ArgumentTypeError(f"{text!r}: expected true or false")
 
 
+def add_model_arguments(parser, tokenizer=True,
+                        model_help="a converted, transformers or original directory, or a repo id"):
+    """--model (and --tokenizer), as every command that loads a model takes them."""
+    parser.add_argument("--model", required=True, help=model_help)
+    if tokenizer:
+        parser.add_argument(
+            "--tokenizer", default=None,
+            help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
+                 "model's own (default: the model's; state-spaces originals get "
+                 "EleutherAI/gpt-neox-20b's from the hub)")
+
+
 def add_switch(parser, flag, help):
     """A flag that is off by default, on when given bare or as `FLAG true`, off as `FLAG false`."""
     parser.add_argument(flag, type=boolean, nargs="?", const=True, default=False,

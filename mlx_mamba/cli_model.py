@@ -9,17 +9,6 @@ from .sample import MAX_SEED
 from .speculative import MAX_DRAFT_TOKENS
 
 
-def add_model_arguments(parser):
-    """--model and --tokenizer, as the generate, chat and server commands take them."""
-    add = parser.add_argument
-    add("--model", required=True,
-        help="a converted, transformers or original directory, or a repo id")
-    add("--tokenizer", default=None,
-        help="a directory, tokenizer.json file or repo id with the tokenizer, instead of the "
-             "model's own (default: the model's; state-spaces originals get "
-             "EleutherAI/gpt-neox-20b's from the hub)")
-
-
 def add_sampling_arguments(parser):
     """mlx-lm's sampling flags, shared by the generate and chat commands."""
     add = parser.add_argument

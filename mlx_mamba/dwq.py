@@ -112,7 +112,7 @@ def dwq(model_path, mlx_path, data=None, q_bits=3, q_group_size=64, quant_predic
 
 def parser():
     p = cli.ArgumentParser(prog="python -m mlx_mamba.dwq", description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="A float model directory or repo id")
+    cli.add_model_arguments(p, tokenizer=False, model_help="a float model directory or repo id")
     p.add_argument("--mlx-path", required=True, help="The new directory to write")
     p.add_argument("--data", help="Calibration text: a text file or a directory with test.jsonl "
                    "(else valid.jsonl) (default: text sampled from the model itself)")

@@ -182,7 +182,7 @@ def dynamic_quant(model_path, mlx_path, target_bpw, data=None, sequence_length=2
 def parser():
     p = cli.ArgumentParser(prog="python -m mlx_mamba.dynamic_quant",
                            description="Per-layer bits from measured sensitivity, to a budget.")
-    p.add_argument("--model", required=True, help="A float model directory or repo id")
+    cli.add_model_arguments(p, tokenizer=False, model_help="a float model directory or repo id")
     p.add_argument("--mlx-path", required=True, help="The new directory to write")
     p.add_argument("--target-bpw", type=cli.number(above=0), required=True,
                    help="Average stored bits per weight of the quantized layers (scales and "

@@ -32,7 +32,7 @@ class EvaluationError(ValueError):
 def parser():
     p = cli.ArgumentParser(prog="python -m mlx_mamba.evaluate",
                            description="Evaluate a model on lm-evaluation-harness tasks.")
-    p.add_argument("--model", required=True, help="A model directory or Hugging Face repo id")
+    cli.add_model_arguments(p)
     p.add_argument("--tasks", nargs="+", required=True,
                    help="lm-eval task or group names (space or comma separated)")
     p.add_argument("--num-fewshot", "--num-shots", dest="num_fewshot", type=cli.integer(0),
@@ -53,8 +53,6 @@ def parser():
     cli.add_switch(p, "--fewshot-as-multiturn",
                    "With --apply-chat-template: each few-shot example is a turn of its own")
     p.add_argument("--include-path", help="A directory of task YAML files to add to lm-eval's")
-    p.add_argument("--tokenizer", help="Take the tokenizer from this directory, tokenizer.json "
-                   "file or repo id (default: the model's)")
     cli.add_switch(p, "--no-context-reuse",
                    "Prefill every request's context, even one shared with others (to measure)")
     return p

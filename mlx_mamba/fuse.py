@@ -70,7 +70,7 @@ def save_model(model, source, save_path):
 def build_parser():
     parser = cli.ArgumentParser(prog="python -m mlx_mamba.fuse",
                                 description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True, help="model directory or Hugging Face repo id")
+    cli.add_model_arguments(parser, tokenizer=False)
     parser.add_argument("--adapter-path", default="adapters",
                         help="directory with adapters.safetensors and adapter_config.json")
     parser.add_argument("--save-path", default="fused_model",

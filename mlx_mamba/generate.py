@@ -16,7 +16,7 @@ import mlx.core as mx
 
 from . import cli
 from .checkpoint import CheckpointError
-from .cli_model import (add_draft_arguments, add_model_arguments, add_sampling_arguments,
+from .cli_model import (add_draft_arguments, add_sampling_arguments,
                         load_draft, load_model)
 from .config import ConfigError
 from .decoder import GenerationError, eos_token_ids, generate_step, make_drafter
@@ -256,7 +256,7 @@ def build_parser():
         description="Generate text with a Mamba or Mamba2 model. Streams the text to stdout; "
                     "speeds and peak memory go to stderr.")
     add = parser.add_argument
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     add("--prompt", "-p", required=True, help="the prompt text; '-' reads stdin")
     add("--max-tokens", "-m", type=cli.integer(0), default=256, help="tokens to generate at most")
     add_sampling_arguments(parser)

@@ -133,9 +133,9 @@ def build_parser():
         description="What a checkpoint is before its weights are downloaded: architecture, layer "
                     "pattern, sizes, parameter counts, weight memory per dtype and quantization, "
                     "cache memory per 1,000 tokens of context. Reads only the config.")
-    parser.add_argument("--model", required=True,
-                        help="a local checkpoint directory or a Hugging Face repo id (only its "
-                             "config.json or params.json is downloaded)")
+    cli.add_model_arguments(parser, tokenizer=False,
+                            model_help="a local checkpoint directory or a Hugging Face repo id "
+                                       "(only its config.json or params.json is downloaded)")
     return parser
 
 

@@ -35,9 +35,7 @@ def build_parser():
     parser = cli.ArgumentParser(prog="python -m mlx_mamba.lora",
                                 description=__doc__.split("\n")[0])
     add = parser.add_argument
-    add("--model", required=True, help="model directory or Hugging Face repo id")
-    add("--tokenizer", help="a directory, tokenizer.json file or repo id with the tokenizer, "
-                            "instead of the model's own (default: the model's)")
+    cli.add_model_arguments(parser)
     add("--train", action="store_true",
         help="train adapters (or the model itself with --fine-tune-type full)")
     add("--test", action="store_true", help="report loss and perplexity on DIR/test.jsonl")

@@ -129,7 +129,7 @@ def evaluate_perplexity(model, tokens, sequence_length=512, batch_size=8, num_sa
 def parser():
     p = cli.ArgumentParser(prog="python -m mlx_mamba.perplexity",
                            description="Perplexity of a model on held-out text.")
-    p.add_argument("--model", required=True, help="A model directory or Hugging Face repo id")
+    cli.add_model_arguments(p)
     p.add_argument("--data", required=True, help="A text file, or a directory with test.jsonl "
                    "(else valid.jsonl) of {text}, {prompt, completion} or {messages} records")
     p.add_argument("--sequence-length", type=cli.integer(2), default=512,
@@ -137,8 +137,6 @@ def parser():
     p.add_argument("--batch-size", type=cli.integer(1), default=8, help="Sequences per batch")
     p.add_argument("--num-samples", type=cli.integer(-1), default=256,
                    help="Sequences to evaluate; -1 for all the data holds")
-    p.add_argument("--tokenizer", help="Take the tokenizer from this directory, tokenizer.json "
-                   "file or repo id (default: the model's)")
     return p
 
 

@@ -28,7 +28,7 @@ import mlx.core as mx
 from .. import cli
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
-from ..cli_model import add_draft_arguments, add_model_arguments
+from ..cli_model import add_draft_arguments
 from ..decoder import GenerationError
 from ..models.sharding import ShardingError
 from ..prompt_cache import PREFILL_STEP_SIZE, PromptCacheError
@@ -49,7 +49,7 @@ def build_parser():
                     "the state of every conversation so that the next turn costs only its new "
                     "tokens.")
     add = parser.add_argument
-    add_model_arguments(parser)
+    cli.add_model_arguments(parser)
     add("--host", default="127.0.0.1",
         help="address to listen on; 127.0.0.1 takes requests from this machine only")
     add("--port", type=cli.integer(0, 65535), default=8080, help="0 picks a free port")
