@@ -29,7 +29,7 @@ def weighted_cross_entropy(head, layer, hidden, targets, weights, vocab_size, di
     head: hidden (n, D) -> logits (n, V), computed with `layer`'s parameters; hidden (..., D);
     targets, weights (...). Equal to the plain computation on the whole logits, and so are its
     gradients (for hidden and for `layer`'s trainable parameters). differentiable=False (validation,
-    evaluation) computes the loss alone: its gradients are then wrong, and it costs a third as much.
+    evaluation) computes the loss alone, one pass over the head: its gradients are then wrong.
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets, weights = targets.reshape(-1), weights.reshape(-1)
