@@ -16,8 +16,9 @@ measured by the same code (ours loads mlx-lm's files only where their layer name
 ours with the paired standard error of that increase (over the sequences' mean losses: below
 it, two methods are not told apart); the mean KL divergence of the next-token distributions from
 the float model's on the same held-out tokens (our code: how far quantization moved the model,
-which, unlike the perplexity, cannot improve by chance); decode speed (tokens per second after the first, greedy, best of three, by the generate of
-the tool that wrote the file). Calibration (dynamic_quant, DWQ) uses training text only, the same for both tools.
+which, unlike the perplexity, cannot improve by chance); decode speed (tokens per second after
+the first, greedy, best of three, by the generate of the tool that wrote the file). Calibration
+(dynamic_quant, DWQ) uses training text only, the same for both tools.
 
     python benchmarks/quant_quality.py --models mamba2 hybrid
 """

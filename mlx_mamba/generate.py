@@ -16,8 +16,7 @@ import mlx.core as mx
 
 from . import cli
 from .checkpoint import CheckpointError
-from .cli_model import (add_draft_arguments, add_sampling_arguments,
-                        load_draft, load_model)
+from .cli_model import add_draft_arguments, add_sampling_arguments, load_draft, load_model
 from .config import ConfigError
 from .decoder import GenerationError, eos_token_ids, generate_step, make_drafter
 from .detokenizer import StreamingDetokenizer

@@ -172,7 +172,8 @@ def complete_together(client, requests):
 
     with concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
         texts = list(pool.map(run, requests))
-    return texts, [dict(settings, temp=settings["temperature"]) for _, _, settings in requests]
+    return texts, [{("temp" if name == "temperature" else name): value
+                    for name, value in settings.items()} for _, _, settings in requests]
 
 
 def chat(client, messages, max_tokens, **kwargs):
@@ -336,7 +337,6 @@ def test_concurrent_requests_get_the_texts_they_get_alone(servers, loaded, kind)
                 ([7, 9, 11], 8, dict(temperature=0.7, top_p=0.9, seed=3))]
     texts, settings = complete_together(client, requests)
     for (prompt, max_tokens, _), text, setting in zip(requests, texts, settings):
-        setting.pop("temperature")
         assert text == expected(loaded, kind, prompt, max_tokens, **setting)
 
 
